@@ -1,0 +1,26 @@
+# ganforge: bootstrap .venv on first use, then train / test / bench.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: train test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Train the tiny preset on the embedded synthetic dataset (no download), on CPU or whatever is present.
+train: $(STAMP)
+	$(PY) scripts/train.py model=tiny train=quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@for b in scripts/bench*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs outputs .pytest_cache
