@@ -1,0 +1,133 @@
+"""upfirdn2d: upsample by zero insertion, pad, FIR-filter and downsample an image batch, with a reference path."""
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Padding = Union[int, Sequence[int]]
+
+
+# Normalize `padding` to [px0, px1, py0, py1] (int: the same on every side; two values: x and y).
+def _parse_padding(padding: Padding):
+    if isinstance(padding, (int, np.integer)):
+        padding = [padding, padding]
+    padding = [int(p) for p in padding]
+    if len(padding) == 2:
+        px, py = padding
+        padding = [px, px, py, py]
+    if len(padding) != 4:
+        raise ValueError(f"upfirdn2d: padding must be an int or 2 or 4 ints, got {padding}")
+    return padding
+
+
+# Normalize up/down factors to (x, y).
+def _parse_scaling(s):
+    if isinstance(s, (int, np.integer)):
+        s = [s, s]
+    sx, sy = int(s[0]), int(s[1])
+    if sx < 1 or sy < 1:
+        raise ValueError(f"upfirdn2d: scaling factors must be >= 1, got {s}")
+    return sx, sy
+
+
+# Filter size (width, height) of a 1-D (separable) or 2-D filter; None means the identity filter [1].
+def filter_size(f: Optional[torch.Tensor]):
+    if f is None:
+        return 1, 1
+    if f.ndim == 1:
+        return f.shape[0], f.shape[0]
+    return f.shape[1], f.shape[0]
+
+
+# Build a filter tensor from taps: normalized to unit sum, optionally flipped, scaled by gain**(ndim/2); 1-D taps
+# become the 2-D outer product unless `separable` (default: separable only for 8 taps or more).
+def setup_filter(f=None, device=torch.device("cpu"), normalize=True, flip_filter=False, gain=1, separable=None):
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim == 0:
+        f = f[np.newaxis]
+    if f.ndim not in (1, 2) or f.numel() == 0:
+        raise ValueError(f"setup_filter: expected 1-D or 2-D taps, got shape {tuple(f.shape)}")
+    if separable is None:
+        separable = f.ndim == 1 and f.numel() >= 8
+    if f.ndim == 1 and not separable:
+        f = torch.outer(f, f)
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device)
+
+
+# Pad/crop, filter and downsample; up/down are ints or (x, y); `f` true-convolves unless `flip_filter`.
+def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding: Padding = 0,
+              flip_filter: bool = False, gain: float = 1, impl: Optional[str] = None) -> torch.Tensor:
+    if x.ndim != 4:
+        raise ValueError(f"upfirdn2d: expected x of shape [N, C, H, W], got {tuple(x.shape)}")
+    upx, upy = _parse_scaling(up)
+    downx, downy = _parse_scaling(down)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    fw, fh = filter_size(f)
+    out_w = (x.shape[3] * upx + px0 + px1 - fw) // downx + 1
+    out_h = (x.shape[2] * upy + py0 + py1 - fh) // downy + 1
+    if out_w < 1 or out_h < 1:
+        raise ValueError(f"upfirdn2d: output would be empty for input {tuple(x.shape)}, filter {tuple(f.shape)}, "
+                         f"up {up}, down {down}, padding {padding}")
+    from ops import dispatch
+    fused = dispatch.get_fused("upfirdn2d", x, impl)
+    if fused is not None:
+        return fused(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
+    return upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
+
+
+# The reference path: zero insertion by reshape, pad (negative = crop), depthwise conv2d, strided slice.
+def upfirdn2d_ref(x, f, up, down, padding, flip_filter=False, gain=1):
+    (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
+    n, c, h, w = x.shape
+    if upx > 1 or upy > 1:
+        x = x.reshape(n, c, h, 1, w, 1)
+        x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+        x = x.reshape(n, c, h * upy, w * upx)
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
+    f = f.to(x.dtype)
+    f = f * (gain ** (f.ndim / 2))
+    if not flip_filter:  # conv2d correlates; flipping the taps makes it a true convolution.
+        f = f.flip(list(range(f.ndim)))
+    if f.ndim == 2:
+        x = F.conv2d(x, f[None, None].repeat(c, 1, 1, 1), groups=c)
+    else:
+        x = F.conv2d(x, f[None, None, None, :].repeat(c, 1, 1, 1), groups=c)
+        x = F.conv2d(x, f[None, None, :, None].repeat(c, 1, 1, 1), groups=c)
+    return x[:, :, ::downy, ::downx]
+
+
+# Filter without resampling; the padding keeps the size by default ("same" for odd and even taps alike).
+def filter2d(x, f, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = filter_size(f)
+    p = [px0 + fw // 2, px1 + (fw - 1) // 2, py0 + fh // 2, py1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+# Upsample by `up` with filter f; output size in*up (+ padding); gain up**2 keeps the mean brightness.
+def upsample2d(x, f, up=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    upx, upy = _parse_scaling(up)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = filter_size(f)
+    p = [px0 + (fw + upx - 1) // 2, px1 + (fw - upx) // 2, py0 + (fh + upy - 1) // 2, py1 + (fh - upy) // 2]
+    return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
+
+
+# Downsample by `down` with filter f; output size in/down (+ padding).
+def downsample2d(x, f, down=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    downx, downy = _parse_scaling(down)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    fw, fh = filter_size(f)
+    p = [px0 + (fw - downx + 1) // 2, px1 + (fw - downx) // 2, py0 + (fh - downy + 1) // 2, py1 + (fh - downy) // 2]
+    return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
