@@ -1,0 +1,164 @@
+"""StyleGAN2 discriminator: resnet/skip/orig blocks, minibatch standard deviation, projection conditioning."""
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from networks.generator import block_dtype, channels_at
+from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from ops.upfirdn2d import downsample2d, setup_filter
+
+
+# One resolution of D: [fromRGB] -> conv0 -> conv1 (down 2), with a residual 1x1 skip (resnet) or image
+# downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7).
+class DiscriminatorBlock(nn.Module):
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
+                 architecture: str = "resnet", activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
+                 conv_clamp: Optional[float] = None, use_fp16: bool = False):
+        super().__init__()
+        if architecture not in ("orig", "skip", "resnet"):
+            raise ValueError(f"D architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
+        self.in_channels = in_channels
+        self.resolution = resolution
+        self.img_channels = img_channels
+        self.architecture = architecture
+        self.use_fp16 = use_fp16
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        if in_channels == 0 or architecture == "skip":
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, activation=activation,
+                                       conv_clamp=conv_clamp)
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, activation=activation,
+                                 conv_clamp=conv_clamp)
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, activation=activation, down=2,
+                                 resample_filter=resample_filter, conv_clamp=conv_clamp)
+        if architecture == "resnet":
+            self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
+                                    resample_filter=resample_filter)
+
+    def forward(self, x, img, force_fp32: bool = False):
+        dtype = block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
+        if x is not None:
+            x = x.to(dtype)
+        if self.in_channels == 0 or self.architecture == "skip":
+            y = self.fromrgb(img.to(dtype))
+            x = x + y if x is not None else y
+            img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
+        if self.architecture == "resnet":
+            y = self.skip(x, gain=np.sqrt(0.5))
+            x = self.conv0(x)
+            x = self.conv1(x, gain=np.sqrt(0.5))
+            x = y.add_(x)
+        else:
+            x = self.conv1(self.conv0(x))
+        return x, img
+
+
+# Minibatch standard deviation (Karras et al. 2018, sec. 3): the std over groups of `group_size` samples,
+# averaged over channels and pixels within `num_channels` splits, appended as extra feature maps.
+class MinibatchStdLayer(nn.Module):
+    def __init__(self, group_size: int, num_channels: int = 1):
+        super().__init__()
+        self.group_size = group_size
+        self.num_channels = num_channels
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g = min(self.group_size, n) if self.group_size is not None else n
+        if n % g != 0:
+            raise ValueError(f"minibatch-std: batch {n} is not divisible by the group size {g}")
+        f = self.num_channels
+        y = x.reshape(g, -1, f, c // f, h, w)        # [G, M, F, c, H, W], sample n = g_idx * M + m.
+        y = y - y.mean(dim=0)
+        y = (y.square().mean(dim=0) + 1e-8).sqrt()  # Std over the group: [M, F, c, H, W].
+        y = y.mean(dim=[2, 3, 4]).reshape(-1, f, 1, 1)
+        y = y.repeat(g, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, num_channels={self.num_channels}"
+
+
+# The 4x4 head of D: [fromRGB] -> minibatch std -> conv -> fc -> out, with projection onto the label embedding
+# (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim).
+class DiscriminatorEpilogue(nn.Module):
+    def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
+                 architecture: str = "resnet", mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
+                 activation: str = "lrelu", conv_clamp: Optional[float] = None):
+        super().__init__()
+        self.cmap_dim = cmap_dim
+        self.resolution = resolution
+        self.architecture = architecture
+        if architecture == "skip":
+            self.fromrgb = Conv2dLayer(img_channels, in_channels, kernel_size=1, activation=activation)
+        self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
+        self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, kernel_size=3,
+                                activation=activation, conv_clamp=conv_clamp)
+        self.fc = FullyConnectedLayer(in_channels * resolution ** 2, in_channels, activation=activation)
+        self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
+
+    def forward(self, x, img, cmap, force_fp32: bool = False):
+        x = x.to(torch.float32)
+        if self.architecture == "skip":
+            x = x + self.fromrgb(img.to(torch.float32))
+        if self.mbstd is not None:
+            x = self.mbstd(x)
+        x = self.conv(x)
+        x = self.fc(x.flatten(1))
+        x = self.out(x)
+        if self.cmap_dim > 0:
+            x = (x * cmap).sum(dim=1, keepdim=True) * (1 / np.sqrt(self.cmap_dim))
+        return x
+
+
+# The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots.
+class Discriminator(nn.Module):
+    def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
+                 channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
+                 conv_clamp: Optional[float] = None, cmap_dim: Optional[int] = None,
+                 mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
+                 mapping_kwargs: Optional[dict] = None, block_kwargs: Optional[dict] = None):
+        super().__init__()
+        mapping_kwargs = dict(mapping_kwargs or {})
+        block_kwargs = dict(block_kwargs or {})
+        self.init_kwargs = dict(c_dim=c_dim, img_resolution=img_resolution, img_channels=img_channels,
+                                architecture=architecture, channel_base=channel_base, channel_max=channel_max,
+                                num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, cmap_dim=cmap_dim,
+                                mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels,
+                                mapping_kwargs=mapping_kwargs, block_kwargs=block_kwargs)
+        log2 = int(np.log2(img_resolution))
+        if img_resolution < 4 or 2 ** log2 != img_resolution:
+            raise ValueError(f"D img_resolution must be a power of two >= 4, got {img_resolution}")
+        self.c_dim = c_dim
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.block_resolutions = [2 ** i for i in range(log2, 2, -1)]
+        channels = {res: channels_at(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
+        fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
+        if cmap_dim is None:
+            cmap_dim = channels[4]
+        if c_dim == 0:
+            cmap_dim = 0
+        for res in self.block_resolutions:
+            in_channels = channels[res] if res < img_resolution else 0
+            block = DiscriminatorBlock(in_channels, channels[res], channels[res // 2], resolution=res,
+                                       img_channels=img_channels, architecture=architecture,
+                                       conv_clamp=conv_clamp,
+                                       use_fp16=(res >= fp16_resolution) and num_fp16_res > 0, **block_kwargs)
+            setattr(self, f"b{res}", block)
+        if c_dim > 0:
+            self.mapping = MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None,
+                                          **mapping_kwargs)
+        self.b4 = DiscriminatorEpilogue(channels[4], cmap_dim=cmap_dim, resolution=4, img_channels=img_channels,
+                                        architecture=architecture, mbstd_group_size=mbstd_group_size,
+                                        mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp)
+
+    def forward(self, img, c, update_emas: bool = False, force_fp32: bool = False):
+        if img.ndim != 4 or img.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
+            raise ValueError(f"D: expected images of shape [N, {self.img_channels}, {self.img_resolution}, "
+                             f"{self.img_resolution}], got {tuple(img.shape)}")
+        x = None
+        for res in self.block_resolutions:
+            x, img = getattr(self, f"b{res}")(x, img, force_fp32=force_fp32)
+        cmap = self.mapping(None, c) if self.c_dim > 0 else None
+        return self.b4(x, img, cmap, force_fp32=force_fp32)

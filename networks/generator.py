@@ -1,0 +1,221 @@
+"""StyleGAN2 generator (Karras et al. 2020): mapping network plus a synthesis network of modulated convolutions."""
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from ops.bias_act import activation_funcs, bias_act
+from ops.modulated_conv import modulated_conv2d
+from ops.upfirdn2d import setup_filter, upsample2d
+
+NOISE_MODES = ("random", "const", "none")
+
+
+# Channels at resolution `res` (StyleGAN2-ADA's rule): min(channel_base / res, channel_max).
+def channels_at(res: int, channel_base: int, channel_max: int) -> int:
+    return min(channel_base // res, channel_max)
+
+
+# The dtype a block computes in: float16 for the highest `num_fp16_res` resolutions, on CUDA only.
+def block_dtype(use_fp16: bool, x: Optional[torch.Tensor], force_fp32: bool) -> torch.dtype:
+    if use_fp16 and not force_fp32 and x is not None and x.device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+# One modulated 3x3 conv layer of the synthesis network (StyleGAN2 fig. 2d): style from w through an affine layer,
+# modulated/demodulated conv, per-pixel noise with learned strength, bias and leaky ReLU.
+class SynthesisLayer(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, kernel_size: int = 3,
+                 up: int = 1, use_noise: bool = True, activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
+                 conv_clamp: Optional[float] = None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.resolution = resolution
+        self.up = up
+        self.use_noise = use_noise
+        self.activation = activation
+        self.conv_clamp = conv_clamp
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.padding = kernel_size // 2
+        self.act_gain = activation_funcs[activation].def_gain
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        if use_noise:
+            self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+            self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+
+    def forward(self, x, w, noise_mode: str = "random", fused_modconv: bool = True, gain: float = 1):
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        styles = self.affine(w)
+        noise = None
+        if self.use_noise and noise_mode == "random":
+            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) \
+                * self.noise_strength
+        if self.use_noise and noise_mode == "const":
+            noise = self.noise_const * self.noise_strength
+        flip_weight = self.up == 1
+        x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
+                             resample_filter=self.resample_filter, flip_weight=flip_weight,
+                             fused_modconv=fused_modconv)
+        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=act_clamp)
+
+
+# 1x1 modulated conv to RGB, without demodulation (StyleGAN2 fig. 7 "skip" outputs).
+class ToRGBLayer(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1,
+                 conv_clamp: Optional[float] = None):
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
+
+    def forward(self, x, w, fused_modconv: bool = True):
+        styles = self.affine(w) * self.weight_gain
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
+        return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+
+
+# One resolution of the synthesis network: [const | conv0 (up 2)] -> conv1 -> ToRGB, with `skip` (RGB outputs
+# summed across resolutions) or `resnet` (residual 1x1 skip connection) architecture (StyleGAN2 fig. 7).
+class SynthesisBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
+                 is_last: bool, architecture: str = "skip", resample_filter=(1, 3, 3, 1),
+                 conv_clamp: Optional[float] = None, use_fp16: bool = False, **layer_kwargs):
+        super().__init__()
+        if architecture not in ("orig", "skip", "resnet"):
+            raise ValueError(f"G architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
+        self.in_channels = in_channels
+        self.w_dim = w_dim
+        self.resolution = resolution
+        self.img_channels = img_channels
+        self.is_last = is_last
+        self.architecture = architecture
+        self.use_fp16 = use_fp16
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.num_conv = 0
+        self.num_torgb = 0
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
+                                        resample_filter=resample_filter, conv_clamp=conv_clamp, **layer_kwargs)
+            self.num_conv += 1
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution,
+                                    conv_clamp=conv_clamp, **layer_kwargs)
+        self.num_conv += 1
+        if is_last or architecture == "skip":
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
+            self.num_torgb += 1
+        if in_channels != 0 and architecture == "resnet":
+            self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2,
+                                    resample_filter=resample_filter)
+
+    def forward(self, x, img, ws, force_fp32: bool = False, fused_modconv: Optional[bool] = None,
+                noise_mode: str = "random"):
+        w_iter = iter(ws.unbind(dim=1))
+        dtype = block_dtype(self.use_fp16, ws, force_fp32)
+        if fused_modconv is None:  # Grouped conv is faster for inference; split path is cheaper to backprop.
+            fused_modconv = (not self.training) and (dtype == torch.float32 or ws.shape[0] == 1)
+
+        if self.in_channels == 0:
+            x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+        elif self.architecture == "resnet":
+            x = x.to(dtype)
+            y = self.skip(x, gain=np.sqrt(0.5))
+            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, gain=np.sqrt(0.5))
+            x = y.add_(x)
+        else:
+            x = x.to(dtype)
+            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+
+        if img is not None:
+            img = upsample2d(img, self.resample_filter)
+        if self.is_last or self.architecture == "skip":
+            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
+            img = img.add_(y) if img is not None else y
+        return x, img
+
+
+# The synthesis network g: W+ -> image, a learned 4x4 constant followed by one block per octave.
+class SynthesisNetwork(nn.Module):
+    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
+                 channel_max: int = 512, num_fp16_res: int = 0, **block_kwargs):
+        super().__init__()
+        log2 = int(np.log2(img_resolution))
+        if img_resolution < 4 or 2 ** log2 != img_resolution:
+            raise ValueError(f"G img_resolution must be a power of two >= 4, got {img_resolution}")
+        self.w_dim = w_dim
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.block_resolutions = [2 ** i for i in range(2, log2 + 1)]
+        channels = {res: channels_at(res, channel_base, channel_max) for res in self.block_resolutions}
+        fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
+        self.num_ws = 0
+        for res in self.block_resolutions:
+            in_channels = channels[res // 2] if res > 4 else 0
+            is_last = res == img_resolution
+            block = SynthesisBlock(in_channels, channels[res], w_dim=w_dim, resolution=res,
+                                   img_channels=img_channels, is_last=is_last,
+                                   use_fp16=(res >= fp16_resolution) and num_fp16_res > 0, **block_kwargs)
+            self.num_ws += block.num_conv
+            if is_last:
+                self.num_ws += block.num_torgb
+            setattr(self, f"b{res}", block)
+
+    def forward(self, ws, **block_kwargs):
+        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
+            raise ValueError(f"synthesis: expected ws of shape [N, {self.num_ws}, {self.w_dim}], "
+                             f"got {tuple(ws.shape)}")
+        ws = ws.to(torch.float32)
+        # Each block takes its convs' ws plus the next one for its ToRGB (shared with the next block's conv0).
+        block_ws = []
+        w_idx = 0
+        for res in self.block_resolutions:
+            block = getattr(self, f"b{res}")
+            block_ws.append(ws.narrow(1, w_idx, block.num_conv + block.num_torgb))
+            w_idx += block.num_conv
+        x = img = None
+        for res, cur_ws in zip(self.block_resolutions, block_ws):
+            x, img = getattr(self, f"b{res}")(x, img, cur_ws, **block_kwargs)
+        return img
+
+
+# The generator G(z, c) = synthesis(mapping(z, c)). `init_kwargs` records the constructor arguments so that a
+# snapshot (tensors plus JSON) can rebuild the network without pickling code.
+class Generator(nn.Module):
+    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int,
+                 mapping_kwargs: Optional[dict] = None, synthesis_kwargs: Optional[dict] = None, **kwargs):
+        super().__init__()
+        mapping_kwargs = dict(mapping_kwargs or {})
+        synthesis_kwargs = dict(synthesis_kwargs or {}, **kwargs)
+        self.init_kwargs = dict(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
+                                img_channels=img_channels, mapping_kwargs=mapping_kwargs,
+                                synthesis_kwargs=synthesis_kwargs)
+        self.z_dim = z_dim
+        self.c_dim = c_dim
+        self.w_dim = w_dim
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
+                                          **synthesis_kwargs)
+        self.num_ws = self.synthesis.num_ws
+        self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
+
+    def forward(self, z, c, truncation_psi: float = 1, truncation_cutoff: Optional[int] = None,
+                update_emas: bool = False, **synthesis_kwargs):
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
+                          update_emas=update_emas)
+        return self.synthesis(ws, **synthesis_kwargs)
