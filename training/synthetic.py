@@ -1,0 +1,171 @@
+"""The embedded default dataset: procedurally drawn colored shapes on gradient backgrounds (no files, no download)."""
+import operator
+
+import numpy as np
+import torch
+
+# Shape classes, in label order; the first `num_classes` are used.
+SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
+
+# Bump when `render` changes its pixels, so caches keyed by content_hash (e.g. dataset FID statistics) expire.
+RENDER_VERSION = 1
+
+# Cache generated images while the whole dataset stays below this many bytes.
+_CACHE_MAX_BYTES = 256 << 20
+
+
+# Convert HSV components in [0, 1] to an RGB float array in [0, 1].
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
+    return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+# Coverage mask (bool) of one shape at sample points (x, y) in [0, 1] image coordinates, y pointing down.
+def _inside(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, h: float) -> np.ndarray:
+    dx, dy = x - cx, y - cy
+    if shape == "disk":
+        return dx * dx + dy * dy <= h * h
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * h
+    if shape == "triangle":  # Apex at the top, base at the bottom of the bounding box.
+        return (dy <= h) & (np.abs(dx) <= (dy + h) * 0.5)
+    if shape == "ring":
+        r2 = dx * dx + dy * dy
+        return (r2 <= h * h) & (r2 >= (0.55 * h) ** 2)
+    if shape == "cross":
+        ax, ay = np.abs(dx), np.abs(dy)
+        return ((ax <= h / 3) & (ay <= h)) | ((ay <= h / 3) & (ax <= h))
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= h
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+# Draw image `index` for `seed` at `resolution` as uint8 [3, R, R]; parameters are drawn in resolution-free units,
+# so the same index shows the same scene at every resolution.
+def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> np.ndarray:
+    rng = np.random.RandomState([seed, index])
+    shape = SHAPES[index % num_classes]
+    fg = _hsv_to_rgb(rng.uniform(), rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))
+    top = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.45))
+    bottom = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.45))
+    half = 0.5 * rng.uniform(0.4, 0.7)
+    cx, cy = 0.5 + rng.uniform(-0.1, 0.1, size=2)
+
+    # Supersample the shape mask (4x4 per pixel, 2x2 above 256 px to bound memory) and average for anti-aliasing.
+    r = resolution
+    ss = 4 if r <= 256 else 2
+    t = (np.arange(r * ss, dtype=np.float32) + 0.5) / (r * ss)
+    mask = _inside(shape, t[None, :], t[:, None], cx, cy, half)
+    cover = mask.reshape(r, ss, r, ss).mean(axis=(1, 3), dtype=np.float32)
+
+    yc = (np.arange(r, dtype=np.float32) + 0.5) / r
+    bg = top[:, None] * (1.0 - yc[None, :]) + bottom[:, None] * yc[None, :]  # [3, R], one color per row.
+    img = bg[:, :, None] * (1.0 - cover[None]) + fg[:, None, None] * cover[None]
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+# The synthetic dataset with the same interface as ImageDataset: one large anti-aliased shape per image.
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Deterministic procedurally generated RGB images, meant to be easy for a tiny GAN to learn.
+
+    Image i shows shape class `i % num_classes` (disk, square, triangle, ring, cross, diamond) in a random
+    saturated color, 40-70% of the image wide, jittered around the center, on a dark vertical two-color
+    gradient. Its pixels depend only on (seed, i, resolution, num_classes), not on num_images, use_labels,
+    xflip or max_size. Images are i.i.d., so `max_size` keeps the first `max_size` images.
+    Labels are the shape class, one-hot when `use_labels`.
+    """
+
+    def __init__(self, resolution=32, num_images=4096, num_classes=4, use_labels=False, xflip=False, seed=0,
+                 max_size=None):
+        resolution = operator.index(resolution)
+        if resolution < 8 or resolution & (resolution - 1):
+            raise ValueError(f"SyntheticDataset: resolution must be a power of two >= 8, got {resolution}")
+        if not 1 <= operator.index(num_classes) <= len(SHAPES):
+            raise ValueError(f"SyntheticDataset: num_classes must be between 1 and {len(SHAPES)}, got {num_classes}")
+        if operator.index(num_images) < 1:
+            raise ValueError(f"SyntheticDataset: num_images must be >= 1, got {num_images}")
+        if not 0 <= operator.index(seed) < 2**32:
+            raise ValueError(f"SyntheticDataset: seed must be in [0, 2**32), got {seed}")
+        if max_size is not None and operator.index(max_size) < 1:
+            raise ValueError(f"SyntheticDataset: max_size must be a positive int or None, got {max_size}")
+        self.name = "synthetic"
+        self._res = resolution
+        self.num_classes = int(num_classes)
+        self.seed = int(seed)
+        self._raw_size = int(num_images)
+        self._n = self._raw_size if max_size is None else min(self._raw_size, int(max_size))
+        self.use_labels = bool(use_labels)
+        self.xflip = bool(xflip)
+        cacheable = self._n * 3 * resolution * resolution <= _CACHE_MAX_BYTES
+        self._cache = [None] * self._n if cacheable else None
+
+    @property
+    def raw_size(self) -> int:
+        return self._raw_size
+
+    def __len__(self) -> int:
+        return self._n * (2 if self.xflip else 1)
+
+    @property
+    def resolution(self) -> int:
+        return self._res
+
+    @property
+    def num_channels(self) -> int:
+        return 3
+
+    @property
+    def image_shape(self) -> list[int]:
+        return [3, self._res, self._res]
+
+    @property
+    def label_shape(self) -> list[int]:
+        return [self.num_classes if self.use_labels else 0]
+
+    @property
+    def label_dim(self) -> int:
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim != 0
+
+    # A short string that changes whenever the images would (used by training/metrics.py as a cache key).
+    @property
+    def content_hash(self) -> str:
+        return (f"synthetic-v{RENDER_VERSION}-seed{self.seed}-res{self._res}-cls{self.num_classes}"
+                f"-n{self._n}")
+
+    # Nothing on disk to check; present for interface parity with ImageDataset.
+    def validate(self) -> None:
+        return None
+
+    # Map a dataset index (including the mirrored half) to an image index.
+    def _raw(self, idx) -> int:
+        idx = operator.index(idx)
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} images")
+        return (idx % len(self)) % self._n
+
+    # The shape class of item `idx`.
+    def get_class(self, idx) -> int:
+        return self._raw(idx) % self.num_classes
+
+    # The label of item `idx` (one-hot float32 [num_classes], or shape [0] without labels).
+    def get_label(self, idx) -> np.ndarray:
+        label = np.zeros(self.label_shape, dtype=np.float32)
+        if self.use_labels:
+            label[self.get_class(idx)] = 1
+        return label
+
+    def __getitem__(self, idx):
+        raw = self._raw(idx)
+        img = None if self._cache is None else self._cache[raw]
+        if img is None:
+            img = render(raw, self._res, self.num_classes, self.seed)
+            if self._cache is not None:
+                self._cache[raw] = img
+        # Always hand out a fresh array, so callers cannot modify the cache.
+        if operator.index(idx) % len(self) >= self._n:
+            return np.ascontiguousarray(img[:, :, ::-1]), self.get_label(idx)
+        return img.copy(), self.get_label(idx)
