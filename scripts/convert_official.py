@@ -1,0 +1,34 @@
+"""Convert an official StyleGAN2-ADA / StyleGAN3 (StyleGAN2 networks) pickle into a ganforge snapshot, safely."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training import official  # noqa: E402
+
+
+# Command-line entry point: returns 0 on success, 1 (with a one-line reason on stderr) on a refused/invalid file.
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Convert an official network-snapshot-*.pkl into a ganforge '
+                                                 'snapshot (.safetensors) without executing anything in the pickle.')
+    parser.add_argument('in_pkl', help='official network pickle (stylegan2-ada-pytorch or stylegan3 StyleGAN2)')
+    parser.add_argument('out', help='output ganforge snapshot path, e.g. network-snapshot-000000.safetensors')
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.in_pkl):
+        print(f'error: input pickle not found: {args.in_pkl}', file=sys.stderr)
+        return 1
+    try:
+        nets = official.convert(args.in_pkl, args.out)
+    except (official.UnsafePickleError, official.UnsupportedNetworkError, official.OfficialFormatError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    present = [k for k in ('G', 'D', 'G_ema') if nets[k] is not None]
+    renamed = nets['config']['renamed']
+    print(f'wrote {args.out}: {", ".join(present)}; renamed keys: '
+          f'{", ".join(f"{a} -> {b}" for a, b in renamed.items()) if renamed else "none"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
