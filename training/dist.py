@@ -126,3 +126,12 @@ def broadcast_object(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# Gather a picklable object from every rank into a list indexed by rank (plain data only).
+def all_gather_object(obj) -> list:
+    if not (is_initialized() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

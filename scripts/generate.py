@@ -1,0 +1,135 @@
+"""Generate images from a snapshot: per seed, with truncation, class and noise mode; or a style-mixing grid."""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training.checkpoint import load_snapshot  # noqa: E402
+from training.images import make_grid, save_png, to_uint8  # noqa: E402
+
+
+# "0-3,7" -> [0, 1, 2, 3, 7].
+def parse_range(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+        if m:
+            out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+# z for a seed: the official convention, numpy RandomState(seed).randn(z_dim), so seeds interchange.
+def seed_to_z(seed: int, z_dim: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).float()
+
+
+# One-hot label for `class_idx` (an error when G is conditional and no class is given, or the reverse).
+def make_label(G, class_idx, device) -> torch.Tensor:
+    c = torch.zeros([1, G.c_dim], device=device)
+    if G.c_dim > 0:
+        if class_idx is None:
+            raise SystemExit(f"this generator is conditional ({G.c_dim} classes): pass --class")
+        if not 0 <= class_idx < G.c_dim:
+            raise SystemExit(f"--class {class_idx} out of range [0, {G.c_dim})")
+        c[0, class_idx] = 1
+    elif class_idx is not None:
+        print("warning: --class ignored, the generator is unconditional")
+    return c
+
+
+# Images for seeds, written as seed%04d.png; returns the uint8 arrays.
+@torch.no_grad()
+def generate_images(G, seeds, outdir, truncation_psi=1.0, class_idx=None, noise_mode="const", device="cpu"):
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    c = make_label(G, class_idx, device)
+    arrays = []
+    for seed in seeds:
+        img = G(seed_to_z(seed, G.z_dim).to(device), c, truncation_psi=truncation_psi, noise_mode=noise_mode)
+        arr = to_uint8(img)[0]
+        save_png(arr, outdir / f"seed{seed:04d}.png")
+        arrays.append(arr)
+    return arrays
+
+
+# Render saved ws (an .npz with key 'w' of shape [1, num_ws, w_dim], the official projector layout).
+@torch.no_grad()
+def generate_from_w(G, npz_path, outdir, noise_mode="const", device="cpu"):
+    data = np.load(npz_path)
+    if "w" not in data:
+        raise SystemExit(f"{npz_path}: no key 'w' (expected an array of shape [1, {G.num_ws}, {G.w_dim}])")
+    ws = torch.from_numpy(data["w"]).float().to(device)
+    if ws.ndim != 3 or ws.shape[1:] != (G.num_ws, G.w_dim):
+        raise SystemExit(f"{npz_path}: 'w' has shape {tuple(ws.shape)}, expected [N, {G.num_ws}, {G.w_dim}]")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for i, w in enumerate(ws.split(1)):
+        arr = to_uint8(G.synthesis(w, noise_mode=noise_mode))[0]
+        save_png(arr, outdir / f"proj{i:02d}.png")
+        arrays.append(arr)
+    return arrays
+
+
+# Style mixing grid (StyleGAN fig. 3): rows take coarse styles (ws[:cols]) from row seeds, the rest from columns.
+@torch.no_grad()
+def style_mixing_grid(G, row_seeds, col_seeds, styles, outpath, truncation_psi=1.0, class_idx=None,
+                      noise_mode="const", device="cpu"):
+    c = make_label(G, class_idx, device)
+    seeds = sorted(set(row_seeds + col_seeds))
+    ws = {s: G.mapping(seed_to_z(s, G.z_dim).to(device), c, truncation_psi=truncation_psi) for s in seeds}
+    img = {s: to_uint8(G.synthesis(ws[s], noise_mode=noise_mode))[0] for s in seeds}
+    blank = np.zeros_like(img[seeds[0]])
+    tiles = [blank] + [img[s] for s in col_seeds]
+    for r in row_seeds:
+        tiles.append(img[r])
+        for col in col_seeds:
+            w = ws[col].clone()
+            w[:, styles] = ws[r][:, styles]
+            tiles.append(to_uint8(G.synthesis(w, noise_mode=noise_mode))[0])
+    save_png(make_grid(np.stack(tiles), len(col_seeds) + 1, len(row_seeds) + 1), outpath)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--network", required=True, help="snapshot (.safetensors, or an official .pkl)")
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--seeds", default="0-7", help="e.g. 0-7,42")
+    p.add_argument("--trunc", type=float, default=1.0, help="truncation psi")
+    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional G)")
+    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
+    p.add_argument("--projected-w", default=None, help="render the ws of a projection .npz instead of seeds")
+    p.add_argument("--mix-rows", default=None, help="style mixing: row seeds, e.g. 0-3")
+    p.add_argument("--mix-cols", default=None, help="style mixing: column seeds, e.g. 10-13")
+    p.add_argument("--mix-styles", default="0-5", help="style mixing: ws indices taken from the rows")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    snap = load_snapshot(args.network, device=args.device)
+    G = snap["G_ema"]
+    if G is None:
+        raise SystemExit(f"{args.network}: holds no G_ema")
+    res = G.img_resolution
+    kimg = snap.get("meta", {}).get("cur_nimg")
+    print(f"Generating at {res}x{res} px from {args.network}" + (f" ({kimg / 1000:.1f} kimg)" if kimg else ""))
+    if args.projected_w:
+        generate_from_w(G, args.projected_w, args.outdir, args.noise_mode, args.device)
+    elif args.mix_rows:
+        style_mixing_grid(G, parse_range(args.mix_rows), parse_range(args.mix_cols or "0-3"),
+                          parse_range(args.mix_styles), Path(args.outdir) / "stylemix.png", args.trunc,
+                          args.class_idx, args.noise_mode, args.device)
+    else:
+        generate_images(G, parse_range(args.seeds), args.outdir, args.trunc, args.class_idx, args.noise_mode,
+                        args.device)
+    print(f"Wrote {args.outdir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Structured (dataclass) configs for Hydra: the schema and defaults of every config group, with units."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+# Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs.
+@dataclass
+class ModelConfig:
+    name: str = "tiny"                 # preset name, used in the run directory name
+    z_dim: int = 512                   # latent z dimensionality
+    w_dim: int = 512                   # intermediate latent w dimensionality
+    map_layers: int = 8                # mapping network depth (FC layers)
+    map_lr_mult: float = 0.01          # learning-rate multiplier of the mapping network
+    channel_base: int = 32768          # channels at resolution r = min(channel_base / r, channel_max)
+    channel_max: int = 512             # channel cap (feature maps)
+    g_arch: str = "skip"               # generator architecture: orig | skip | resnet
+    d_arch: str = "resnet"             # discriminator architecture: orig | skip | resnet
+    mbstd_group: int = 4               # minibatch-std group size (samples); must divide the per-device batch
+    mbstd_channels: int = 1            # minibatch-std feature maps appended
+    conv_clamp: Optional[float] = 256  # clamp of conv outputs (absolute value); null = no clamp
+    num_fp16_res: int = 0              # CUDA only: highest resolutions run in float16 (0 = off)
+    auto: bool = False                 # derive batch, gamma, lr, ema from resolution and process count (official 'auto')
+
+
+# Training data (data group): a folder or zip of images, or the embedded synthetic dataset.
+@dataclass
+class DataConfig:
+    name: Optional[str] = "synthetic"  # dataset name for the run directory (folder/zip name when a path is given)
+    path: Optional[str] = None         # folder or zip of images; null = embedded synthetic dataset
+    resolution: int = 32               # synthetic dataset only: image size (px, power of two)
+    num_images: int = 4096             # synthetic dataset only: number of images
+    use_labels: bool = False           # condition G and D on dataset.json labels (class-conditional)
+    xflip: bool = False                # double the dataset with horizontal mirrors
+    max_size: Optional[int] = None     # use a random subset of this many images (images); null = all
+    num_workers: int = 0               # DataLoader worker processes per rank (0 = load in the main process)
+
+
+# Optimization, regularization, schedule and bookkeeping (train group).
+@dataclass
+class TrainConfig:
+    kimg: float = 25000                # training length (thousands of real images shown to D)
+    batch_size: int = 32               # total batch over all processes and accumulation rounds (images)
+    batch_gpu: Optional[int] = None    # per-process batch of one accumulation round (images); null = all at once
+    glr: float = 0.002                 # G learning rate (Adam step size)
+    dlr: float = 0.002                 # D learning rate (Adam step size)
+    beta1: float = 0.0                 # Adam beta1
+    beta2: float = 0.99                # Adam beta2
+    eps: float = 1e-8                  # Adam epsilon
+    r1_gamma: float = 10.0             # R1 weight gamma (StyleGAN2 eq.: gamma/2 * ||grad D||^2)
+    r1_interval: int = 16              # lazy R1: every this many minibatches (0 = every minibatch, not lazy)
+    pl_weight: float = 2.0             # path-length regularization weight (0 = off)
+    pl_interval: int = 4               # lazy path length: every this many minibatches
+    pl_batch_shrink: int = 2           # path length on batch / this
+    pl_decay: float = 0.01             # decay of the running mean path length (per evaluation)
+    style_mixing_prob: float = 0.9     # probability of mixing two latents per minibatch
+    ema_kimg: float = 10.0             # G_ema half-life (kimg)
+    ema_rampup: Optional[float] = None # cap the EMA half-life at cur_nimg * this (fraction); null = no ramp-up
+    tick_kimg: float = 4.0             # progress report interval (kimg)
+    snap: int = 50                     # checkpoint interval (ticks)
+    image_snap: int = 50               # image grid interval (ticks)
+    grid_size: List[int] = field(default_factory=lambda: [8, 4])  # image grid columns, rows (images)
+    seed: int = 0                      # global random seed
+    mixed_precision: str = "no"        # Accelerate mixed precision: no | fp16 | bf16
+    ops_impl: str = "auto"             # custom ops: auto (fused when built) | fused | ref
+    deterministic: bool = False        # force deterministic algorithms (slower; exact reruns on one device)
+
+
+# Logging (log group).
+@dataclass
+class LogConfig:
+    wandb: str = "disabled"            # wandb mode: disabled | offline | online
+    wandb_project: str = "ganforge"    # wandb project name
+    progress: bool = True              # show a progress bar (rank 0)
+
+
+# The whole run.
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    outdir: str = "runs"               # parent folder of numbered run directories
+    run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
+
+
+# Register the schema so that conf/config.yaml can extend it and unknown keys are refused.
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

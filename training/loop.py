@@ -1,0 +1,346 @@
+"""The training loop: one function, with its phases in a fixed order, progress counted in images (cur_nimg)."""
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ops import dispatch
+from training import checkpoint as ckpt
+from training import dist
+from training.images import save_image_grid, to_uint8, make_grid, save_png
+from training.loss import StyleGAN2Loss
+from training.networks_factory import apply_auto, build_networks
+from training.sampler import InfiniteSampler
+
+
+# One G or D optimization phase (StyleGAN2-ADA): which loss terms, which network and optimizer, and every how
+# many minibatches it runs (lazy regularization, StyleGAN2 sec. 3.1).
+@dataclass
+class Phase:
+    name: str
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    interval: int
+
+
+# The phases for G and D: with lazy regularization every k minibatches, Adam's lr and betas are compensated by
+# k/(k+1) so that the combined updates match an unregularized schedule.
+def make_phases(G, D, t: dict, use_pl: bool, use_r1: bool):
+    phases = []
+    for name, module, lr, interval, active in (("G", G, t["glr"], t["pl_interval"], use_pl),
+                                               ("D", D, t["dlr"], t["r1_interval"], use_r1)):
+        params = [p for p in module.parameters()]
+        if not active or interval in (None, 0, 1):
+            opt = torch.optim.Adam(params, lr=lr, betas=(t["beta1"], t["beta2"]), eps=t["eps"])
+            phases.append(Phase(name + ("both" if active else "main"), module, opt, 1))
+        else:
+            ratio = interval / (interval + 1)
+            opt = torch.optim.Adam(params, lr=lr * ratio, betas=(t["beta1"] ** ratio, t["beta2"] ** ratio),
+                                   eps=t["eps"])
+            phases.append(Phase(name + "main", module, opt, 1))
+            phases.append(Phase(name + "reg", module, opt, interval))
+    return phases
+
+
+# Check batch divisibility at start-up and return (batch_gpu, accumulation rounds).
+def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int):
+    if batch_gpu is None:
+        if batch_size % world != 0:
+            raise ValueError(f"train.batch_size={batch_size} is not divisible by the number of processes ({world})")
+        batch_gpu = batch_size // world
+    if batch_gpu <= 0 or batch_size % (batch_gpu * world) != 0:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.batch_gpu={batch_gpu} times "
+                         f"the number of processes ({world})")
+    group = min(mbstd_group, batch_gpu)
+    if batch_gpu % group != 0:
+        raise ValueError(f"train.batch_gpu={batch_gpu} must be divisible by model.mbstd_group={mbstd_group}")
+    return batch_gpu, batch_size // (batch_gpu * world)
+
+
+# Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU).
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# Running sums of scalar stats over a tick, averaged over ranks at report time.
+class TickStats:
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, stats: dict):
+        for k, v in stats.items():
+            s = self.sums.setdefault(k, [0.0, 0])
+            s[0] += float(v)
+            s[1] += 1
+
+    def reduce(self, device) -> dict:
+        keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
+        t = torch.tensor([[self.sums.get(k, [0.0, 0])[0], self.sums.get(k, [0.0, 0])[1]] for k in keys],
+                         dtype=torch.float64, device=device).reshape(-1, 2)
+        dist.all_reduce_sum(t)
+        self.sums = {}
+        return {k: float(s / n) for k, (s, n) in zip(keys, t.tolist()) if n > 0}
+
+
+# Update G_ema towards G: half-life ema_kimg, optionally capped at ema_rampup * cur_nimg (StyleGAN2-ADA).
+def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_rampup) -> None:
+    ema_nimg = ema_kimg * 1000
+    if ema_rampup is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+    ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, ema_beta))
+        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+            b_ema.copy_(b)
+
+
+# Generate G_ema images for the fixed grid latents, in batches.
+@torch.no_grad()
+def generate_grid(G_ema, grid_z, grid_c, batch: int):
+    out = [G_ema(z, c, noise_mode="const") for z, c in zip(grid_z.split(batch), grid_c.split(batch))]
+    return torch.cat(out)
+
+
+# Train G and D as `cfg` (a plain dict of the resolved config) says, in `run_dir`; resumes from the newest
+# training state there. Returns the final counters.
+def training_loop(cfg: dict, run_dir) -> dict:
+    from training.dataset import open_dataset
+    t, m, d = cfg["train"], cfg["model"], cfg["data"]
+    run_dir = Path(run_dir)
+    accelerator = dist.init(mixed_precision=t["mixed_precision"])
+    device = dist.device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dispatch.set_default_impl(t["ops_impl"])
+    if t["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    # Data: every rank reads its own shard of an endless seeded stream.
+    synthetic_kwargs = dict(resolution=d["resolution"], num_images=d["num_images"]) if d["path"] is None else {}
+    dataset = open_dataset(d["path"], use_labels=d["use_labels"], xflip=d["xflip"], max_size=d["max_size"],
+                           random_seed=t["seed"], **synthetic_kwargs)
+    apply_auto(cfg, dataset.resolution, world)
+    batch_gpu, rounds = check_batch(t["batch_size"], t["batch_gpu"], world, m["mbstd_group"])
+    batch_size = t["batch_size"]
+    total_nimg = int(t["kimg"] * 1000)
+
+    # Networks, initialized from the same seed on every rank and then made identical by broadcast from rank 0.
+    torch.manual_seed(t["seed"])
+    G, D, G_ema = build_networks(m, dataset.resolution, dataset.num_channels, dataset.label_dim)
+    G, D, G_ema = G.train().requires_grad_(False).to(device), D.train().requires_grad_(False).to(device), \
+        G_ema.to(device)
+    for net in (G, D, G_ema):
+        dist.broadcast_module(net)
+
+    # Loss and phases; optimizers go through Accelerate for mixed-precision loss scaling.
+    tick_stats = TickStats()
+    loss = StyleGAN2Loss(G, D, r1_gamma=t["r1_gamma"], style_mixing_prob=t["style_mixing_prob"],
+                         pl_weight=t["pl_weight"], pl_batch_shrink=t["pl_batch_shrink"], pl_decay=t["pl_decay"],
+                         autocast=accelerator.autocast, backward=accelerator.backward)
+    phases = make_phases(G, D, t, use_pl=t["pl_weight"] != 0, use_r1=t["r1_gamma"] != 0)
+    unique = list({id(ph.opt): ph.opt for ph in phases}.values())
+    wrapped = accelerator.prepare(*unique)
+    wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+    by_id = {id(o): w for o, w in zip(unique, wrapped)}
+    for ph in phases:
+        ph.opt = by_id[id(ph.opt)]
+
+    # State: counters, and the newest checkpoint in the run directory when there is one.
+    counters = dict(cur_nimg=0, cur_tick=0, batch_idx=0, tick_start_nimg=0, skipped_steps=0, sampler_pos=0)
+    states = ckpt.list_states(run_dir)
+    if states:
+        state = ckpt.load_state(states[0][1])
+        for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
+            net.load_state_dict(state[name])
+        for i, ph in enumerate(p for p in phases if p.name.endswith(("main", "both"))):
+            ph.opt.load_state_dict(state["opt"][i])
+        counters.update(state["counters"])
+        loss.pl_mean.copy_(state["pl_mean"])
+        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        dist.print0(f"Resuming from {states[0][1]} at {counters['cur_nimg'] / 1000:.3f} kimg")
+    else:
+        random.seed(t["seed"] * world + rank)
+        np.random.seed(t["seed"] * world + rank)
+        torch.manual_seed(t["seed"] * world + rank)
+    sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
+                              start=counters["sampler_pos"])
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+                                              num_workers=d["num_workers"], pin_memory=device.type == "cuda",
+                                              prefetch_factor=2 if d["num_workers"] > 0 else None))
+
+    # Fixed grid latents and labels; reals.png once.
+    grid_w, grid_h = t["grid_size"]
+    grid_gen = torch.Generator().manual_seed(t["seed"] + 12345)
+    grid_idx = torch.randperm(len(dataset), generator=grid_gen)[: grid_w * grid_h].tolist()
+    grid_z = torch.randn([len(grid_idx), G.z_dim], generator=grid_gen).to(device)
+    grid_c = torch.from_numpy(np.stack([dataset.get_label(i) for i in grid_idx])).to(device)
+    if dist.is_main() and not (run_dir / "reals.png").exists():
+        save_png(make_grid(np.stack([dataset[i][0] for i in grid_idx]).transpose(0, 2, 3, 1), grid_w, grid_h),
+                 run_dir / "reals.png")
+
+    # Logging: stats.jsonl, the progress bar and wandb live on rank 0.
+    wandb_run = _init_wandb(cfg, run_dir) if dist.is_main() else None
+    pbar = None
+    if dist.is_main() and cfg["log"]["progress"]:
+        from tqdm import tqdm
+        pbar = tqdm(total=total_nimg / 1000, initial=counters["cur_nimg"] / 1000, unit="kimg", dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+    dist.print0(f"Training for {t['kimg']} kimg: batch {batch_size} = {batch_gpu} per process x {world} processes x "
+                f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; run dir {run_dir}")
+    start_time = tick_start_time = time.time()
+    tick_start_nimg = counters["tick_start_nimg"]
+    first_report = not states  # A fresh run reports tick 0; a resumed one already reported its last tick.
+
+    while True:
+        cur_nimg = counters["cur_nimg"]
+        done = cur_nimg >= total_nimg
+        at_tick = done or first_report or cur_nimg >= tick_start_nimg + t["tick_kimg"] * 1000
+
+        if at_tick:
+            # 1. Report: status line, stats.jsonl, wandb.
+            now = time.time()
+            stats = tick_stats.reduce(device)
+            kimg_done = (cur_nimg - tick_start_nimg) / 1000
+            stats.update({"Progress/tick": counters["cur_tick"], "Progress/kimg": cur_nimg / 1000,
+                          "Timing/total_sec": now - start_time, "Timing/sec_per_tick": now - tick_start_time,
+                          "Timing/sec_per_kimg": (now - tick_start_time) / kimg_done if kimg_done > 0 else 0.0,
+                          "Resources/peak_mem_gb": peak_memory_gb(device),
+                          "Progress/skipped_steps": counters["skipped_steps"], "Loss/pl_mean": float(loss.pl_mean)})
+            if dist.is_main():
+                _report(stats, run_dir, pbar, wandb_run, first_report)
+
+            # 2. Snapshot image grid of G_ema (fixed latents, constant noise).
+            image_due = t["image_snap"] and (done or counters["cur_tick"] % t["image_snap"] == 0)
+            if dist.is_main() and image_due:
+                images = generate_grid(G_ema, grid_z, grid_c, batch_gpu)
+                save_image_grid(images, run_dir / f"fakes{cur_nimg // 1000:06d}.png", (grid_w, grid_h))
+                if wandb_run is not None:
+                    import wandb
+                    wandb_run.log({"fakes": wandb.Image(make_grid(to_uint8(images), grid_w, grid_h))},
+                                  step=counters["cur_tick"])
+
+            # 3. Checkpoint: snapshot (weights) and full training state (rank 0 writes, every rank contributes RNG).
+            snap_due = t["snap"] and (done or counters["cur_tick"] % t["snap"] == 0) and not first_report
+            if snap_due:
+                # Saved as the next tick's counters: a resumed run continues exactly where this one goes on.
+                resume_counters = dict(counters, cur_tick=counters["cur_tick"] + 1, tick_start_nimg=cur_nimg)
+                _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, resume_counters, loss, cur_nimg)
+
+            # 4. Stop.
+            if done:
+                break
+            counters["cur_tick"] += 1
+            first_report = False
+            tick_start_nimg = cur_nimg
+            tick_start_time = time.time()
+
+        # 5. Accumulate G/D phases over rounds: reals and latents for this minibatch.
+        reals, real_cs = [], []
+        for _ in range(rounds):
+            img, c = next(loader)
+            reals.append(img.to(device).to(torch.float32) / 127.5 - 1)
+            real_cs.append(c.to(device))
+            counters["sampler_pos"] += batch_gpu
+        for phase in phases:
+            if counters["batch_idx"] % phase.interval != 0:
+                continue
+            phase.opt.zero_grad(set_to_none=True)
+            phase.module.requires_grad_(True)
+            for real_img, real_c in zip(reals, real_cs):
+                gen_z = torch.randn([batch_gpu, G.z_dim], device=device)
+                gen_c = _sample_labels(dataset, batch_gpu, device)
+                tick_stats.add(loss.accumulate_gradients(phase.name, real_img, real_c, gen_z, gen_c,
+                                                         gain=phase.interval / rounds))
+            phase.module.requires_grad_(False)
+
+            # 6. Step: average gradients over ranks; a non-finite gradient skips the step on every rank.
+            params = [p for p in phase.module.parameters() if p.grad is not None]
+            dist.all_reduce_grads(params)
+            if accelerator.scaler is None and params:
+                finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
+                if not bool(finite):
+                    counters["skipped_steps"] += 1
+                    phase.opt.zero_grad(set_to_none=True)
+                    continue
+            phase.opt.step()
+
+        # 7. EMA and counters.
+        counters["cur_nimg"] += batch_size
+        counters["batch_idx"] += 1
+        update_ema(G_ema, G, counters["cur_nimg"], batch_size, t["ema_kimg"], t["ema_rampup"])
+        if pbar is not None:
+            pbar.update(batch_size / 1000)
+
+    if pbar is not None:
+        pbar.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    if dist.is_main():
+        (run_dir / "DONE").write_text(json.dumps({"kimg": counters["cur_nimg"] / 1000}))
+    dist.barrier()
+    return counters
+
+
+# Labels for generated samples: drawn from the dataset's label distribution (zeros [N, 0] when unconditional).
+def _sample_labels(dataset, n: int, device):
+    if dataset.label_dim == 0:
+        return torch.zeros([n, 0], device=device)
+    idx = np.random.randint(len(dataset), size=n)
+    return torch.from_numpy(np.stack([dataset.get_label(i) for i in idx])).to(device)
+
+
+# Print the status line and append one JSON line to stats.jsonl (rank 0).
+def _report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None:
+    line = (f"tick {stats['Progress/tick']:<5d} kimg {stats['Progress/kimg']:<8.1f} "
+            f"time {stats['Timing/total_sec']:<7.0f}s sec/kimg {stats['Timing/sec_per_kimg']:<7.2f} "
+            f"mem {stats['Resources/peak_mem_gb']:.2f}GB")
+    for key, label in (("Loss/G/loss", "G"), ("Loss/D/loss_real", "Dreal"), ("Loss/D/loss_fake", "Dfake"),
+                       ("Loss/r1_penalty", "R1"), ("Loss/pl_penalty", "PL")):
+        if key in stats:
+            line += f" {label} {stats[key]:.3f}"
+    (pbar.write if pbar is not None else print)(line)
+    stats = dict(stats, timestamp=time.time())
+    with open(run_dir / "stats.jsonl", "a") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+    if wandb_run is not None and not is_start:
+        wandb_run.log({k: v for k, v in stats.items() if isinstance(v, (int, float))},
+                      step=int(stats["Progress/tick"]))
+
+
+# Save the snapshot and the full training state for the current image count.
+def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg) -> None:
+    rng = dist.all_gather_object(ckpt.get_rng_state())
+    if dist.is_main():
+        kimg = cur_nimg // 1000
+        ckpt.save_snapshot(run_dir / f"network-snapshot-{kimg:06d}.safetensors", G, D, G_ema, config=cfg,
+                           extra={"cur_nimg": cur_nimg})
+        opts = [ph.opt.state_dict() for ph in phases if ph.name.endswith(("main", "both"))]
+        state = {"G": ckpt._cpu_state(G), "D": ckpt._cpu_state(D), "G_ema": ckpt._cpu_state(G_ema), "opt": opts,
+                 "counters": dict(counters), "pl_mean": loss.pl_mean.detach().cpu(), "rng": rng,
+                 "config": json.dumps(cfg)}
+        ckpt.save_state(run_dir / f"training-state-{kimg:06d}.pt", state)
+    dist.barrier()
+
+
+# wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
+def _init_wandb(cfg: dict, run_dir: Path):
+    mode = cfg["log"]["wandb"]
+    if mode == "disabled":
+        return None
+    if mode not in ("offline", "online"):
+        raise ValueError(f"log.wandb must be disabled, offline or online, got {mode!r}")
+    import wandb
+    return wandb.init(project=cfg["log"]["wandb_project"], dir=str(run_dir), mode=mode, config=cfg,
+                      name=run_dir.name, id=run_dir.name.replace("/", "-"), resume="allow")

@@ -1,0 +1,123 @@
+"""StyleGAN2 loss: non-saturating logistic loss, lazy R1 on reals, path-length regularization, style mixing."""
+import contextlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import dist
+
+
+# The loss of one G/D phase (StyleGAN2-ADA's phase names): 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'.
+# `backward` runs the backward pass (Accelerate's, so that mixed-precision loss scaling applies).
+class StyleGAN2Loss:
+    def __init__(self, G, D, augment_pipe=None, r1_gamma: float = 10.0, style_mixing_prob: float = 0.9,
+                 pl_weight: float = 0.0, pl_batch_shrink: int = 2, pl_decay: float = 0.01,
+                 autocast: Callable = contextlib.nullcontext, backward: Optional[Callable] = None,
+                 on_real_logits: Optional[Callable] = None):
+        self.G = G
+        self.D = D
+        self.augment_pipe = augment_pipe
+        self.r1_gamma = r1_gamma
+        self.style_mixing_prob = style_mixing_prob
+        self.pl_weight = pl_weight
+        self.pl_batch_shrink = pl_batch_shrink
+        self.pl_decay = pl_decay
+        self.autocast = autocast
+        self.backward = backward or (lambda loss: loss.backward())
+        self.on_real_logits = on_real_logits  # E.g. ADA's r_t accumulator (sign of D on augmented reals).
+        self.pl_mean = torch.zeros([], device=next(G.parameters()).device)
+
+    # G(z, c) returning the image and the ws it used, with style mixing regularization (StyleGAN, sec. 3.1):
+    # with probability `style_mixing_prob`, the ws after a random cutoff come from a second latent.
+    def run_G(self, z, c, update_emas: bool = False):
+        with self.autocast():
+            ws = self.G.mapping(z, c, update_emas=update_emas)
+            if self.style_mixing_prob > 0:
+                cutoff = torch.empty([], dtype=torch.int64, device=ws.device).random_(1, ws.shape[1])
+                cutoff = torch.where(torch.rand([], device=ws.device) < self.style_mixing_prob, cutoff,
+                                     torch.full_like(cutoff, ws.shape[1]))
+                ws2 = self.G.mapping(torch.randn_like(z), c, update_emas=False)
+                mix = torch.arange(ws.shape[1], device=ws.device)[None, :, None] >= cutoff
+                ws = torch.where(mix, ws2, ws)
+            img = self.G.synthesis(ws)
+        return img, ws
+
+    # D(augment(img), c).
+    def run_D(self, img, c, update_emas: bool = False):
+        with self.autocast():
+            if self.augment_pipe is not None:
+                img = self.augment_pipe(img)
+            return self.D(img, c, update_emas=update_emas).float()
+
+    # Accumulate the gradients of one phase for one round; `gain` is the phase's lazy-regularization interval
+    # (StyleGAN2 sec. 3.1: a regularizer evaluated every k minibatches is weighted by k). Returns scalar stats.
+    def accumulate_gradients(self, phase: str, real_img, real_c, gen_z, gen_c, gain: float) -> dict:
+        if phase not in ("Gmain", "Greg", "Gboth", "Dmain", "Dreg", "Dboth"):
+            raise ValueError(f"unknown loss phase {phase!r}")
+        do_Gmain = phase in ("Gmain", "Gboth")
+        do_Dmain = phase in ("Dmain", "Dboth")
+        do_Gpl = phase in ("Greg", "Gboth") and self.pl_weight != 0
+        do_Dr1 = phase in ("Dreg", "Dboth") and self.r1_gamma != 0
+        stats = {}
+
+        # Gmain: non-saturating logistic loss, softplus(-D(G(z))) (Goodfellow et al. 2014).
+        if do_Gmain:
+            gen_img, _ = self.run_G(gen_z, gen_c, update_emas=True)
+            gen_logits = self.run_D(gen_img, gen_c)
+            loss_Gmain = F.softplus(-gen_logits)
+            stats["Loss/scores/fake"] = gen_logits.mean().item()
+            stats["Loss/G/loss"] = loss_Gmain.mean().item()
+            self.backward(loss_Gmain.mean().mul(gain))
+
+        # Greg: path-length regularization (StyleGAN2 eq. 4): E (||J_w^T y||_2 - a)^2 with y ~ N(0, I)/sqrt(HW),
+        # a the running mean of the lengths.
+        if do_Gpl:
+            batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
+            gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size])
+            pl_noise = torch.randn_like(gen_img) / np.sqrt(gen_img.shape[2] * gen_img.shape[3])
+            pl_grads = torch.autograd.grad(outputs=[(gen_img * pl_noise).sum()], inputs=[gen_ws],
+                                           create_graph=True, only_inputs=True)[0]
+            pl_lengths = pl_grads.square().sum(2).mean(1).sqrt()
+            # The running mean uses the lengths of all ranks, so that every rank keeps the same pl_mean.
+            batch_mean = dist.all_reduce_mean(pl_lengths.detach().mean().clone())
+            pl_mean = self.pl_mean.lerp(batch_mean, self.pl_decay)
+            self.pl_mean.copy_(pl_mean)
+            pl_penalty = (pl_lengths - pl_mean).square()
+            loss_Gpl = pl_penalty * self.pl_weight
+            stats["Loss/pl_penalty"] = pl_penalty.mean().item()
+            stats["Loss/pl_mean"] = float(pl_mean)
+            # The image term (times 0) keeps every synthesis parameter in the graph.
+            self.backward((gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain))
+
+        # Dmain, fake half: softplus(D(G(z))).
+        if do_Dmain:
+            with torch.no_grad():
+                gen_img, _ = self.run_G(gen_z, gen_c, update_emas=False)
+            gen_logits = self.run_D(gen_img, gen_c, update_emas=True)
+            loss_Dgen = F.softplus(gen_logits)
+            stats["Loss/D/loss_fake"] = loss_Dgen.mean().item()
+            self.backward(loss_Dgen.mean().mul(gain))
+
+        # Dmain, real half: softplus(-D(x)); Dreg: R1 = gamma/2 * ||grad_x D(x)||^2 (Mescheder et al. 2018, eq. 9).
+        if do_Dmain or do_Dr1:
+            real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
+            real_logits = self.run_D(real_img_tmp, real_c)
+            loss = torch.zeros_like(real_logits)
+            if do_Dmain:
+                loss_Dreal = F.softplus(-real_logits)
+                loss = loss + loss_Dreal
+                stats["Loss/scores/real"] = real_logits.mean().item()
+                stats["Loss/D/loss_real"] = loss_Dreal.mean().item()
+                if self.on_real_logits is not None:
+                    self.on_real_logits(real_logits.detach())
+            if do_Dr1:
+                r1_grads = torch.autograd.grad(outputs=[real_logits.sum()], inputs=[real_img_tmp],
+                                               create_graph=True, only_inputs=True)[0]
+                r1_penalty = r1_grads.square().sum([1, 2, 3])
+                loss = loss + r1_penalty.unsqueeze(1) * (self.r1_gamma / 2)
+                stats["Loss/r1_penalty"] = r1_penalty.mean().item()
+            self.backward(loss.mean().mul(gain))
+        return stats
+
