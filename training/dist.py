@@ -135,3 +135,19 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+# Average a module's floating-point buffers over ranks (running statistics such as w_avg are updated from each
+# rank's own batch; averaging keeps every rank bit-identical; constant buffers are unchanged).
+def sync_buffers(module: torch.nn.Module) -> None:
+    if not (is_initialized() and get_world_size() > 1):
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().flatten().to(torch.float64) for b in bufs])
+    all_reduce_mean(flat)
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
+        offset += b.numel()

@@ -103,6 +103,26 @@ def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_ra
             b_ema.copy_(b)
 
 
+# sha256 of a module's parameters and buffers, to prove that all ranks hold the same weights.
+def fingerprint(module) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# The fixed latents, labels and dataset indices of the image grids (the same for every run with this seed).
+def grid_setup(dataset, seed: int, grid_size, z_dim: int):
+    grid_w, grid_h = grid_size
+    gen = torch.Generator().manual_seed(seed + 12345)
+    idx = torch.randperm(len(dataset), generator=gen)[: grid_w * grid_h].tolist()
+    z = torch.randn([len(idx), z_dim], generator=gen)
+    c = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx]))
+    return idx, z, c
+
+
 # Generate G_ema images for the fixed grid latents, in batches.
 @torch.no_grad()
 def generate_grid(G_ema, grid_z, grid_c, batch: int):
@@ -181,10 +201,8 @@ def training_loop(cfg: dict, run_dir) -> dict:
 
     # Fixed grid latents and labels; reals.png once.
     grid_w, grid_h = t["grid_size"]
-    grid_gen = torch.Generator().manual_seed(t["seed"] + 12345)
-    grid_idx = torch.randperm(len(dataset), generator=grid_gen)[: grid_w * grid_h].tolist()
-    grid_z = torch.randn([len(grid_idx), G.z_dim], generator=grid_gen).to(device)
-    grid_c = torch.from_numpy(np.stack([dataset.get_label(i) for i in grid_idx])).to(device)
+    grid_idx, grid_z, grid_c = grid_setup(dataset, t["seed"], t["grid_size"], G.z_dim)
+    grid_z, grid_c = grid_z.to(device), grid_c.to(device)
     if dist.is_main() and not (run_dir / "reals.png").exists():
         save_png(make_grid(np.stack([dataset[i][0] for i in grid_idx]).transpose(0, 2, 3, 1), grid_w, grid_h),
                  run_dir / "reals.png")
@@ -275,7 +293,9 @@ def training_loop(cfg: dict, run_dir) -> dict:
                     continue
             phase.opt.step()
 
-        # 7. EMA and counters.
+        # 7. EMA and counters; running buffers (w_avg) averaged over ranks first.
+        dist.sync_buffers(G)
+        dist.sync_buffers(D)
         counters["cur_nimg"] += batch_size
         counters["batch_idx"] += 1
         update_ema(G_ema, G, counters["cur_nimg"], batch_size, t["ema_kimg"], t["ema_rampup"])
@@ -322,13 +342,16 @@ def _report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None
 # Save the snapshot and the full training state for the current image count.
 def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg) -> None:
     rng = dist.all_gather_object(ckpt.get_rng_state())
+    prints = dist.all_gather_object({name: fingerprint(net) for name, net in (("G", G), ("D", D), ("G_ema", G_ema))})
+    if any(p != prints[0] for p in prints):
+        raise RuntimeError(f"ranks hold different weights at {cur_nimg / 1000:.3f} kimg: {prints}")
     if dist.is_main():
         kimg = cur_nimg // 1000
         ckpt.save_snapshot(run_dir / f"network-snapshot-{kimg:06d}.safetensors", G, D, G_ema, config=cfg,
                            extra={"cur_nimg": cur_nimg})
         opts = [ph.opt.state_dict() for ph in phases if ph.name.endswith(("main", "both"))]
         state = {"G": ckpt._cpu_state(G), "D": ckpt._cpu_state(D), "G_ema": ckpt._cpu_state(G_ema), "opt": opts,
-                 "counters": dict(counters), "pl_mean": loss.pl_mean.detach().cpu(), "rng": rng,
+                 "counters": dict(counters), "pl_mean": loss.pl_mean.detach().cpu(), "rng": rng, "fingerprints": prints,
                  "config": json.dumps(cfg)}
         ckpt.save_state(run_dir / f"training-state-{kimg:06d}.pt", state)
     dist.barrier()

@@ -49,7 +49,8 @@ class StyleGAN2Loss:
         with self.autocast():
             if self.augment_pipe is not None:
                 img = self.augment_pipe(img)
-            return self.D(img, c, update_emas=update_emas).float()
+            logits = self.D(img, c, update_emas=update_emas)
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     # Accumulate the gradients of one phase for one round; `gain` is the phase's lazy-regularization interval
     # (StyleGAN2 sec. 3.1: a regularizer evaluated every k minibatches is weighted by k). Returns scalar stats.
@@ -81,7 +82,7 @@ class StyleGAN2Loss:
                                            create_graph=True, only_inputs=True)[0]
             pl_lengths = pl_grads.square().sum(2).mean(1).sqrt()
             # The running mean uses the lengths of all ranks, so that every rank keeps the same pl_mean.
-            batch_mean = dist.all_reduce_mean(pl_lengths.detach().mean().clone())
+            batch_mean = dist.all_reduce_mean(pl_lengths.detach().mean().to(self.pl_mean.dtype).clone())
             pl_mean = self.pl_mean.lerp(batch_mean, self.pl_decay)
             self.pl_mean.copy_(pl_mean)
             pl_penalty = (pl_lengths - pl_mean).square()

@@ -1,0 +1,123 @@
+"""End-to-end training: a two-tick run's outputs, snapshot regeneration, resume, two processes, config errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
+        "data.num_images=256"]
+
+
+def run_train(args, cwd, check=True, launcher=None, timeout=600):
+    cmd = (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_tick_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("train")
+    proc = run_train(TINY + ["run_dir=run"], cwd)
+    return cwd / "run", proc
+
+
+def test_two_tick_run_writes_snapshot_grids_and_stats(two_tick_run):
+    run_dir, proc = two_tick_run
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [s["Progress/tick"] for s in stats] == [0, 1, 2]
+    assert stats[-1]["Progress/kimg"] == pytest.approx(0.064)
+    for key in ("Loss/G/loss", "Loss/D/loss_real", "Loss/D/loss_fake", "Loss/r1_penalty", "Loss/pl_penalty",
+                "Timing/sec_per_kimg", "Resources/peak_mem_gb"):
+        assert np.isfinite(stats[-1][key]), key
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"reals.png", "fakes000000.png", "config.yaml", "network-snapshot-000000.safetensors",
+            "training-state-000000.pt", "DONE"} <= names
+    assert PIL.Image.open(run_dir / "reals.png").size == (4 * 32, 2 * 32)
+    assert "tick 2" in proc.stdout and "sec/kimg" in proc.stdout
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "channel_base: 256" in cfg and "name: tiny" in cfg
+
+
+def test_snapshot_regenerates_the_same_grid(two_tick_run):
+    from training.checkpoint import load_snapshot
+    from training.dataset import open_dataset
+    from training.images import make_grid, to_uint8
+    from training.loop import generate_grid, grid_setup
+    run_dir, _ = two_tick_run
+    snap = load_snapshot(run_dir / "network-snapshot-000000.safetensors")
+    assert snap["meta"]["cur_nimg"] == 64
+    dataset = open_dataset(None, num_images=256)
+    _, z, c = grid_setup(dataset, 0, (4, 2), snap["G_ema"].z_dim)
+    grid = make_grid(to_uint8(generate_grid(snap["G_ema"], z, c, 8)), 4, 2)
+    # The last grid was written at the end of the run, from the same G_ema that the snapshot holds.
+    saved = np.asarray(PIL.Image.open(sorted(run_dir.glob("fakes*.png"))[-1]))
+    assert np.array_equal(grid, saved)
+
+
+def test_generate_script_is_deterministic(two_tick_run, tmp_path):
+    run_dir, _ = two_tick_run
+    snap = run_dir / "network-snapshot-000000.safetensors"
+    for out in ("a", "b"):
+        subprocess.run([PY, str(ROOT / "scripts/generate.py"), "--network", str(snap), "--outdir",
+                        str(tmp_path / out), "--seeds", "0-2", "--trunc", "0.7"], check=True, capture_output=True)
+    for seed in range(3):
+        a = np.asarray(PIL.Image.open(tmp_path / f"a/seed{seed:04d}.png"))
+        b = np.asarray(PIL.Image.open(tmp_path / f"b/seed{seed:04d}.png"))
+        assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert not np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a/seed0000.png")),
+                              np.asarray(PIL.Image.open(tmp_path / "a/seed0001.png")))
+
+
+def test_rerun_resumes_and_continues(tmp_path):
+    run_train(TINY + ["run_dir=run", "train.kimg=0.032"], tmp_path)
+    state0 = torch.load(tmp_path / "run/training-state-000000.pt", weights_only=True)
+    assert state0["counters"]["cur_nimg"] == 32
+    proc = run_train(TINY + ["run_dir=run", "train.kimg=0.064"], tmp_path)
+    assert "Resuming from" in proc.stdout
+    stats = [json.loads(line) for line in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
+    assert [s["Progress/tick"] for s in stats] == [0, 1, 2]  # The second run reports only its new tick.
+    assert stats[-1]["Progress/kimg"] == pytest.approx(0.064)
+
+
+def test_numbered_run_dirs_and_unknown_key(tmp_path):
+    run_train(TINY + ["train.kimg=0.016"], tmp_path)
+    assert (tmp_path / "runs/00000-synthetic-tiny/DONE").exists()
+    run_train(TINY + ["train.kimg=0.016"], tmp_path)  # Finished run: a new numbered directory.
+    assert (tmp_path / "runs/00001-synthetic-tiny/DONE").exists()
+    proc = run_train(TINY + ["train.no_such_key=1"], tmp_path, check=False)
+    assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+def test_batch_divisibility_is_checked(tmp_path):
+    proc = run_train(TINY + ["train.batch_size=8", "train.batch_gpu=3"], tmp_path, check=False)
+    assert proc.returncode != 0 and "train.batch_size=8 must be a multiple of train.batch_gpu=3" in proc.stderr
+
+
+def test_data_path_shorthand_and_bad_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_train(TINY + [f"data={tmp_path / 'empty'}"], tmp_path, check=False)
+    assert proc.returncode != 0 and str(tmp_path / "empty") in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_weights(tmp_path):
+    launcher = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_train(TINY + ["run_dir=run", "train.kimg=0.032"], tmp_path, launcher=launcher)
+    state = torch.load(tmp_path / "run/training-state-000000.pt", weights_only=True)
+    prints = state["fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # Ranks draw different latents.
+    assert state["counters"]["cur_nimg"] == 32
