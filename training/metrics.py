@@ -1,0 +1,435 @@
+"""FID and KID on Inception features: statistics, distributed extraction, dataset-stats cache, JSONL logging."""
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from training import dist
+from training.inception import cache_root
+
+# Bump when the cached statistics' meaning changes, so old cache files are never reused.
+STATS_VERSION = 1
+# Datasets (files or arrays) up to this many bytes are hashed in full; larger ones are sampled (see content_hash).
+FULL_HASH_BYTES = 256 << 20
+# Number of evenly spaced files/items whose bytes are hashed when a dataset is too large to hash in full.
+SAMPLE_COUNT = 64
+
+
+# Parse a metric name: fid50k_full, kid50k_full, fid<N>[k][_full], kid<N>[k][_full] -> (kind, num_gen, num_real).
+# num_real is None for `_full` (all real images), else N.
+def parse_metric(name: str):
+    m = re.fullmatch(r"(fid|kid)(\d+)(k?)(_full)?", name)
+    if m is None or int(m.group(2)) == 0:
+        raise ValueError(f"unknown metric {name!r}: expected fid<N>, kid<N>, fid<N>k, kid<N>k, optionally "
+                         f"with _full (all reals), e.g. fid50k_full, kid50k_full, fid10k, kid1k")
+    n = int(m.group(2)) * (1000 if m.group(3) else 1)
+    return m.group(1), n, (None if m.group(4) else n)
+
+
+# Fréchet distance between N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017, eq. 6):
+# ||mu1 - mu2||^2 + Tr(s1 + s2 - 2 (s1 s2)^(1/2)), in float64 with scipy's sqrtm. A non-finite root
+# (singular product) is retried with eps*I added to both covariances; imaginary parts from round-off are
+# dropped, and a large imaginary diagonal (> 1e-3) is an error, as in the standard implementations.
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        worst = np.max(np.abs(np.diagonal(covmean).imag))
+        if worst > 1e-3:
+            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {worst:.3g} > 1e-3")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+# Unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3 (Bińkowski et al. 2018, eq. 4),
+# averaged over `num_subsets` random subsets of m = min(n_r, n_g, max_subset_size) items from each set:
+# MMD^2_u = [sum_{i!=j} k(g_i,g_j) + sum_{i!=j} k(r_i,r_j)] / (m(m-1)) - 2 sum_{i,j} k(g_i,r_j) / m^2.
+def kid(feat_r, feat_g, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> float:
+    feat_r, feat_g = np.asarray(feat_r, np.float64), np.asarray(feat_g, np.float64)
+    if feat_r.ndim != 2 or feat_g.ndim != 2 or feat_r.shape[1] != feat_g.shape[1]:
+        raise ValueError(f"kid: expected [n, d] feature arrays with equal d, got {feat_r.shape} and {feat_g.shape}")
+    d = feat_r.shape[1]
+    m = min(feat_r.shape[0], feat_g.shape[0], max_subset_size)
+    if m < 2:
+        raise ValueError(f"kid: needs at least 2 items in each set, got {feat_r.shape[0]} and {feat_g.shape[0]}")
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = feat_g[rng.choice(feat_g.shape[0], m, replace=False)]
+        y = feat_r[rng.choice(feat_r.shape[0], m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        total += within - 2.0 * kxy.sum() / (m * m)
+    return float(total / num_subsets)
+
+
+# Running feature statistics: mean and (population, 1/n) covariance merged batch by batch in float64
+# (Chan et al. 1979 pairwise update, stabler than raw sums), and/or all features (float32) for KID.
+class FeatureStats:
+    def __init__(self, capture_all: bool = False, capture_mean_cov: bool = True):
+        self.capture_all, self.capture_mean_cov = capture_all, capture_mean_cov
+        self.num_items, self.num_features = 0, None
+        self._mean = self._m2 = None
+        self._all = []
+
+    def append(self, x) -> None:
+        x = torch.as_tensor(x)
+        if x.ndim != 2:
+            raise ValueError(f"FeatureStats.append expects [n, d] features, got {tuple(x.shape)}")
+        if self.num_features is None:
+            self.num_features = int(x.shape[1])
+        elif x.shape[1] != self.num_features:
+            raise ValueError(f"FeatureStats.append: feature dim {x.shape[1]} != earlier {self.num_features}")
+        n = int(x.shape[0])
+        if n == 0:
+            return
+        if self.capture_all:
+            self._all.append(x.detach().to("cpu", torch.float32).numpy())
+        if self.capture_mean_cov:
+            x64 = x.detach().to(torch.float64)
+            mb = x64.mean(0)
+            xc = x64 - mb
+            m2b = xc.T @ xc
+            if self._mean is None:
+                self._mean, self._m2 = mb, m2b
+            else:
+                na = self.num_items
+                delta = (mb - self._mean).to(self._mean.device)
+                self._mean = self._mean + delta * (n / (na + n))
+                self._m2 = self._m2 + m2b.to(self._m2.device) + torch.outer(delta, delta) * (na * n / (na + n))
+        self.num_items += n
+
+    def get_all(self) -> np.ndarray:
+        if not self.capture_all:
+            raise ValueError("FeatureStats: all features were not captured (capture_all=False)")
+        if not self._all:
+            return np.zeros((0, self.num_features or 0), np.float32)
+        return np.concatenate(self._all, axis=0)
+
+    def get_mean_cov(self):
+        if not self.capture_mean_cov:
+            raise ValueError("FeatureStats: mean/cov were not captured (capture_mean_cov=False)")
+        if self.num_items == 0:
+            raise ValueError("FeatureStats: no items")
+        return self._mean.cpu().numpy().copy(), (self._m2 / self.num_items).cpu().numpy()
+
+    # Write to `path` atomically (temp file in the same folder, then os.replace); `meta` is stored as JSON.
+    def save(self, path: str, meta: dict) -> None:
+        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), "num_items": np.array(self.num_items),
+                  "num_features": np.array(self.num_features or 0),
+                  "capture_all": np.array(self.capture_all), "capture_mean_cov": np.array(self.capture_mean_cov)}
+        if self.capture_mean_cov and self.num_items:
+            arrays["mean"] = self._mean.cpu().numpy()
+            arrays["m2"] = self._m2.cpu().numpy()
+        if self.capture_all:
+            arrays["features"] = self.get_all()
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # Read a file written by `save`; returns (stats, meta).
+    @classmethod
+    def load(cls, path: str):
+        with np.load(path, allow_pickle=False) as z:
+            s = cls(capture_all=bool(z["capture_all"]), capture_mean_cov=bool(z["capture_mean_cov"]))
+            s.num_items, s.num_features = int(z["num_items"]), int(z["num_features"]) or None
+            if "mean" in z:
+                s._mean, s._m2 = torch.from_numpy(z["mean"].copy()), torch.from_numpy(z["m2"].copy())
+            if "features" in z:
+                s._all = [z["features"].copy()]
+            meta = json.loads(str(z["meta"]))
+        return s, meta
+
+
+# Hash of a file or folder on disk. Up to FULL_HASH_BYTES every byte is hashed (names + contents, so a copy
+# elsewhere still matches). Larger: a zip contributes each member's name, size and CRC-32 (content-based
+# and cheap); a large folder or other file contributes names, sizes and mtimes plus the bytes of
+# SAMPLE_COUNT evenly spaced files -- an in-place edit that keeps size and mtime and misses the sample
+# would go unnoticed (documented limitation).
+def _path_hash(path: str) -> str:
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        files, root = [path], os.path.dirname(path)
+    else:
+        root = path
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    sizes = [os.path.getsize(f) for f in files]
+    full = sum(sizes) <= FULL_HASH_BYTES
+    sample = set(files if full else files[:: max(1, len(files) // SAMPLE_COUNT)])
+    for f, size in zip(files, sizes):
+        h.update(f"{os.path.relpath(f, root)}\0{size}\0".encode())
+        if f.endswith(".zip") and zipfile.is_zipfile(f) and not full:
+            with zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    h.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\0".encode())
+            continue
+        if not full:
+            h.update(f"{os.stat(f).st_mtime_ns}\0".encode())
+        if f in sample:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+# Number of unmirrored items: datasets opened with xflip=True (ImageDataset, SyntheticDataset) hold the
+# mirrored copies at indices >= len // 2, and metrics never use those.
+def num_unmirrored(dataset) -> int:
+    return len(dataset) // 2 if getattr(dataset, "xflip", False) else len(dataset)
+
+
+# The dataset-content part of the cache key, in order of preference: the dataset's own `content_hash`
+# (method or string), else the files under `dataset.path` (see _path_hash) plus which files the items are
+# (`get_fname`, so a max_size subset is another key) or, lacking that, the arrays of SAMPLE_COUNT evenly
+# spaced items; else the raw image arrays -- all items if they total at most FULL_HASH_BYTES, else
+# SAMPLE_COUNT evenly spaced items. The item count is always part of it.
+def dataset_content_hash(dataset) -> str:
+    n = num_unmirrored(dataset)
+    own = getattr(dataset, "content_hash", None)
+    if own is not None:
+        return f"own:{own() if callable(own) else own}:n{n}"
+    first = np.ascontiguousarray(dataset[0][0]) if n else np.zeros(0, np.uint8)
+    h = hashlib.sha256(f"{n}\0{first.shape}\0{first.dtype}\0".encode())
+    sample = range(0, n, max(1, n // SAMPLE_COUNT))
+    path = getattr(dataset, "path", None)
+    if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
+        h.update(_path_hash(os.fspath(path)).encode())
+        get_fname = getattr(dataset, "get_fname", None)
+        if get_fname is not None:
+            h.update("\0".join(str(get_fname(i)) for i in range(n)).encode())
+            sample = ()
+        kind = "files"
+    else:
+        kind = "arrays"
+        if first.nbytes * n <= FULL_HASH_BYTES:
+            sample = range(n)
+    for i in sample:
+        h.update(np.ascontiguousarray(dataset[i][0]).tobytes())
+    return f"{kind}:{h.hexdigest()}"
+
+
+# Unmirrored items of a dataset as a torch Dataset of uint8 images; with xflip, index >= n is the mirror of
+# index - n.
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, dataset, xflip: bool):
+        self.dataset, self.xflip, self.n = dataset, xflip, num_unmirrored(dataset)
+
+    def __len__(self):
+        return self.n * (2 if self.xflip else 1)
+
+    def __getitem__(self, i):
+        img = np.asarray(self.dataset[i % self.n][0])
+        if img.dtype != np.uint8 or img.ndim != 3:
+            raise ValueError(f"dataset {getattr(self.dataset, 'name', '?')}[{i % self.n}]: expected uint8 "
+                             f"[C,H,W] image, got {img.dtype} {img.shape}")
+        if i >= self.n:
+            img = img[:, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(img))
+
+
+# This rank's share of range(num_items) (rank::world_size) in batches; every rank yields the same number of
+# batches (the last ones may be empty), because each batch ends in a collective gather.
+def _rank_batches(num_items: int, batch_size: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = list(range(rank, num_items, world))
+    num_batches = -(-(-(-num_items // world)) // batch_size)
+    return [share[k * batch_size:(k + 1) * batch_size] for k in range(num_batches)]
+
+
+# Run the detector over batches of global indices on every rank; gather features and indices from all ranks
+# and append each gathered batch in global index order, so the statistics (and KID's subsets) match one process.
+def _extract(stats, detector, batches, images_iter):
+    dev = dist.device() if dist.get_world_size() > 1 else detector.device  # collectives run on dist.device()
+    for idx in batches:
+        if idx:
+            feats = detector.features(next(images_iter)).to(dev)
+        else:
+            feats = torch.zeros((0, detector.feature_dim), dtype=torch.float32, device=dev)
+        feats = dist.all_gather_cat(feats)
+        order = torch.argsort(dist.all_gather_cat(torch.tensor(idx, dtype=torch.long, device=dev)))
+        stats.append(feats[order])
+    return stats
+
+
+# Features of the first `max_items` unmirrored real images (all if None; their mirrors appended when xflip) as
+# FeatureStats, cached in `cache_dir` (default <GANFORGE_CACHE>/dataset-stats; False disables) under a key of
+# dataset content (dataset_content_hash), resolution, mirroring, count, detector id and resize filter.
+def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 64, xflip: bool = False,
+                          cache_dir=None, capture_all: bool = False, capture_mean_cov: bool = True,
+                          num_workers: int = 0) -> FeatureStats:
+    images = _Images(dataset, xflip)
+    count = len(images) if max_items is None else min(len(images), int(max_items))
+    if count == 0:
+        raise ValueError(f"dataset {getattr(dataset, 'name', '?')} is empty")
+    resolution = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
+    path = None
+    if cache_dir is not False:
+        key = None
+        if dist.is_main():
+            key = dict(version=STATS_VERSION, content=dataset_content_hash(dataset), resolution=int(resolution),
+                       xflip=bool(xflip), count=count, detector=detector.id, resize=detector.resize,
+                       capture_all=bool(capture_all), capture_mean_cov=bool(capture_mean_cov))
+        key = dist.broadcast_object(key)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(dataset, "name", "dataset")))
+        path = os.path.join(cache_dir or os.path.join(cache_root(), "dataset-stats"),
+                            f"{name}-{resolution}-{count}-{digest}.npz")
+        # A hit needs a valid file on the main rank (its stored key must equal ours) and the file on every rank.
+        hit, cached = os.path.isfile(path), None
+        if hit and dist.is_main():
+            try:
+                cached, meta = FeatureStats.load(path)
+                hit = meta == key
+            except Exception as e:  # unreadable cache file: recompute and overwrite it
+                dist.print0(f"dataset-stats cache {path} unreadable ({e}); recomputing")
+                hit = False
+        votes = dist.all_reduce_sum(torch.tensor([float(hit)], device=dist.device()))
+        if int(votes.item()) == dist.get_world_size():
+            return cached if cached is not None else FeatureStats.load(path)[0]
+    batches = _rank_batches(count, batch_size)
+    mine = [i for b in batches for i in b]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers)
+    stats = _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, iter(loader))
+    if path is not None and dist.is_main():
+        stats.save(path, key)
+    dist.barrier()
+    return stats
+
+
+# Labels for generated images drawn from the dataset's labels: global index i -> label of a dataset item picked
+# by a generator seeded with (seed, i), so the draw does not depend on how items are split across ranks.
+def dataset_label_sampler(dataset, seed: int = 0):
+    get_label = getattr(dataset, "get_label", None) or (lambda j: dataset[j][1])
+
+    def sample(indices):
+        picks = [int(np.random.default_rng([seed, 1, int(i)]).integers(num_unmirrored(dataset))) for i in indices]
+        return np.stack([np.asarray(get_label(j), np.float32) for j in picks])
+    return sample
+
+
+# Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1]). Latent i is
+# drawn from a generator seeded with (seed, i): each rank makes its share, and the images do not depend on the
+# number of processes. Labels come from c_sampler(global indices) when G.c_dim > 0.
+def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_sampler=None,
+                            truncation_psi: float = 1, noise_mode: str = "const", seed: int = 0,
+                            capture_all: bool = False, capture_mean_cov: bool = True) -> FeatureStats:
+    c_dim = int(getattr(G, "c_dim", 0) or 0)
+    if c_dim > 0 and c_sampler is None:
+        raise ValueError(f"compute_generator_stats: G.c_dim={c_dim} needs c_sampler (e.g. dataset_label_sampler)")
+    params = list(G.parameters()) if isinstance(G, torch.nn.Module) else []
+    dev = params[0].device if params else dist.device()
+    batches = _rank_batches(int(num_gen), batch_size)
+
+    def images():
+        for idx in batches:
+            if not idx:
+                return
+            z = np.stack([np.random.default_rng([seed, 0, i]).standard_normal(G.z_dim) for i in idx])
+            z = torch.from_numpy(z.astype(np.float32)).to(dev)
+            c = (torch.from_numpy(np.asarray(c_sampler(idx), np.float32)) if c_dim > 0
+                 else torch.zeros((len(idx), 0))).to(dev)
+            with torch.no_grad():
+                img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
+            yield (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, images())
+
+
+# One metric (see parse_metric) for G against `dataset`; the same call on every rank, same result everywhere.
+# Reals are never mirrored. Returns {metric, value, num_gen, num_real, detector, detector_hash, resolution, ...}.
+def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir=None, seed: int = 0,
+                truncation_psi: float = 1, noise_mode: str = "const", c_sampler=None, num_workers: int = 0,
+                kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    kind, num_gen, num_real = parse_metric(name)
+    t0 = time.time()
+    want_all, want_moments = kind == "kid", kind == "fid"
+    if c_sampler is None and int(getattr(G, "c_dim", 0) or 0) > 0:
+        c_sampler = dataset_label_sampler(dataset, seed)
+    real = compute_dataset_stats(dataset, detector, max_items=num_real, batch_size=batch_size, xflip=False,
+                                 cache_dir=cache_dir, capture_all=want_all, capture_mean_cov=want_moments,
+                                 num_workers=num_workers)
+    gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
+                                  truncation_psi=truncation_psi, noise_mode=noise_mode, seed=seed,
+                                  capture_all=want_all, capture_mean_cov=want_moments)
+    value = None
+    if dist.is_main():  # the matrix square root / KID subsets run once, then the number is shared
+        if kind == "fid":
+            value = frechet_distance(*real.get_mean_cov(), *gen.get_mean_cov())
+        else:
+            value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
+    value = dist.broadcast_object(value)
+    return dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items,
+                detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
+                detector_kind=detector.kind, resize=detector.resize, resolution=getattr(dataset, "resolution", None),
+                dataset=getattr(dataset, "name", None), xflip=False, truncation_psi=truncation_psi, seed=seed,
+                world_size=dist.get_world_size(), time_sec=time.time() - t0)
+
+
+# Append one result to <run_dir>/metric-<name>.jsonl (append + flush + fsync, one line per write) with the
+# snapshot and kimg; call from the main process. Returns the written record.
+def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
+    record = dict(result, snapshot=None if snapshot is None else os.path.basename(str(snapshot)),
+                  kimg=kimg, timestamp=time.time())
+    os.makedirs(run_dir, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(os.path.join(run_dir, f"metric-{result['metric']}.jsonl"), "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    return record
+
+
+# Track the best (lowest; both FID and KID) record per metric in <run_dir>/metric-<name>-best.json,
+# written atomically; a record from another detector replaces it (numbers are not comparable). Returns True
+# when `record` is the new best.
+def update_best(run_dir: str, record: dict) -> bool:
+    path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
+    best = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            best = json.load(f)
+    if best is not None and best.get("detector_hash") == record.get("detector_hash") \
+            and best["value"] <= record["value"]:
+        return False
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".best-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, sort_keys=True, indent=1)
+    os.replace(tmp, path)
+    return True
+
+
+# For the training loop, every `metrics_every` kimg, on every rank: compute `metrics` for G_ema, append each
+# to metric-<name>.jsonl and track the best (main rank). Returns the records (with is_best) on every rank.
+def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, **kwargs) -> list:
+    records = []
+    for name in metrics:
+        result = calc_metric(name, G, dataset, detector, **kwargs)
+        if dist.is_main():
+            record = append_metric_jsonl(run_dir, result, snapshot, kimg)
+            record["is_best"] = update_best(run_dir, record)
+            records.append(record)
+    return dist.broadcast_object(records)
