@@ -23,7 +23,7 @@ def rewrite_data_shorthand(argv: list) -> list:
     out = []
     for arg in argv:
         if arg.startswith("data=") and arg[5:] not in presets:
-            out += ["data=images", f"data.path={arg[5:]}"]
+            out += ["data=images", f"data.path={os.path.expanduser(arg[5:])}"]
         else:
             out.append(arg)
     return out
