@@ -36,6 +36,16 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
 
 
+# One intra-op thread: on a shared 2-core machine, waking a second thread costs more per op than these tiny ops,
+# and even the Inception forwards ran 2x faster with one thread under load.
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield previous
+    torch.set_num_threads(previous)
+
+
 # A scripted TinyDetector saved to tmp_path; returns its path.
 def _save_tiny_detector(tmp_path, dim=2048, name="tiny-detector.pt"):
     path = str(tmp_path / name)
@@ -405,7 +415,7 @@ def test_image_dataset_keys_and_unmirrored_items(tmp_path):
 
 # scripts/calc_metrics.py on a saved snapshot (run in this process, single-process dist): the logged values
 # equal calc_metric on the same G_ema; a missing detector exits with status 2 and says how to get one.
-def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys):
+def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys, request):
     import importlib
     from networks.generator import Generator
     from training import dist
@@ -414,6 +424,10 @@ def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     calc_metrics = importlib.import_module("calc_metrics")
     monkeypatch.setattr(dist, "init", lambda **kw: None)  # no Accelerator in the test process
+    from ops import dispatch  # reference ops: building fused kernels is not what this test is about
+    previous = dispatch.default_impl()
+    dispatch.set_default_impl("ref")
+    request.addfinalizer(lambda: dispatch.set_default_impl(previous))
     torch.manual_seed(0)
     G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=3, channel_base=64, channel_max=16)
     snap = tmp_path / "run" / "network-snapshot-000012.safetensors"
