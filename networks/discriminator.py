@@ -48,7 +48,7 @@ class DiscriminatorBlock(nn.Module):
             y = self.skip(x, gain=np.sqrt(0.5))
             x = self.conv0(x)
             x = self.conv1(x, gain=np.sqrt(0.5))
-            x = y.add_(x)
+            x = y + x
         else:
             x = self.conv1(self.conv0(x))
         return x, img

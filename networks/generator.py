@@ -135,7 +135,7 @@ class SynthesisBlock(nn.Module):
             y = self.skip(x, gain=np.sqrt(0.5))
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, gain=np.sqrt(0.5))
-            x = y.add_(x)
+            x = y + x
         else:
             x = x.to(dtype)
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
@@ -145,7 +145,7 @@ class SynthesisBlock(nn.Module):
             img = upsample2d(img, self.resample_filter)
         if self.is_last or self.architecture == "skip":
             y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
-            img = img.add_(y) if img is not None else y
+            img = img + y if img is not None else y
         return x, img
 
 

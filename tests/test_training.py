@@ -13,12 +13,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
-        "data.num_images=256"]
+        "data.num_images=256", "metrics=none", "train.ops_impl=ref"]
 
 
 def run_train(args, cwd, check=True, launcher=None, timeout=600):
     cmd = (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
+               GANFORGE_CACHE=str(Path(cwd) / "cache"))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -121,3 +122,35 @@ def test_two_processes_hold_identical_weights(tmp_path):
     assert len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # Ranks draw different latents.
     assert state["counters"]["cur_nimg"] == 32
+
+
+# A stand-in detector with the TorchScript calling convention (uint8 NCHW in, [N, 2048] features out).
+class _TinyDetector(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 4 * 4, 2048)
+
+    def forward(self, img: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(img.float() / 255, 4).flatten(1)
+        return self.proj(x)
+
+
+def test_metrics_during_training(tmp_path):
+    torch.manual_seed(0)
+    torch.jit.script(_TinyDetector()).save(str(tmp_path / "det.pt"))
+    args = [a for a in TINY if not a.startswith("metrics=")]
+    run_train(args + ["run_dir=run", "metrics.names=[fid64,kid64]", f"metrics.detector={tmp_path / 'det.pt'}",
+                      "metrics.every_kimg=0.064"], tmp_path)
+    for name in ("fid64", "kid64"):
+        records = [json.loads(x) for x in (tmp_path / f"run/metric-{name}.jsonl").read_text().splitlines()]
+        assert [r["kimg"] for r in records] == [pytest.approx(0.064)]
+        assert records[0]["detector"] == "det.pt" and records[0]["num_gen"] == 64 and np.isfinite(records[0]["value"])
+    assert (tmp_path / "run/metric-fid64-best.json").exists()
+
+
+def test_missing_detector_turns_metrics_off_once(tmp_path):
+    args = [a for a in TINY if not a.startswith("metrics=")] + ["train.kimg=0.032"]
+    proc = run_train(args, tmp_path)
+    assert proc.stdout.count("Metrics are off") == 1
+    assert "inception-2015-12-05" in proc.stdout and "metrics.detector" in proc.stdout
+    assert not list((tmp_path / "runs").glob("*/metric-*.jsonl"))

@@ -75,6 +75,15 @@ class LogConfig:
     progress: bool = True              # show a progress bar (rank 0)
 
 
+# Evaluation during training (metrics group): FID/KID of G_ema with the standard Inception features.
+@dataclass
+class MetricsConfig:
+    names: List[str] = field(default_factory=lambda: ["fid50k_full"])  # fid50k_full, kid50k_full, fid<N>k, kid<N>k
+    every_kimg: Optional[float] = None  # evaluation interval (kimg); null = at every snapshot
+    detector: Optional[str] = None     # Inception file or URL; null = GANFORGE_INCEPTION, the cache, then download
+    batch: int = 32                    # images per process per feature-extraction batch
+
+
 # The whole run.
 @dataclass
 class Config:
@@ -82,6 +91,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     outdir: str = "runs"               # parent folder of numbered run directories
     run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
 

@@ -177,7 +177,8 @@ def training_loop(cfg: dict, run_dir) -> dict:
         ph.opt = by_id[id(ph.opt)]
 
     # State: counters, and the newest checkpoint in the run directory when there is one.
-    counters = dict(cur_nimg=0, cur_tick=0, batch_idx=0, tick_start_nimg=0, skipped_steps=0, sampler_pos=0)
+    counters = dict(cur_nimg=0, cur_tick=0, batch_idx=0, tick_start_nimg=0, skipped_steps=0, sampler_pos=0,
+                    metrics_nimg=0)
     states = ckpt.list_states(run_dir)
     if states:
         state = ckpt.load_state(states[0][1])
@@ -206,6 +207,19 @@ def training_loop(cfg: dict, run_dir) -> dict:
     if dist.is_main() and not (run_dir / "reals.png").exists():
         save_png(make_grid(np.stack([dataset[i][0] for i in grid_idx]).transpose(0, 2, 3, 1), grid_w, grid_h),
                  run_dir / "reals.png")
+
+    # Metrics: the detector is loaded once; when its file is missing, metrics are off and we say so once.
+    metric_names, detector = list(cfg["metrics"]["names"]), None
+    if metric_names:
+        from training import inception
+        from training.metrics import parse_metric
+        for name in metric_names:
+            parse_metric(name)  # An unknown metric name is an error now, not after hours of training.
+        try:
+            detector = inception.load_detector(cfg["metrics"]["detector"], device=device)
+        except inception.DetectorNotFound as e:
+            dist.print0(f"Metrics are off ({', '.join(metric_names)}): {e}")
+            metric_names = []
 
     # Logging: stats.jsonl, the progress bar and wandb live on rank 0.
     wandb_run = _init_wandb(cfg, run_dir) if dist.is_main() else None
@@ -255,7 +269,17 @@ def training_loop(cfg: dict, run_dir) -> dict:
                 resume_counters = dict(counters, cur_tick=counters["cur_tick"] + 1, tick_start_nimg=cur_nimg)
                 _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, resume_counters, loss, cur_nimg)
 
-            # 4. Stop.
+            # 4. Metrics of G_ema (every rank takes a share of the images), appended to metric-<name>.jsonl.
+            every = cfg["metrics"]["every_kimg"]
+            metrics_due = (snap_due if every is None else
+                           cur_nimg // int(every * 1000) > counters.get("metrics_nimg", 0) // int(every * 1000)
+                           or (done and cur_nimg > counters.get("metrics_nimg", 0)))
+            if metric_names and metrics_due and not first_report:
+                _evaluate(G_ema, dataset, detector, metric_names, run_dir, cur_nimg, cfg, pbar, wandb_run,
+                          counters["cur_tick"])
+                counters["metrics_nimg"] = cur_nimg
+
+            # 5. Stop.
             if done:
                 break
             counters["cur_tick"] += 1
@@ -263,7 +287,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
             tick_start_nimg = cur_nimg
             tick_start_time = time.time()
 
-        # 5. Accumulate G/D phases over rounds: reals and latents for this minibatch.
+        # 6. Accumulate G/D phases over rounds: reals and latents for this minibatch.
         reals, real_cs = [], []
         for _ in range(rounds):
             img, c = next(loader)
@@ -282,7 +306,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
                                                          gain=phase.interval / rounds))
             phase.module.requires_grad_(False)
 
-            # 6. Step: average gradients over ranks; a non-finite gradient skips the step on every rank.
+            # 7. Step: average gradients over ranks; a non-finite gradient skips the step on every rank.
             params = [p for p in phase.module.parameters() if p.grad is not None]
             dist.all_reduce_grads(params)
             if accelerator.scaler is None and params:
@@ -293,7 +317,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
                     continue
             phase.opt.step()
 
-        # 7. EMA and counters; running buffers (w_avg) averaged over ranks first.
+        # 8. EMA and counters; running buffers (w_avg) averaged over ranks first.
         dist.sync_buffers(G)
         dist.sync_buffers(D)
         counters["cur_nimg"] += batch_size
@@ -355,6 +379,21 @@ def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg
                  "config": json.dumps(cfg)}
         ckpt.save_state(run_dir / f"training-state-{kimg:06d}.pt", state)
     dist.barrier()
+
+
+# Compute the metrics for G_ema at `cur_nimg`, print them and log them (records are written by the metrics module).
+def _evaluate(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
+    from training.metrics import evaluate_snapshot
+    kimg = cur_nimg // 1000
+    records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
+                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,
+                                batch_size=cfg["metrics"]["batch"])
+    for r in records:
+        msg = f"{r['metric']} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']})"
+        if dist.is_main():
+            (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
+        if wandb_run is not None:
+            wandb_run.log({f"Metrics/{r['metric']}": r["value"]}, step=tick)
 
 
 # wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
