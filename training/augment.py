@@ -1,0 +1,324 @@
+"""Adaptive discriminator augmentation (Karras et al. 2020): the augmentation pipe, its presets and the p heuristic."""
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ops import upfirdn2d
+from training import augment_ops as ops
+from training import dist
+
+
+# Hydra schema of the `aug` config group (conf/aug/*.yaml mirror these keys).
+@dataclasses.dataclass
+class AugConfig:
+    mode: str = "ada"              # 'ada' (p adapts), 'fixed' (p stays at `p`) or 'noaug' (no pipe at all)
+    preset: str = "bgc"            # multiplier preset, see PRESETS
+    p: float = 0.0                 # initial p for 'ada', the constant p for 'fixed' (probability, 0..1)
+    ada_target: float = 0.6        # target of r_t = E[sign(D(real))] (dimensionless, 0..1)
+    ada_interval: int = 4          # minibatches between p updates
+    ada_kimg: float = 500          # thousands of images for p to move 0 -> 1 at full speed
+    ada_kimg_resume: float = 100   # ada_kimg to use after resuming from a checkpoint (kimg)
+
+
+# The published multiplier presets (paper §4 / app. B): blit, geometric, colour, filter, noise and cutout groups.
+_GROUPS = {
+    "b": dict(xflip=1, rotate90=1, xint=1),
+    "g": dict(scale=1, rotate=1, aniso=1, xfrac=1),
+    "c": dict(brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1),
+    "f": dict(imgfilter=1),
+    "n": dict(noise=1),
+    "c2": dict(cutout=1),
+}
+PRESETS = {
+    "blit": ["b"], "geom": ["g"], "color": ["c"], "filter": ["f"], "noise": ["n"], "cutout": ["c2"],
+    "bg": ["b", "g"], "bgc": ["b", "g", "c"], "bgcf": ["b", "g", "c", "f"], "bgcfn": ["b", "g", "c", "f", "n"],
+    "bgcfnc": ["b", "g", "c", "f", "n", "c2"],
+}
+
+
+# Constructor keyword arguments (multipliers) of the named preset.
+def presets(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {name!r}; choose from {sorted(PRESETS)}")
+    out = {}
+    for group in PRESETS[name]:
+        out.update(_GROUPS[group])
+    return out
+
+
+# The augmentation pipe: every transform of app. B, each applied to a sample with probability p * multiplier,
+# in the paper's order (blit, geometric, colour, filter, noise, cutout). Differentiable to second order w.r.t.
+# the images, so it can sit in front of D for every image D sees, R1 reals included.
+class AugmentPipe(torch.nn.Module):
+    def __init__(self, xflip=0, rotate90=0, xint=0, xint_max=0.125,
+                 scale=0, rotate=0, aniso=0, xfrac=0, scale_std=0.2, rotate_max=1, aniso_std=0.2, xfrac_std=0.125,
+                 brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0,
+                 brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1,
+                 imgfilter=0, imgfilter_bands=(1, 1, 1, 1), imgfilter_std=1,
+                 noise=0, cutout=0, noise_std=0.1, cutout_size=0.5):
+        super().__init__()
+        self.register_buffer("p", torch.zeros([]))  # overall strength; set by AdaptiveP or the config
+        # Multipliers of p and the parameters' spreads (units: fractions of the image size, log2 units, radians/pi).
+        self.xflip, self.rotate90, self.xint, self.xint_max = float(xflip), float(rotate90), float(xint), xint_max
+        self.scale, self.rotate, self.aniso, self.xfrac = float(scale), float(rotate), float(aniso), float(xfrac)
+        self.scale_std, self.rotate_max, self.aniso_std, self.xfrac_std = scale_std, rotate_max, aniso_std, xfrac_std
+        self.brightness, self.contrast, self.lumaflip = float(brightness), float(contrast), float(lumaflip)
+        self.hue, self.saturation = float(hue), float(saturation)
+        self.brightness_std, self.contrast_std = brightness_std, contrast_std
+        self.hue_max, self.saturation_std = hue_max, saturation_std
+        self.imgfilter, self.imgfilter_bands, self.imgfilter_std = float(imgfilter), list(imgfilter_bands), imgfilter_std
+        self.noise, self.cutout, self.noise_std, self.cutout_size = float(noise), float(cutout), noise_std, cutout_size
+        # Fixed filters (not saved in checkpoints): sym6 around the resampling, the sym2 band-pass bank.
+        self.register_buffer("hz_geom", upfirdn2d.setup_filter(ops.SYM6), persistent=False)
+        self.register_buffer("hz_bank", ops.bandpass_bank(ops.SYM2), persistent=False)
+        self.last_geom = None  # the inverse matrices of the last geometric stage (for tests and visualisation)
+
+    # Augment float images [N, C, H, W] (C = 1 or 3, values around [-1, 1]); p = 0 returns them untouched.
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"AugmentPipe expects [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
+        p = float(self.p)
+        self.last_geom = None
+        if p <= 0:
+            return images
+        x = self._blit(images, p)
+        x = self._geometric(x, p)
+        x = self._color(x, p)
+        x = self._filter(x, p)
+        return self._noise_cutout(x, p)
+
+    # A per-sample Bernoulli draw: true with probability `prob`.
+    @staticmethod
+    def _coin(n, prob, device):
+        return torch.rand([n], device=device) < prob
+
+    # Blit group (app. B): xflip (i ~ U{0,1}), rotate90 (k ~ U{0..3}), integer translation (U(-xint_max,
+    # xint_max) of the size, rounded to pixels, reflected) -- exact pixel permutations.
+    def _blit(self, x, p):
+        n, _, h, w = x.shape
+        dev = x.device
+        if self.xflip > 0:
+            i = torch.randint(0, 2, [n], device=dev)
+            x = ops.xflip(x, (i == 1) & self._coin(n, p * self.xflip, dev))
+        if self.rotate90 > 0:
+            k = torch.randint(0, 4, [n], device=dev)
+            x = ops.rotate90(x, torch.where(self._coin(n, p * self.rotate90, dev), k, 0))
+        if self.xint > 0:
+            t = (torch.rand([n, 2], device=dev) * 2 - 1) * self.xint_max
+            t = torch.where(self._coin(n, p * self.xint, dev)[:, None], t, 0)
+            x = ops.integer_translate(x, torch.round(t[:, 0] * w).long(), torch.round(t[:, 1] * h).long())
+        return x
+
+    # Geometric group (app. B), composed into one inverse matrix per sample and resampled once: isotropic scale
+    # 2^N(0, scale_std); rotation U(-pi, pi) * rotate_max before and after the anisotropic scale, each with
+    # probability 1 - sqrt(1 - p*rotate) so that either happens with p*rotate; anisotropic scale 2^N(0, aniso_std);
+    # fractional translation N(0, xfrac_std) of the size. Only the samples with a transform are resampled.
+    def _geometric(self, x, p):
+        if self.scale <= 0 and self.rotate <= 0 and self.aniso <= 0 and self.xfrac <= 0:
+            return x
+        n, _, h, w = x.shape
+        dev = x.device
+        G = torch.eye(3, device=dev).repeat(n, 1, 1)
+        touched = torch.zeros([n], dtype=torch.bool, device=dev)
+        one = torch.ones([n], device=dev)
+        p_rot = 1 - math.sqrt(max(0.0, 1 - min(1.0, p * self.rotate)))
+        if self.scale > 0:
+            s = torch.exp2(torch.randn([n], device=dev) * self.scale_std)
+            m = self._coin(n, p * self.scale, dev)
+            G = G @ ops.scale2d_inv(torch.where(m, s, one), torch.where(m, s, one), n, dev)
+            touched |= m
+        if self.rotate > 0:
+            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.rotate_max
+            m = self._coin(n, p_rot, dev)
+            G = G @ ops.rotate2d_inv(torch.where(m, theta, 0), n, dev)
+            touched |= m
+        if self.aniso > 0:
+            s = torch.exp2(torch.randn([n], device=dev) * self.aniso_std)
+            m = self._coin(n, p * self.aniso, dev)
+            G = G @ ops.scale2d_inv(torch.where(m, s, one), torch.where(m, 1 / s, one), n, dev)
+            touched |= m
+        if self.rotate > 0:
+            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.rotate_max
+            m = self._coin(n, p_rot, dev)
+            G = G @ ops.rotate2d_inv(torch.where(m, theta, 0), n, dev)
+            touched |= m
+        if self.xfrac > 0:
+            t = torch.randn([n, 2], device=dev) * self.xfrac_std
+            m = self._coin(n, p * self.xfrac, dev)
+            t = torch.where(m[:, None], t, 0)
+            G = G @ ops.translate2d_inv(t[:, 0] * w, t[:, 1] * h, n, dev)
+            touched |= m
+        self.last_geom = G
+        idx = touched.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return x
+        if idx.numel() == n:
+            return ops.geometric_transform(x, G, self.hz_geom)
+        y = ops.geometric_transform(x.index_select(0, idx), G.index_select(0, idx), self.hz_geom)
+        return x.index_copy(0, idx, y)
+
+    # Colour group (app. B), composed into one 4x4 matrix per sample: brightness + N(0, brightness_std), contrast
+    # x 2^N(0, contrast_std), luma flip (i ~ U{0,1}), hue rotation U(-pi, pi) * hue_max about the luma axis,
+    # saturation x 2^N(0, saturation_std) of the chroma; hue and saturation are skipped for one-channel images.
+    # A sample without a colour transform keeps an exact identity matrix (so it passes through bit for bit).
+    def _color(self, x, p):
+        if max(self.brightness, self.contrast, self.lumaflip, self.hue, self.saturation) <= 0:
+            return x
+        n, c = x.shape[0], x.shape[1]
+        dev = x.device
+        eye = torch.eye(4, device=dev).repeat(n, 1, 1)
+        C = eye
+        touched = torch.zeros([n], dtype=torch.bool, device=dev)
+        v = ops.luma_axis(dev)
+
+        def compose(C, touched, prob, mat):
+            m = self._coin(n, prob, dev)
+            return torch.where(m[:, None, None], mat, eye) @ C, touched | m
+
+        if self.brightness > 0:
+            b = torch.randn([n], device=dev) * self.brightness_std
+            C, touched = compose(C, touched, p * self.brightness, ops.translate3d(b, n, dev))
+        if self.contrast > 0:
+            s = torch.exp2(torch.randn([n], device=dev) * self.contrast_std)
+            C, touched = compose(C, touched, p * self.contrast, ops.scale3d(s, n, dev))
+        if self.lumaflip > 0:
+            i = torch.randint(0, 2, [n], device=dev).float()
+            flip = eye - 2 * torch.outer(v, v)[None] * i[:, None, None]
+            C, touched = compose(C, touched, p * self.lumaflip, flip)
+        if self.hue > 0 and c > 1:
+            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.hue_max
+            C, touched = compose(C, touched, p * self.hue, ops.rotate3d(v, theta, dev))
+        if self.saturation > 0 and c > 1:
+            s = torch.exp2(torch.randn([n], device=dev) * self.saturation_std)
+            vv = torch.outer(v, v)[None]
+            C, touched = compose(C, touched, p * self.saturation, vv + (eye - vv) * s[:, None, None])
+        if not bool(touched.any()):
+            return x
+        return ops.apply_color(x, C)
+
+    # Image-space filtering (app. B): each of the four bands gets, with probability p * imgfilter * band weight,
+    # a gain 2^N(0, imgfilter_std); the gains are then normalised so that the expected image power is unchanged.
+    def _filter(self, x, p):
+        if self.imgfilter <= 0:
+            return x
+        n, dev = x.shape[0], x.device
+        gains = torch.ones([n, 4], device=dev)
+        for b, weight in enumerate(self.imgfilter_bands):
+            if weight > 0:
+                g = torch.exp2(torch.randn([n], device=dev) * self.imgfilter_std)
+                gains[:, b] = torch.where(self._coin(n, p * self.imgfilter * weight, dev), g, 1)
+        touched = (gains != 1).any(dim=1)
+        idx = touched.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return x
+        power = torch.tensor(ops.BAND_EXPECTED_POWER, device=dev)
+        gains = gains[idx] / (gains[idx].square() * power).sum(dim=1, keepdim=True).sqrt()
+        f = gains @ self.hz_bank.to(dev)  # [n_sel, taps]: one zero-phase 1-D filter per sample
+        if idx.numel() == n:
+            return ops.filter_per_sample(x, f)
+        return x.index_copy(0, idx, ops.filter_per_sample(x.index_select(0, idx), f))
+
+    # Additive noise N(0, sigma^2) with sigma = |N(0, noise_std^2)| per sample, then cutout (app. B): a zero
+    # box of cutout_size times the image at a uniformly random centre.
+    def _noise_cutout(self, x, p):
+        n, dev = x.shape[0], x.device
+        if self.noise > 0:
+            sigma = torch.randn([n], device=dev).abs() * self.noise_std
+            sigma = torch.where(self._coin(n, p * self.noise, dev), sigma, 0).to(x.dtype)
+            x = x + torch.randn_like(x) * sigma[:, None, None, None]
+        if self.cutout > 0:
+            centre = torch.rand([n, 2], device=dev)
+            x = ops.cutout(x, centre[:, 0], centre[:, 1], self.cutout_size, self._coin(n, p * self.cutout, dev))
+        return x
+
+
+# Read a field from a dataclass, a dict or an OmegaConf node.
+def _get(cfg, key):
+    if isinstance(cfg, dict):
+        return cfg.get(key, getattr(AugConfig, key))
+    return getattr(cfg, key, getattr(AugConfig, key))
+
+
+# The pipe for an `aug` config, with pipe.p set to cfg.p; None for mode 'noaug' (then D sees raw images).
+def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
+    mode = _get(cfg, "mode")
+    if mode not in ("ada", "fixed", "noaug"):
+        raise ValueError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
+    if mode == "noaug":
+        return None
+    pipe = AugmentPipe(**presets(_get(cfg, "preset")))
+    pipe.p.fill_(float(_get(cfg, "p")))
+    return pipe
+
+
+# The ADA heuristic (paper §3): r_t = E[sign(D(augmented reals))] over every accumulation round and rank of the
+# last `interval` minibatches; then p += sign(r_t - target) * batch_size * interval / (ada_kimg * 1000), clamped
+# to [0, 1], so p can cross 0 -> 1 in ada_kimg thousand images. `batch_size` is the global minibatch (all ranks).
+class AdaptiveP:
+    def __init__(self, pipe: AugmentPipe, target: float = 0.6, interval: int = 4, ada_kimg: float = 500,
+                 batch_size: int = 64):
+        self.pipe, self.target, self.interval = pipe, float(target), int(interval)
+        self.ada_kimg, self.batch_size = float(ada_kimg), int(batch_size)
+        self._p = float(pipe.p)
+        self.r_t = float("nan")  # the last measured r_t (nan before the first update)
+        self._acc = torch.zeros([2], dtype=torch.float64)  # [sum of signs, number of logits] since the last update
+
+    # Current p (the pipe's buffer holds the same value in float32).
+    @property
+    def p(self) -> float:
+        return self._p
+
+    # p's step size for the rest of training (ada_kimg_resume after a resume).
+    def set_ada_kimg(self, kimg: float) -> None:
+        self.ada_kimg = float(kimg)
+
+    # Add D's raw logits on augmented reals (any shape) to the statistic; call after every D-main round. No sync.
+    def accumulate(self, real_logits: torch.Tensor) -> None:
+        d = real_logits.detach()
+        stats = torch.stack([torch.sign(d).sum().double(), torch.tensor(float(d.numel()), device=d.device,
+                                                                        dtype=torch.float64)])
+        if self._acc.device != d.device:
+            self._acc = self._acc.to(d.device)
+        self._acc += stats
+
+    # After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
+    # (every rank must call step with the same batch_idx), update p and reset. Returns True when p was updated.
+    def step(self, batch_idx: int) -> bool:
+        if (batch_idx + 1) % self.interval != 0:
+            return False
+        stats = self._acc.to(dist.device() if dist.is_initialized() else self._acc.device)
+        total, count = dist.all_reduce_sum(stats.clone()).tolist()
+        self._acc = torch.zeros_like(self._acc)
+        if count == 0:
+            return False
+        self.r_t = total / count
+        adjust = float(np.sign(self.r_t - self.target)) * self.batch_size * self.interval / (self.ada_kimg * 1000)
+        self._set_p(min(max(self._p + adjust, 0.0), 1.0))
+        return True
+
+    def _set_p(self, p: float) -> None:
+        self._p = p
+        self.pipe.p.fill_(p)
+
+    # Checkpoint state: p, the last r_t and the pending accumulators.
+    def state_dict(self) -> dict:
+        total, count = self._acc.tolist()
+        return {"p": self._p, "r_t": self.r_t, "acc_sum": total, "acc_count": count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set_p(float(state["p"]))
+        self.r_t = float(state.get("r_t", float("nan")))
+        self._acc = torch.tensor([float(state.get("acc_sum", 0.0)), float(state.get("acc_count", 0.0))],
+                                 dtype=torch.float64, device=self._acc.device)
+
+
+# The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume.
+def make_adaptive_p(cfg, pipe: Optional[AugmentPipe], batch_size: int, resumed: bool = False) -> Optional[AdaptiveP]:
+    if pipe is None or _get(cfg, "mode") != "ada":
+        return None
+    kimg = _get(cfg, "ada_kimg_resume") if resumed else _get(cfg, "ada_kimg")
+    return AdaptiveP(pipe, target=_get(cfg, "ada_target"), interval=_get(cfg, "ada_interval"), ada_kimg=kimg,
+                     batch_size=batch_size)
