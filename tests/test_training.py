@@ -13,7 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
-        "data.num_images=256", "metrics=none", "train.ops_impl=ref"]
+        "data.num_images=256", "metrics=none", "train.ops_impl=ref",
+        "aug=noaug"]
 
 
 def run_train(args, cwd, check=True, launcher=None, timeout=600):
@@ -154,3 +155,17 @@ def test_missing_detector_turns_metrics_off_once(tmp_path):
     assert proc.stdout.count("Metrics are off") == 1
     assert "inception-2015-12-05" in proc.stdout and "metrics.detector" in proc.stdout
     assert not list((tmp_path / "runs").glob("*/metric-*.jsonl"))
+
+
+def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):
+    # ada_kimg=1: p may move 0.032 per update (batch 8, interval 4); D quickly separates 32 reals from fakes.
+    args = [a for a in TINY if not a.startswith("aug=")]
+    run_train(args + ["run_dir=run", "aug=ada", "aug.ada_kimg=1", "train.kimg=0.128", "data.max_size=32"], tmp_path)
+    stats = [json.loads(line) for line in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
+    ps = [s["Progress/augment_p"] for s in stats]
+    assert ps[0] == 0 and max(ps) > 0 and all(0 <= p <= 1 for p in ps)
+    steps = np.diff(ps)
+    # p moves in whole multiples of batch * interval / (ada_kimg * 1000) = 0.032.
+    assert np.allclose(np.round(steps / 0.032), steps / 0.032, atol=1e-6)
+    state = torch.load(sorted((tmp_path / "run").glob("training-state-*.pt"))[-1], weights_only=True)
+    assert state["ada"]["p"] == pytest.approx(ps[-1])

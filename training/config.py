@@ -4,6 +4,8 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from training.augment import AugConfig
+
 
 # Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs.
 @dataclass
@@ -65,6 +67,7 @@ class TrainConfig:
     mixed_precision: str = "no"        # Accelerate mixed precision: no | fp16 | bf16
     ops_impl: str = "auto"             # custom ops: auto (fused when built) | fused | ref
     deterministic: bool = False        # force deterministic algorithms (slower; exact reruns on one device)
+    cpu_threads: Optional[int] = None  # CPU only: torch threads per process; null = cores / local processes
 
 
 # Logging (log group).
@@ -92,6 +95,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     outdir: str = "runs"               # parent folder of numbered run directories
     run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
 

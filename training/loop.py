@@ -140,6 +140,9 @@ def training_loop(cfg: dict, run_dir) -> dict:
     device = dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
     dispatch.set_default_impl(t["ops_impl"])
+    if device.type == "cpu":  # Oversubscribed OpenMP threads spin against each other: split the cores.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(t["cpu_threads"] or max(1, (os.cpu_count() or 1) // max(local, 1)))
     if t["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -176,6 +179,14 @@ def training_loop(cfg: dict, run_dir) -> dict:
     for ph in phases:
         ph.opt = by_id[id(ph.opt)]
 
+    # Adaptive discriminator augmentation: every image D sees goes through the pipe (the loss applies it), and
+    # the sign of D on augmented reals drives p (ADA, Karras et al. 2020, sec. 3).
+    from training.augment import make_adaptive_p, make_augment_pipe
+    augment_pipe = make_augment_pipe(cfg["aug"])
+    if augment_pipe is not None:
+        augment_pipe = augment_pipe.to(device)
+    loss.augment_pipe = augment_pipe
+
     # State: counters, and the newest checkpoint in the run directory when there is one.
     counters = dict(cur_nimg=0, cur_tick=0, batch_idx=0, tick_start_nimg=0, skipped_steps=0, sampler_pos=0,
                     metrics_nimg=0)
@@ -189,11 +200,20 @@ def training_loop(cfg: dict, run_dir) -> dict:
         counters.update(state["counters"])
         loss.pl_mean.copy_(state["pl_mean"])
         ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if augment_pipe is not None and "augment_pipe" in state:
+            augment_pipe.load_state_dict(state["augment_pipe"])
         dist.print0(f"Resuming from {states[0][1]} at {counters['cur_nimg'] / 1000:.3f} kimg")
     else:
         random.seed(t["seed"] * world + rank)
         np.random.seed(t["seed"] * world + rank)
         torch.manual_seed(t["seed"] * world + rank)
+    # Auto-resume continues the same run exactly (ada_kimg unchanged); ada_kimg_resume is for starting from
+    # another run's weights.
+    ada = make_adaptive_p(cfg["aug"], augment_pipe, batch_size=batch_size, resumed=False)
+    if ada is not None:
+        if states and "ada" in state:
+            ada.load_state_dict(state["ada"])
+        loss.on_real_logits = ada.accumulate
     sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
                               start=counters["sampler_pos"])
     loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
@@ -249,6 +269,10 @@ def training_loop(cfg: dict, run_dir) -> dict:
                           "Timing/sec_per_kimg": (now - tick_start_time) / kimg_done if kimg_done > 0 else 0.0,
                           "Resources/peak_mem_gb": peak_memory_gb(device),
                           "Progress/skipped_steps": counters["skipped_steps"], "Loss/pl_mean": float(loss.pl_mean)})
+            if augment_pipe is not None:
+                stats["Progress/augment_p"] = float(augment_pipe.p)
+            if ada is not None and ada.r_t == ada.r_t:  # NaN before the first adjustment.
+                stats["Progress/ada_rt"] = float(ada.r_t)
             if dist.is_main():
                 _report(stats, run_dir, pbar, wandb_run, first_report)
 
@@ -267,7 +291,8 @@ def training_loop(cfg: dict, run_dir) -> dict:
             if snap_due:
                 # Saved as the next tick's counters: a resumed run continues exactly where this one goes on.
                 resume_counters = dict(counters, cur_tick=counters["cur_tick"] + 1, tick_start_nimg=cur_nimg)
-                _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, resume_counters, loss, cur_nimg)
+                _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, resume_counters, loss, cur_nimg,
+                                 augment_pipe, ada)
 
             # 4. Metrics of G_ema (every rank takes a share of the images), appended to metric-<name>.jsonl.
             every = cfg["metrics"]["every_kimg"]
@@ -317,7 +342,11 @@ def training_loop(cfg: dict, run_dir) -> dict:
                     continue
             phase.opt.step()
 
-        # 8. EMA and counters; running buffers (w_avg) averaged over ranks first.
+        # 8. ADA: every ada_interval minibatches, p moves towards the target (same batch_idx on every rank).
+        if ada is not None:
+            ada.step(counters["batch_idx"])
+
+        # 9. EMA and counters; running buffers (w_avg) averaged over ranks first.
         dist.sync_buffers(G)
         dist.sync_buffers(D)
         counters["cur_nimg"] += batch_size
@@ -364,7 +393,8 @@ def _report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None
 
 
 # Save the snapshot and the full training state for the current image count.
-def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg) -> None:
+def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg, augment_pipe=None,
+                     ada=None) -> None:
     rng = dist.all_gather_object(ckpt.get_rng_state())
     prints = dist.all_gather_object({name: fingerprint(net) for name, net in (("G", G), ("D", D), ("G_ema", G_ema))})
     if any(p != prints[0] for p in prints):
@@ -377,6 +407,10 @@ def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg
         state = {"G": ckpt._cpu_state(G), "D": ckpt._cpu_state(D), "G_ema": ckpt._cpu_state(G_ema), "opt": opts,
                  "counters": dict(counters), "pl_mean": loss.pl_mean.detach().cpu(), "rng": rng, "fingerprints": prints,
                  "config": json.dumps(cfg)}
+        if augment_pipe is not None:
+            state["augment_pipe"] = {k: v.detach().cpu() for k, v in augment_pipe.state_dict().items()}
+        if ada is not None:
+            state["ada"] = ada.state_dict()
         ckpt.save_state(run_dir / f"training-state-{kimg:06d}.pt", state)
     dist.barrier()
 
