@@ -5,17 +5,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from networks.attention import SelfAttention
 from networks.generator import block_dtype, channels_at
 from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from ops.upfirdn2d import downsample2d, setup_filter
 
 
 # One resolution of D: [fromRGB] -> conv0 -> conv1 (down 2), with a residual 1x1 skip (resnet) or image
-# downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7).
+# downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7). `attention`: SAGAN self-attention
+# (Zhang et al. 2018, eq. 1-3) on the block's input features at its own resolution (after fromRGB, before conv0 and
+# the resnet skip); `sn`: spectral normalization of every conv (Miyato et al. 2018).
 class DiscriminatorBlock(nn.Module):
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
-                 conv_clamp: Optional[float] = None, use_fp16: bool = False):
+                 conv_clamp: Optional[float] = None, use_fp16: bool = False, sn: bool = False,
+                 attention: bool = False):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"D architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
@@ -27,14 +31,16 @@ class DiscriminatorBlock(nn.Module):
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         if in_channels == 0 or architecture == "skip":
             self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, activation=activation,
-                                       conv_clamp=conv_clamp)
+                                       conv_clamp=conv_clamp, sn=sn)
+        if attention:
+            self.attn = SelfAttention(tmp_channels, sn=sn)
         self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, activation=activation,
-                                 conv_clamp=conv_clamp)
+                                 conv_clamp=conv_clamp, sn=sn)
         self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, activation=activation, down=2,
-                                 resample_filter=resample_filter, conv_clamp=conv_clamp)
+                                 resample_filter=resample_filter, conv_clamp=conv_clamp, sn=sn)
         if architecture == "resnet":
             self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
-                                    resample_filter=resample_filter)
+                                    resample_filter=resample_filter, sn=sn)
 
     def forward(self, x, img, force_fp32: bool = False):
         dtype = block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
@@ -44,6 +50,8 @@ class DiscriminatorBlock(nn.Module):
             y = self.fromrgb(img.to(dtype))
             x = x + y if x is not None else y
             img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
+        if hasattr(self, "attn"):
+            x = self.attn(x)
         if self.architecture == "resnet":
             y = self.skip(x, gain=np.sqrt(0.5))
             x = self.conv0(x)
@@ -80,22 +88,23 @@ class MinibatchStdLayer(nn.Module):
 
 
 # The 4x4 head of D: [fromRGB] -> minibatch std -> conv -> fc -> out, with projection onto the label embedding
-# (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim).
+# (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim). `sn`: spectrally
+# normalized conv and FC layers (Miyato et al. 2018).
 class DiscriminatorEpilogue(nn.Module):
     def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
-                 activation: str = "lrelu", conv_clamp: Optional[float] = None):
+                 activation: str = "lrelu", conv_clamp: Optional[float] = None, sn: bool = False):
         super().__init__()
         self.cmap_dim = cmap_dim
         self.resolution = resolution
         self.architecture = architecture
         if architecture == "skip":
-            self.fromrgb = Conv2dLayer(img_channels, in_channels, kernel_size=1, activation=activation)
+            self.fromrgb = Conv2dLayer(img_channels, in_channels, kernel_size=1, activation=activation, sn=sn)
         self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
         self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, kernel_size=3,
-                                activation=activation, conv_clamp=conv_clamp)
-        self.fc = FullyConnectedLayer(in_channels * resolution ** 2, in_channels, activation=activation)
-        self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
+                                activation=activation, conv_clamp=conv_clamp, sn=sn)
+        self.fc = FullyConnectedLayer(in_channels * resolution ** 2, in_channels, activation=activation, sn=sn)
+        self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim, sn=sn)
 
     def forward(self, x, img, cmap, force_fp32: bool = False):
         x = x.to(torch.float32)
@@ -111,13 +120,17 @@ class DiscriminatorEpilogue(nn.Module):
         return x
 
 
-# The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots.
+# The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots
+# (`sn` and `attention` only when set, so that default networks record exactly the Foundation's arguments).
+# `sn`: spectral normalization of every layer, label mapping included (Miyato et al. 2018); `attention`: the
+# block resolutions with SAGAN self-attention (Zhang et al. 2018).
 class Discriminator(nn.Module):
     def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: Optional[float] = None, cmap_dim: Optional[int] = None,
                  mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
-                 mapping_kwargs: Optional[dict] = None, block_kwargs: Optional[dict] = None):
+                 mapping_kwargs: Optional[dict] = None, block_kwargs: Optional[dict] = None, sn: bool = False,
+                 attention=()):
         super().__init__()
         mapping_kwargs = dict(mapping_kwargs or {})
         block_kwargs = dict(block_kwargs or {})
@@ -126,6 +139,11 @@ class Discriminator(nn.Module):
                                 num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, cmap_dim=cmap_dim,
                                 mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels,
                                 mapping_kwargs=mapping_kwargs, block_kwargs=block_kwargs)
+        attention = sorted({int(r) for r in attention})
+        if sn:
+            self.init_kwargs["sn"] = True
+        if attention:
+            self.init_kwargs["attention"] = attention
         log2 = int(np.log2(img_resolution))
         if img_resolution < 4 or 2 ** log2 != img_resolution:
             raise ValueError(f"D img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -133,6 +151,9 @@ class Discriminator(nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.block_resolutions = [2 ** i for i in range(log2, 2, -1)]
+        if not set(attention) <= set(self.block_resolutions):
+            raise ValueError(f"D attention resolutions {attention} must be among the block resolutions "
+                             f"{self.block_resolutions}")
         channels = {res: channels_at(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
         fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
         if cmap_dim is None:
@@ -143,15 +164,15 @@ class Discriminator(nn.Module):
             in_channels = channels[res] if res < img_resolution else 0
             block = DiscriminatorBlock(in_channels, channels[res], channels[res // 2], resolution=res,
                                        img_channels=img_channels, architecture=architecture,
-                                       conv_clamp=conv_clamp,
+                                       conv_clamp=conv_clamp, sn=sn, attention=res in attention,
                                        use_fp16=(res >= fp16_resolution) and num_fp16_res > 0, **block_kwargs)
             setattr(self, f"b{res}", block)
         if c_dim > 0:
             self.mapping = MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None,
-                                          **mapping_kwargs)
+                                          **(dict(mapping_kwargs, sn=True) if sn else mapping_kwargs))
         self.b4 = DiscriminatorEpilogue(channels[4], cmap_dim=cmap_dim, resolution=4, img_channels=img_channels,
                                         architecture=architecture, mbstd_group_size=mbstd_group_size,
-                                        mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp)
+                                        mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp, sn=sn)
 
     def forward(self, img, c, update_emas: bool = False, force_fp32: bool = False):
         if img.ndim != 4 or img.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):

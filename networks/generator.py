@@ -6,7 +6,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from networks.attention import SelfAttention
 from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from networks.sn import register_sn_buffers, sn_weight
 from ops.bias_act import activation_funcs, bias_act
 from ops.modulated_conv import modulated_conv2d
 from ops.upfirdn2d import setup_filter, upsample2d
@@ -27,12 +29,15 @@ def block_dtype(use_fp16: bool, x: Optional[torch.Tensor], force_fp32: bool) -> 
 
 
 # One modulated 3x3 conv layer of the synthesis network (StyleGAN2 fig. 2d): style from w through an affine layer,
-# modulated/demodulated conv, per-pixel noise with learned strength, bias and leaky ReLU.
+# modulated/demodulated conv, per-pixel noise with learned strength, bias and leaky ReLU. With `sn`, the affine
+# layer and the base weight are spectrally normalized (Miyato et al. 2018, eq. 8); demodulation (StyleGAN2 eq. 3)
+# then removes the 1/sigma scale again, so SN here acts on the gradients, not on the output scale.
 class SynthesisLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, kernel_size: int = 3,
                  up: int = 1, use_noise: bool = True, activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
-                 conv_clamp: Optional[float] = None):
+                 conv_clamp: Optional[float] = None, sn: bool = False):
         super().__init__()
+        self.sn = sn
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.resolution = resolution
@@ -43,12 +48,18 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.padding = kernel_size // 2
         self.act_gain = activation_funcs[activation].def_gain
-        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1, sn=sn)
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        if sn:
+            register_sn_buffers(self, self.weight)
         if use_noise:
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
+
+    # The conv weight used at run time: W, or W / sigma(W) with SN (one power iteration in training mode).
+    def effective_weight(self) -> torch.Tensor:
+        return sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training) if self.sn else self.weight
 
     def forward(self, x, w, noise_mode: str = "random", fused_modconv: bool = True, gain: float = 1):
         if noise_mode not in NOISE_MODES:
@@ -61,36 +72,49 @@ class SynthesisLayer(nn.Module):
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         flip_weight = self.up == 1
-        x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
+        x = modulated_conv2d(x, self.effective_weight(), styles, noise=noise, up=self.up, padding=self.padding,
                              resample_filter=self.resample_filter, flip_weight=flip_weight,
                              fused_modconv=fused_modconv)
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=act_clamp)
 
 
-# 1x1 modulated conv to RGB, without demodulation (StyleGAN2 fig. 7 "skip" outputs).
+# 1x1 modulated conv to RGB, without demodulation (StyleGAN2 fig. 7 "skip" outputs). With `sn`, W / sigma(W)
+# (Miyato et al. 2018, eq. 8) replaces the equalized-LR gain 1/sqrt(fan_in) on the styles.
 class ToRGBLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1,
-                 conv_clamp: Optional[float] = None):
+                 conv_clamp: Optional[float] = None, sn: bool = False):
         super().__init__()
         self.conv_clamp = conv_clamp
-        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.sn = sn
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1, sn=sn)
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
-        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.weight_gain = 1.0 if sn else 1 / math.sqrt(in_channels * kernel_size ** 2)
+        if sn:
+            register_sn_buffers(self, self.weight)
+
+    # The conv weight used at run time: W, or W / sigma(W) with SN (one power iteration in training mode).
+    def effective_weight(self) -> torch.Tensor:
+        return sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training) if self.sn else self.weight
 
     def forward(self, x, w, fused_modconv: bool = True):
-        styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
+        styles = self.affine(w)
+        if not self.sn:
+            styles = styles * self.weight_gain
+        x = modulated_conv2d(x, self.effective_weight(), styles, demodulate=False, fused_modconv=fused_modconv)
         return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 
 # One resolution of the synthesis network: [const | conv0 (up 2)] -> conv1 -> ToRGB, with `skip` (RGB outputs
 # summed across resolutions) or `resnet` (residual 1x1 skip connection) architecture (StyleGAN2 fig. 7).
+# `attention`: a SAGAN self-attention block (Zhang et al. 2018, eq. 1-3) on the features after conv1 (before
+# ToRGB); `sn`: spectral normalization of every conv and affine layer (Miyato et al. 2018).
 class SynthesisBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
                  is_last: bool, architecture: str = "skip", resample_filter=(1, 3, 3, 1),
-                 conv_clamp: Optional[float] = None, use_fp16: bool = False, **layer_kwargs):
+                 conv_clamp: Optional[float] = None, use_fp16: bool = False, sn: bool = False,
+                 attention: bool = False, **layer_kwargs):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"G architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
@@ -108,17 +132,20 @@ class SynthesisBlock(nn.Module):
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
         else:
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
-                                        resample_filter=resample_filter, conv_clamp=conv_clamp, **layer_kwargs)
+                                        resample_filter=resample_filter, conv_clamp=conv_clamp, sn=sn,
+                                        **layer_kwargs)
             self.num_conv += 1
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution,
-                                    conv_clamp=conv_clamp, **layer_kwargs)
+                                    conv_clamp=conv_clamp, sn=sn, **layer_kwargs)
         self.num_conv += 1
+        if attention:
+            self.attn = SelfAttention(out_channels, sn=sn)
         if is_last or architecture == "skip":
-            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp, sn=sn)
             self.num_torgb += 1
         if in_channels != 0 and architecture == "resnet":
             self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2,
-                                    resample_filter=resample_filter)
+                                    resample_filter=resample_filter, sn=sn)
 
     def forward(self, x, img, ws, force_fp32: bool = False, fused_modconv: Optional[bool] = None,
                 noise_mode: str = "random"):
@@ -140,6 +167,8 @@ class SynthesisBlock(nn.Module):
             x = x.to(dtype)
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+        if hasattr(self, "attn"):
+            x = self.attn(x)
 
         if img is not None:
             img = upsample2d(img, self.resample_filter)
@@ -149,10 +178,11 @@ class SynthesisBlock(nn.Module):
         return x, img
 
 
-# The synthesis network g: W+ -> image, a learned 4x4 constant followed by one block per octave.
+# The synthesis network g: W+ -> image, a learned 4x4 constant followed by one block per octave; `attention`
+# lists the resolutions whose blocks end with SAGAN self-attention.
 class SynthesisNetwork(nn.Module):
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
-                 channel_max: int = 512, num_fp16_res: int = 0, **block_kwargs):
+                 channel_max: int = 512, num_fp16_res: int = 0, attention=(), **block_kwargs):
         super().__init__()
         log2 = int(np.log2(img_resolution))
         if img_resolution < 4 or 2 ** log2 != img_resolution:
@@ -161,6 +191,10 @@ class SynthesisNetwork(nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.block_resolutions = [2 ** i for i in range(2, log2 + 1)]
+        attention = {int(r) for r in attention}
+        if not attention <= set(self.block_resolutions):
+            raise ValueError(f"G attention resolutions {sorted(attention)} must be among the block resolutions "
+                             f"{self.block_resolutions}")
         channels = {res: channels_at(res, channel_base, channel_max) for res in self.block_resolutions}
         fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
         self.num_ws = 0
@@ -168,7 +202,7 @@ class SynthesisNetwork(nn.Module):
             in_channels = channels[res // 2] if res > 4 else 0
             is_last = res == img_resolution
             block = SynthesisBlock(in_channels, channels[res], w_dim=w_dim, resolution=res,
-                                   img_channels=img_channels, is_last=is_last,
+                                   img_channels=img_channels, is_last=is_last, attention=res in attention,
                                    use_fp16=(res >= fp16_resolution) and num_fp16_res > 0, **block_kwargs)
             self.num_ws += block.num_conv
             if is_last:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from ops.bias_act import activation_funcs, bias_act
 from ops.conv2d_resample import conv2d_resample
 from ops.upfirdn2d import setup_filter
+from networks.sn import register_sn_buffers, sn_weight
 
 
 # Scale by the inverse root-mean-square over `dim` (the "pixel norm" applied to z and embedded labels).
@@ -17,21 +18,28 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
 
 
 # Fully connected layer with equalized learning rate (Karras et al. 2018, sec. 4.1): weights stored as
-# N(0, 1/lr_multiplier^2) and scaled at run time by lr_multiplier / sqrt(fan_in).
+# N(0, 1/lr_multiplier^2) and scaled at run time by lr_multiplier / sqrt(fan_in). With `sn`, spectral
+# normalization (Miyato et al. 2018, eq. 8) replaces that scaling: W_SN = W / sigma(W).
 class FullyConnectedLayer(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "linear",
-                 lr_multiplier: float = 1.0, bias_init: float = 0.0):
+                 lr_multiplier: float = 1.0, bias_init: float = 0.0, sn: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
+        self.sn = sn
         self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
         self.bias = nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.weight_gain = 1.0 if sn else lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
+        if sn:
+            register_sn_buffers(self, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.weight_gain
+        if self.sn:
+            w = sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training).to(x.dtype)
+        else:
+            w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias
         if b is not None:
             b = b.to(x.dtype)
@@ -43,32 +51,40 @@ class FullyConnectedLayer(nn.Module):
         return bias_act(x, b, act=self.activation)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+                + (", sn=True" if self.sn else ""))
 
 
-# Convolution with equalized learning rate, optional FIR up/downsampling, activation and output clamp.
+# Convolution with equalized learning rate, optional FIR up/downsampling, activation and output clamp. With `sn`,
+# W_SN = W / sigma(W) (Miyato et al. 2018, eq. 8; W as [out, in*k*k]) replaces the 1/sqrt(fan_in) scaling.
 class Conv2dLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
                  activation: str = "linear", up: int = 1, down: int = 1, resample_filter=(1, 3, 3, 1),
-                 conv_clamp: Optional[float] = None, channels_last: bool = False):
+                 conv_clamp: Optional[float] = None, channels_last: bool = False, sn: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.activation = activation
+        self.sn = sn
         self.up = up
         self.down = down
         self.conv_clamp = conv_clamp
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.padding = kernel_size // 2
-        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.weight_gain = 1.0 if sn else 1 / math.sqrt(in_channels * kernel_size ** 2)
         self.act_gain = activation_funcs[activation].def_gain
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size])
                                    .to(memory_format=memory_format))
         self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
+        if sn:
+            register_sn_buffers(self, self.weight)
 
     def forward(self, x: torch.Tensor, gain: float = 1) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.weight_gain
+        if self.sn:
+            w = sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training).to(x.dtype)
+        else:
+            w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias.to(x.dtype) if self.bias is not None else None
         flip_weight = self.up == 1  # Transposed convolution truly convolves; keep the tap order consistent.
         x = conv2d_resample(x, w, f=self.resample_filter.to(x.dtype), up=self.up, down=self.down,
@@ -79,15 +95,17 @@ class Conv2dLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, activation={self.activation}, "
-                f"up={self.up}, down={self.down}")
+                f"up={self.up}, down={self.down}" + (", sn=True" if self.sn else ""))
 
 
 # Mapping network f: Z -> W (StyleGAN, sec. 2): normalized z, optionally concatenated with an embedded label,
-# through `num_layers` FC layers with lr multiplier 0.01; tracks w_avg for the truncation trick.
+# through `num_layers` FC layers with lr multiplier 0.01; tracks w_avg for the truncation trick. `sn`: spectrally
+# normalized FC layers (Miyato et al. 2018).
 class MappingNetwork(nn.Module):
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: Optional[int], num_layers: int = 8,
                  embed_features: Optional[int] = None, layer_features: Optional[int] = None,
-                 activation: str = "lrelu", lr_multiplier: float = 0.01, w_avg_beta: Optional[float] = 0.995):
+                 activation: str = "lrelu", lr_multiplier: float = 0.01, w_avg_beta: Optional[float] = 0.995,
+                 sn: bool = False):
         super().__init__()
         self.z_dim = z_dim
         self.c_dim = c_dim
@@ -103,10 +121,10 @@ class MappingNetwork(nn.Module):
             layer_features = w_dim
         features = [z_dim + embed_features] + [layer_features] * (num_layers - 1) + [w_dim]
         if c_dim > 0:
-            self.embed = FullyConnectedLayer(c_dim, embed_features)
+            self.embed = FullyConnectedLayer(c_dim, embed_features, sn=sn)
         for idx in range(num_layers):
             layer = FullyConnectedLayer(features[idx], features[idx + 1], activation=activation,
-                                        lr_multiplier=lr_multiplier)
+                                        lr_multiplier=lr_multiplier, sn=sn)
             setattr(self, f"fc{idx}", layer)
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros([w_dim]))

@@ -24,6 +24,9 @@ class ModelConfig:
     conv_clamp: Optional[float] = 256  # clamp of conv outputs (absolute value); null = no clamp
     num_fp16_res: int = 0              # CUDA only: highest resolutions run in float16 (0 = off)
     auto: bool = False                 # derive batch, gamma, lr, ema from resolution and process count (official 'auto')
+    sn: str = "none"                   # spectral normalization (Miyato et al. 2018) of every layer of: none|d|g|both
+    attention_g: List[int] = field(default_factory=list)  # G resolutions (px) with SAGAN self-attention after conv1
+    attention_d: List[int] = field(default_factory=list)  # D resolutions (px) with SAGAN self-attention before conv0
 
 
 # Training data (data group): a folder or zip of images, or the embedded synthetic dataset.
@@ -68,6 +71,9 @@ class TrainConfig:
     ops_impl: str = "auto"             # custom ops: auto (fused when built) | fused | ref
     deterministic: bool = False        # force deterministic algorithms (slower; exact reruns on one device)
     cpu_threads: Optional[int] = None  # CPU only: torch threads per process; null = cores / local processes
+    loss: str = "ns"                   # adversarial loss: ns (non-saturating logistic) | hinge | wgan-gp
+    wgan_lambda: float = 10.0          # wgan-gp only: gradient-penalty weight lambda (replaces R1; r1_gamma unused)
+    wgan_drift: float = 0.001          # wgan-gp only: drift term eps_drift * D(x)^2 on reals (ProGAN)
 
 
 # Logging (log group).

@@ -1,4 +1,4 @@
-"""StyleGAN2 loss: non-saturating logistic loss, lazy R1 on reals, path-length regularization, style mixing."""
+"""StyleGAN2 loss (non-saturating, hinge or WGAN-GP), lazy R1 on reals, path-length regularization, style mixing."""
 import contextlib
 from typing import Callable, Optional
 
@@ -8,17 +8,51 @@ import torch.nn.functional as F
 
 from training import dist
 
+# The adversarial losses (`train.loss`): non-saturating logistic, hinge, Wasserstein with gradient penalty.
+LOSS_TYPES = ("ns", "hinge", "wgan-gp")
+
+
+# G's adversarial loss per sample from the logits of its fakes: non-saturating softplus(-D(G(z))) (Goodfellow et al.
+# 2014, sec. 3); -D(G(z)) for hinge (Lim & Ye 2017, eq. 10; SAGAN eq. 4) and for WGAN (Arjovsky et al. 2017).
+def g_loss(loss_type: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-fake_logits) if loss_type == "ns" else -fake_logits
+
+
+# D's adversarial loss per sample on fakes: softplus(D(G(z))) (ns), relu(1 + D(G(z))) (hinge, SAGAN eq. 4),
+# D(G(z)) (WGAN critic, Gulrajani et al. 2017, Algorithm 1).
+def d_loss_fake(loss_type: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    if loss_type == "ns":
+        return F.softplus(fake_logits)
+    return F.relu(1 + fake_logits) if loss_type == "hinge" else fake_logits
+
+
+# D's adversarial loss per sample on reals: softplus(-D(x)) (ns), relu(1 - D(x)) (hinge), -D(x) (WGAN).
+def d_loss_real(loss_type: str, real_logits: torch.Tensor) -> torch.Tensor:
+    if loss_type == "ns":
+        return F.softplus(-real_logits)
+    return F.relu(1 - real_logits) if loss_type == "hinge" else -real_logits
+
 
 # The loss of one G/D phase (StyleGAN2-ADA's phase names): 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'.
-# `backward` runs the backward pass (Accelerate's, so that mixed-precision loss scaling applies).
+# `backward` runs the backward pass (Accelerate's, so that mixed-precision loss scaling applies). `loss_type`
+# picks the adversarial loss; D's regularizer (the Dreg/Dboth phases) is R1 with 'ns' and 'hinge' and the
+# WGAN-GP gradient penalty with 'wgan-gp' (which replaces R1: r1_gamma is then unused), weighted by
+# `wgan_lambda`, plus ProGAN's drift term `wgan_drift` * D(x)^2 in Dmain. Path-length regularization is the same
+# for every loss.
 class StyleGAN2Loss:
     def __init__(self, G, D, augment_pipe=None, r1_gamma: float = 10.0, style_mixing_prob: float = 0.9,
                  pl_weight: float = 0.0, pl_batch_shrink: int = 2, pl_decay: float = 0.01,
                  autocast: Callable = contextlib.nullcontext, backward: Optional[Callable] = None,
-                 on_real_logits: Optional[Callable] = None):
+                 on_real_logits: Optional[Callable] = None, loss_type: str = "ns", wgan_lambda: float = 10.0,
+                 wgan_drift: float = 0.001):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"train.loss must be one of {LOSS_TYPES}, got {loss_type!r}")
         self.G = G
         self.D = D
         self.augment_pipe = augment_pipe
+        self.loss_type = loss_type
+        self.wgan_lambda = wgan_lambda
+        self.wgan_drift = wgan_drift
         self.r1_gamma = r1_gamma
         self.style_mixing_prob = style_mixing_prob
         self.pl_weight = pl_weight
@@ -28,6 +62,11 @@ class StyleGAN2Loss:
         self.backward = backward or (lambda loss: loss.backward())
         self.on_real_logits = on_real_logits  # E.g. ADA's r_t accumulator (sign of D on augmented reals).
         self.pl_mean = torch.zeros([], device=next(G.parameters()).device)
+
+    # Whether D has a regularizer phase (Dreg / Dboth): R1 with gamma != 0, or the WGAN-GP penalty with lambda != 0.
+    @property
+    def has_d_reg(self) -> bool:
+        return (self.wgan_lambda if self.loss_type == "wgan-gp" else self.r1_gamma) != 0
 
     # G(z, c) returning the image and the ws it used, with style mixing regularization (StyleGAN, sec. 3.1):
     # with probability `style_mixing_prob`, the ws after a random cutoff come from a second latent.
@@ -60,14 +99,16 @@ class StyleGAN2Loss:
         do_Gmain = phase in ("Gmain", "Gboth")
         do_Dmain = phase in ("Dmain", "Dboth")
         do_Gpl = phase in ("Greg", "Gboth") and self.pl_weight != 0
-        do_Dr1 = phase in ("Dreg", "Dboth") and self.r1_gamma != 0
+        do_Dreg = phase in ("Dreg", "Dboth") and self.has_d_reg
+        do_Dr1 = do_Dreg and self.loss_type != "wgan-gp"
+        do_Dgp = do_Dreg and self.loss_type == "wgan-gp"
         stats = {}
 
-        # Gmain: non-saturating logistic loss, softplus(-D(G(z))) (Goodfellow et al. 2014).
+        # Gmain: softplus(-D(G(z))) (ns) or -D(G(z)) (hinge, wgan-gp).
         if do_Gmain:
             gen_img, _ = self.run_G(gen_z, gen_c, update_emas=True)
             gen_logits = self.run_D(gen_img, gen_c)
-            loss_Gmain = F.softplus(-gen_logits)
+            loss_Gmain = g_loss(self.loss_type, gen_logits)
             stats["Loss/scores/fake"] = gen_logits.mean().item()
             stats["Loss/G/loss"] = loss_Gmain.mean().item()
             self.backward(loss_Gmain.mean().mul(gain))
@@ -92,25 +133,30 @@ class StyleGAN2Loss:
             # The image term (times 0) keeps every synthesis parameter in the graph.
             self.backward((gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain))
 
-        # Dmain, fake half: softplus(D(G(z))).
+        # Dmain, fake half: softplus(D(G(z))), relu(1 + D(G(z))) or D(G(z)).
         if do_Dmain:
             with torch.no_grad():
                 gen_img, _ = self.run_G(gen_z, gen_c, update_emas=False)
             gen_logits = self.run_D(gen_img, gen_c, update_emas=True)
-            loss_Dgen = F.softplus(gen_logits)
+            loss_Dgen = d_loss_fake(self.loss_type, gen_logits)
             stats["Loss/D/loss_fake"] = loss_Dgen.mean().item()
             self.backward(loss_Dgen.mean().mul(gain))
 
-        # Dmain, real half: softplus(-D(x)); Dreg: R1 = gamma/2 * ||grad_x D(x)||^2 (Mescheder et al. 2018, eq. 9).
+        # Dmain, real half: softplus(-D(x)), relu(1 - D(x)) or -D(x) + eps_drift * D(x)^2 (ProGAN, Karras et al. 2018,
+        # sec. A.1); Dreg: R1 = gamma/2 * ||grad_x D(x)||^2 (Mescheder et al. 2018, eq. 9).
         if do_Dmain or do_Dr1:
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
             real_logits = self.run_D(real_img_tmp, real_c)
             loss = torch.zeros_like(real_logits)
             if do_Dmain:
-                loss_Dreal = F.softplus(-real_logits)
+                loss_Dreal = d_loss_real(self.loss_type, real_logits)
                 loss = loss + loss_Dreal
                 stats["Loss/scores/real"] = real_logits.mean().item()
                 stats["Loss/D/loss_real"] = loss_Dreal.mean().item()
+                if self.loss_type == "wgan-gp" and self.wgan_drift != 0:
+                    drift = real_logits.square()
+                    loss = loss + drift * self.wgan_drift
+                    stats["Loss/drift"] = drift.mean().item()
                 if self.on_real_logits is not None:
                     self.on_real_logits(real_logits.detach())
             if do_Dr1:
@@ -120,5 +166,20 @@ class StyleGAN2Loss:
                 loss = loss + r1_penalty.unsqueeze(1) * (self.r1_gamma / 2)
                 stats["Loss/r1_penalty"] = r1_penalty.mean().item()
             self.backward(loss.mean().mul(gain))
+
+        # Dreg with wgan-gp: lambda * (||grad D(x_hat)||_2 - 1)^2 at x_hat = eps x + (1 - eps) G(z), eps ~ U[0, 1]
+        # per sample (Gulrajani et al. 2017, Algorithm 1), with the reals' labels; replaces R1.
+        if do_Dgp:
+            with torch.no_grad():
+                gen_img, _ = self.run_G(gen_z, gen_c, update_emas=False)
+            real = real_img.detach().to(gen_img.dtype)
+            eps = torch.rand([real.shape[0], 1, 1, 1], dtype=real.dtype, device=real.device)
+            mixed = (eps * real + (1 - eps) * gen_img).requires_grad_(True)
+            mixed_logits = self.run_D(mixed, real_c)
+            gp_grads = torch.autograd.grad(outputs=[mixed_logits.sum()], inputs=[mixed], create_graph=True,
+                                           only_inputs=True)[0]
+            gp_penalty = (gp_grads.flatten(1).norm(dim=1) - 1).square()
+            stats["Loss/gp_penalty"] = gp_penalty.mean().item()
+            self.backward((gp_penalty * self.wgan_lambda).mean().mul(gain))
         return stats
 
