@@ -84,6 +84,18 @@ def test_synthesis_with_noise_matches_const(arch):
     assert (out[1] - ref[1]).abs().max() > 1e-3
 
 
+# The explicit-noise walk runs G's self-attention blocks too (model.attention_g), with an open gate.
+def test_synthesis_with_noise_runs_attention():
+    torch.manual_seed(0)
+    G = Generator(Z, 0, Z, 16, 3, mapping_kwargs=dict(num_layers=2),
+                  synthesis_kwargs=dict(channel_base=512, channel_max=32, attention=[8])).eval()
+    G.synthesis.b8.attn.gamma.data.fill_(0.5)
+    ws = G.mapping(torch.randn(2, Z), torch.zeros(2, 0))
+    ref = G.synthesis(ws, noise_mode="const")
+    out = synthesis_with_noise(G, ws, const_noise_maps(G, 2))
+    assert (out - ref).abs().max() <= 1e-6
+
+
 # The published schedule: lr ramps up linearly over 5%, down by a cosine over the last 25%; latent noise fades
 # quadratically to zero at 75%.
 def test_schedule():

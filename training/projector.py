@@ -70,6 +70,8 @@ def _block_forward(block, name, x, img, ws, noise_maps, fused_modconv):
         x = x.to(dtype)
         x = _layer_forward(block.conv0, x, next(w_iter), noise("conv0"), fused_modconv)
         x = _layer_forward(block.conv1, x, next(w_iter), noise("conv1"), fused_modconv)
+    if hasattr(block, "attn"):  # Self-attention after conv1 (model.attention_g), as SynthesisBlock does.
+        x = block.attn(x)
     if img is not None:
         img = upsample2d(img, block.resample_filter)
     if block.is_last or block.architecture == "skip":
