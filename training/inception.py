@@ -1,15 +1,14 @@
 """The FID Inception-v3 feature detector: our own network, NVIDIA's TorchScript file, and where the weights come from."""
-import hashlib
 import os
-import tempfile
 import warnings
-import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from training import dist
+from training.weights import (cache_root, download as _download, file_sha256,  # noqa: F401
+                              is_torchscript as _is_torchscript, offline_env)
 
 # The two weight files users have, and where they are published.
 NVIDIA_FILE = "inception-2015-12-05.pt"
@@ -234,25 +233,6 @@ class Detector:
     __call__ = features
 
 
-# sha256 of a file, read in 1 MiB chunks.
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# The cache root: $GANFORGE_CACHE or ~/.cache/ganforge.
-def cache_root() -> str:
-    return os.environ.get("GANFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ganforge")
-
-
-# Whether downloads are forbidden ($GANFORGE_OFFLINE set to anything but '', '0', 'false').
-def offline_env() -> bool:
-    return os.environ.get("GANFORGE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
 # The message of DetectorNotFound: the file names, the URLs, and the settings to point at a file.
 def _not_found_message(reason: str, searched) -> str:
     where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
@@ -263,21 +243,6 @@ def _not_found_message(reason: str, searched) -> str:
             f"with `metrics.detector=<path>` (config), `--detector <path>` (scripts/calc_metrics.py) "
             f"or the environment variable GANFORGE_INCEPTION=<path>, or put it in the cache directory "
             f"({cache_root()}, set by GANFORGE_CACHE).")
-
-
-# Download `url` into `cache_dir` atomically (temp file in the same folder, then os.replace); returns the path.
-def _download(url: str, cache_dir: str) -> str:
-    os.makedirs(cache_dir, exist_ok=True)
-    dst = os.path.join(cache_dir, os.path.basename(url.split("?")[0]))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.hub.download_url_to_file(url, tmp, progress=dist.is_main())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst
 
 
 # Find the detector file: explicit path/URL -> $GANFORGE_INCEPTION -> cache dir -> download (unless offline).
@@ -317,15 +282,6 @@ def resolve_detector_path(path_or_url=None, cache_dir=None, allow_download=None)
     except Exception as e:  # no network, HTTP error, disk error: say so, never fall back to other features
         raise DetectorNotFound(_not_found_message(f"download of {url} failed ({type(e).__name__}: {e})",
                                                   searched)) from e
-
-
-# Whether `path` is a TorchScript archive (a zip holding code/ and constants.pkl) rather than a state dict.
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 # Load the detector from a resolved file: TorchScript is used as-is, a state dict goes into FIDInceptionV3.

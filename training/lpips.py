@@ -1,13 +1,12 @@
 """LPIPS (Zhang et al. 2018) on VGG16: our own module or NVIDIA's TorchScript vgg16.pt, and where the weights come from."""
 import os
-import tempfile
 import warnings
-import zipfile
 
 import torch
 import torch.nn as nn
 
 from training import dist
+from training.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
 
 # The weight files users have, and where they are published.
 NVIDIA_FILE = "vgg16.pt"
@@ -134,25 +133,6 @@ class Perceptual:
         return self.distance(self.features(img0), self.features(img1))
 
 
-# The cache root: $GANFORGE_CACHE or ~/.cache/ganforge.
-def cache_root() -> str:
-    return os.environ.get("GANFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ganforge")
-
-
-# Whether downloads are forbidden ($GANFORGE_OFFLINE set to anything but '', '0', 'false', 'no').
-def offline_env() -> bool:
-    return os.environ.get("GANFORGE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
-# Whether `path` is a TorchScript archive (a zip holding code/ or constants.pkl) rather than a state dict.
-def is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
 # The message of PerceptualWeightsNotFound: the reason, where we looked, the files, URLs and settings.
 def _not_found_message(reason: str, searched) -> str:
     where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
@@ -166,21 +146,6 @@ def _not_found_message(reason: str, searched) -> str:
             f"or put the file(s) in the cache directory {cache_root()} (set by GANFORGE_CACHE); "
             f"downloads happen only when online and GANFORGE_OFFLINE is not set. "
             f"Without LPIPS, `--loss fallback` projects with a pixel + discriminator-feature loss.")
-
-
-# Download `url` into `cache_dir` atomically (temporary file, then os.replace); returns the path.
-def _download(url: str, cache_dir: str) -> str:
-    os.makedirs(cache_dir, exist_ok=True)
-    dst = os.path.join(cache_dir, os.path.basename(url.split("?")[0]))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.hub.download_url_to_file(url, tmp, progress=dist.is_main())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst
 
 
 # An existing file from an explicit setting, or PerceptualWeightsNotFound naming the setting.

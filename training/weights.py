@@ -1,0 +1,52 @@
+"""Where pretrained weight files come from: explicit path, environment, cache, or an atomic download."""
+import hashlib
+import os
+import tempfile
+import zipfile
+
+import torch
+
+from training import dist
+
+
+# The cache root: $GANFORGE_CACHE or ~/.cache/ganforge.
+def cache_root() -> str:
+    return os.environ.get("GANFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ganforge")
+
+
+# Whether downloads are forbidden ($GANFORGE_OFFLINE set to anything but '', '0', 'false', 'no').
+def offline_env() -> bool:
+    return os.environ.get("GANFORGE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# Whether `path` is a TorchScript archive (a zip holding code/ or constants.pkl) rather than a state dict.
+def is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+# sha256 of a file, read in 1 MiB chunks.
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# Download `url` into `cache_dir` atomically (temporary file in the same folder, then os.replace); returns the path.
+def download(url: str, cache_dir: str) -> str:
+    os.makedirs(cache_dir, exist_ok=True)
+    dst = os.path.join(cache_dir, os.path.basename(url.split("?")[0]))
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.hub.download_url_to_file(url, tmp, progress=dist.is_main())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
