@@ -16,6 +16,19 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
+# Add the resampling filter's own padding to [px0, px1, py0, py1], so that up/downsampling stays centred.
+def _filter_padding(padding, f, up: int, down: int):
+    fw, fh = filter_size(f)
+    px0, px1, py0, py1 = _parse_padding(padding)
+    if up > 1:
+        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
+        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
+    if down > 1:
+        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
+        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    return px0, px1, py0, py1
+
+
 # Convolve x [N, C, H, W] with w [O, C/groups, kh, kw], upsampling by `up` before and/or downsampling by `down`
 # after, with FIR filter f. The result equals: upfirdn2d(x, f, up, padding) -> conv -> upfirdn2d(f, down), with the
 # filter's own padding added so that a k x k convolution with padding k//2 maps H to H*up/down.
@@ -27,16 +40,7 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] 
         if f is None:
             raise ValueError("conv2d_resample: a resampling filter is required when up or down > 1")
     out_channels, in_per_group, kh, kw = w.shape
-    fw, fh = filter_size(f)
-    px0, px1, py0, py1 = _parse_padding(padding)
-
-    # The filter's own padding, so that resampling is centred.
-    if up > 1:
-        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
-        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-    if down > 1:
-        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    px0, px1, py0, py1 = _filter_padding(padding, f, up, down)
 
     # 1x1 kernel with downsampling: filter and decimate first (fewer pixels to convolve).
     if kw == 1 and kh == 1 and down > 1 and up == 1:
@@ -84,15 +88,7 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] 
 # filter's own padding is already included in `padding`.
 def conv2d_resample_ref(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True, flip_filter=False,
                         filter_padded=False):
-    px0, px1, py0, py1 = _parse_padding(padding)
-    if not filter_padded:
-        fw, fh = filter_size(f)
-        if up > 1:
-            px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
-            py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-        if down > 1:
-            px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-            py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    px0, px1, py0, py1 = _parse_padding(padding) if filter_padded else _filter_padding(padding, f, up, down)
     x = upfirdn2d(x, f if up > 1 else None, up=up, padding=[px0, px1, py0, py1], gain=up ** 2,
                   flip_filter=flip_filter)
     x = _conv(x, w, groups=groups, flip_weight=flip_weight)
