@@ -1,4 +1,5 @@
 """Fused bias_act and upfirdn2d: autograd Functions over the C++/CUDA kernels, registered with ops.dispatch."""
+import concurrent.futures
 import functools
 
 import torch
@@ -29,6 +30,14 @@ upfirdn2d_cpu_path = 0
 # The extension of `op` for a device type ('cpu' or 'cuda'); raises _build.BuildError with the reason.
 def load(op: str, device_type: str):
     return _build.load_extension(op, SOURCES[op][device_type], cuda=(device_type == "cuda"))
+
+
+# Build (or load) every op's extension for a device type at once, in threads so that their compilers run in
+# parallel; returns {op: module or the BuildError}.
+def load_all(device_type: str):
+    with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+        futures = {op: pool.submit(load, op, device_type) for op in SOURCES}
+    return {op: (f.exception() or f.result()) for op, f in futures.items()}
 
 
 # Why the fused `op` cannot run on x (None when it can): device, dtype, or the build.
@@ -82,6 +91,7 @@ def _make_loader(op, fn):
 _empties = {}
 
 
+# The cached empty tensor for x's dtype and device.
 def _empty(x):
     key = (x.dtype, x.device)
     e = _empties.get(key)

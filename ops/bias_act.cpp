@@ -99,6 +99,7 @@ static void bias_act_mode(int mode, const Args<scalar_t>& a) {
   }
 }
 
+// Pick the activation instantiation.
 template <typename scalar_t>
 static void bias_act_cpu(int act, int mode, const Args<scalar_t>& a) {
 #define GF_CASE(ID) \

@@ -31,6 +31,7 @@ def set_default_impl(impl: str) -> None:
     _default_impl = _checked(impl, "set_default_impl")
 
 
+# The current default implementation.
 def default_impl() -> str:
     return _default_impl
 

@@ -222,6 +222,7 @@ GF_ALWAYS_INLINE void plane_padded_fixed(const scalar_t* xp, scalar_t* yp, const
   }
 }
 
+// plane_padded_fixed for a runtime tap count (1..8), compiled with an AVX2 clone.
 template <typename scalar_t>
 GF_CPU_CLONES static void plane_padded(const scalar_t* xp, scalar_t* yp, const Geom* g, int f,
                                        const typename GfAcc<scalar_t>::type* wx,

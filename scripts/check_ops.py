@@ -87,16 +87,14 @@ def main(argv=None):
     # Build.
     built = {}
     for dev in devices + ([] if torch.cuda.is_available() or not args.cuda_build else [torch.device("cuda")]):
-        for op in _fused.SOURCES:
-            t0 = time.time()
-            try:
-                _fused.load(op, dev.type)
-                built[op, dev.type] = True
-                print(f"[build] {op:9s} {dev.type:4s}: built/loaded in {time.time() - t0:.1f} s")
-            except _build.BuildError as e:
-                built[op, dev.type] = False
+        t0 = time.time()
+        for op, result in _fused.load_all(dev.type).items():  # the ops of a device build in parallel
+            built[op, dev.type] = not isinstance(result, Exception)
+            if built[op, dev.type]:
+                print(f"[build] {op:9s} {dev.type:4s}: built/loaded ({time.time() - t0:.1f} s for all ops)")
+            else:
                 ok = False
-                print(f"[build] {op:9s} {dev.type:4s}: NOT BUILT: {e}")
+                print(f"[build] {op:9s} {dev.type:4s}: NOT BUILT: {result}")
 
     # Parity and a short benchmark on each device with built kernels.
     for dev in devices:
