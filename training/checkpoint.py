@@ -1,9 +1,13 @@
 """Snapshots (G, D, G_ema as safetensors + JSON) and full training state, written atomically, loaded without code."""
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -12,25 +16,48 @@ import torch
 
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d{6})\.safetensors$")
 STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
+# The process umask (mkstemp creates files 0600; finished checkpoints get the usual 0666 & ~umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+TEMP_RE = re.compile(r"^\.(training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors)\..*\.tmp$")
+
+
+# A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code.
+class CheckpointError(ValueError):
+    pass
+
+
+# Writing a checkpoint failed (disk full, permissions, I/O error); the files that were there before are intact.
+class CheckpointWriteError(OSError):
+    pass
 
 
 # Write `path` through a temporary file in the same folder, flushed and fsynced, then renamed over the target, so
-# that a crash leaves either the old file or the complete new one.
+# that a crash leaves either the old file or the complete new one. An OSError (disk full, ...) removes the
+# temporary file and becomes a CheckpointWriteError naming the file.
 def atomic_write(path, write_fn) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            what = "disk full" if e.errno == errno.ENOSPC else "write failed"
+            raise CheckpointWriteError(e.errno, f"{path}: {what} ({e.strerror or e}); this file was not "
+                                                f"written, and the files written before (previous checkpoints) "
+                                                f"are intact") from e
         raise
 
 
@@ -115,17 +142,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Save the full training state (a dict of tensors and plain data) for `torch.load(weights_only=True)`.
+# Feed a nested structure of tensors and plain data into a hash in a canonical order (dict keys sorted, tensors
+# by dtype, shape and raw bytes), so that the same content always gives the same digest.
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+# sha256 of a training state's content (every tensor and value), stored in the state as 'sha256'.
+def state_digest(state: dict) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+# Save the full training state (a dict of tensors and plain data) for `torch.load(weights_only=True)`, with the
+# sha256 of its content inside.
 def save_state(path, state: dict) -> None:
+    state = dict(state, sha256=state_digest(state))
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-# Load a training state without executing code: weights_only refuses any pickle that carries code.
+# Load a training state without executing code (weights_only refuses any pickle that carries code) and verify its
+# checksum; raises CheckpointError naming the file and what is wrong with it.
 def load_state(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: training state not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
+                              f"which could run code ({first})") from e
     except Exception as e:
-        raise ValueError(f"{path}: cannot load training state safely ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt training state "
+                              f"({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+    if "sha256" not in state:
+        warnings.warn(f"{path}: no checksum inside (written by an older ganforge); loading it unverified")
+    elif state_digest(state) != state["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch (the content does not match the sha256 stored at save "
+                              f"time): the file is corrupt")
+    return state
 
 
 # Checkpoint files in a run directory, newest first, as (kimg, path).
@@ -135,3 +208,68 @@ def list_states(run_dir) -> list:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STATE_RE.match(p.name))]
     return sorted(found, reverse=True)
+
+
+# The newest training state in `run_dir` that loads and passes its checksum, as (path, state), or None when there
+# is no training state. Unusable newer ones are skipped with a warning naming them; when every one is unusable
+# the run is not silently restarted: CheckpointError lists them.
+def newest_intact_state(run_dir, log=print):
+    bad = []
+    for _, path in list_states(run_dir):
+        try:
+            state = load_state(path)
+        except CheckpointError as e:
+            log(f"Warning: skipping {path}: {e}")
+            bad.append(str(e))
+            continue
+        if bad:
+            log(f"Warning: resuming from the previous intact checkpoint {path}")
+        return path, state
+    if bad:
+        raise CheckpointError(f"{run_dir}: no intact training state to resume from:\n  " + "\n  ".join(bad) +
+                              "\nMove the broken files away to start this run over, or pass resume=<file>.")
+    return None
+
+
+# Delete temporary files left by a write that was killed before its rename (they are never valid checkpoints).
+def remove_stale_temps(run_dir) -> list:
+    run_dir = Path(run_dir)
+    removed = [p for p in run_dir.iterdir() if TEMP_RE.match(p.name)] if run_dir.is_dir() else []
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+# The best record of each metric (metric-<name>-best.json), as {name: record}; unreadable files are left out.
+def best_metrics(run_dir) -> dict:
+    out = {}
+    for p in sorted(Path(run_dir).glob("metric-*-best.json")):
+        try:
+            record = json.loads(p.read_text())
+            out[record.get("metric", p.name[len("metric-"):-len("-best.json")])] = record
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# Delete all but the newest `keep` training states (keep <= 0: keep all) and the ones at the kimg of a best
+# metric's snapshot. Returns the deleted paths.
+def prune_states(run_dir, keep: int, protect=()) -> list:
+    if keep is None or keep <= 0:
+        return []
+    states = list_states(run_dir)
+    protected = {int(k) for k in protect}
+    doomed = [p for i, (kimg, p) in enumerate(states) if i >= keep and kimg not in protected]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+# The kimg of each best metric's snapshot (network-snapshot-<kimg>.safetensors), for prune_states.
+def best_kimgs(run_dir) -> set:
+    out = set()
+    for record in best_metrics(run_dir).values():
+        m = SNAPSHOT_RE.match(str(record.get("snapshot") or ""))
+        if m:
+            out.add(int(m.group(1)))
+    return out

@@ -73,6 +73,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# True on every rank when `flag` is true on any rank (one small all-reduce; every rank must call it together).
+def any_true(flag: bool) -> bool:
+    if not (is_initialized() and get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 # Average a tensor over all ranks, in place, and return it.
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_initialized() and get_world_size() > 1:
