@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
         "data.num_images=256", "metrics=none", "train.ops_impl=ref",
-        "aug=noaug"]
+        "aug=noaug", "train.cpu_threads=1"]
 
 
 def run_train(args, cwd, check=True, launcher=None, timeout=600):
@@ -169,3 +169,21 @@ def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):
     assert np.allclose(np.round(steps / 0.032), steps / 0.032, atol=1e-6)
     state = torch.load(sorted((tmp_path / "run").glob("training-state-*.pt"))[-1], weights_only=True)
     assert state["ada"]["p"] == pytest.approx(ps[-1])
+
+
+# Issue 5: a training tick with the fused C++ kernels gives the losses of the reference ops (float tolerance).
+def test_fused_ops_tick_matches_reference(tmp_path):
+    args = [a for a in TINY if not a.startswith("train.ops_impl=")] + ["train.kimg=0.032"]
+    env_backup = {k: os.environ.pop(k) for k in ("GANFORGE_OPS_IMPL", "GANFORGE_OPS_FORCE_BUILD_FAILURE")
+                  if k in os.environ}
+    try:
+        for impl in ("ref", "fused"):
+            run_train(args + [f"run_dir={impl}", f"train.ops_impl={impl}"], tmp_path)
+    finally:
+        os.environ.update(env_backup)
+    ref, fused = [[json.loads(x) for x in (tmp_path / d / "stats.jsonl").read_text().splitlines()][-1]
+                  for d in ("ref", "fused")]
+    keys = [k for k in ref if k.startswith("Loss/")]
+    assert len(keys) >= 5
+    for k in keys:
+        assert fused[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
