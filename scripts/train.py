@@ -35,38 +35,56 @@ def describe(cfg: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{cfg['model']['name']}")
 
 
-# The run directory: `run_dir` if given; else the newest unfinished numbered run of the same description and
-# config (rerunning a command resumes it); else the next number in `outdir` ("00000-<dataset>-<preset>").
+# The run directory: `run_dir` if given; else the newest unfinished numbered run of the same description whose
+# config differs at most in keys that are safe to change on resume (rerunning a command resumes it; never with
+# resume=none), or an empty one left by a failed start; else the next number in `outdir`
+# ("00000-<dataset>-<preset>").
 def choose_run_dir(cfg: dict) -> Path:
+    from training.state import config_changes
     if cfg["run_dir"]:
         return Path(cfg["run_dir"])
     outdir = Path(cfg["outdir"])
     desc = describe(cfg)
     runs = sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := RUN_RE.match(p.name)) and p.is_dir())
     for _, p in reversed(runs):
+        if p.name.endswith("-" + desc) and not any(p.iterdir()):
+            return p  # Left empty by a run that failed at start-up.
+        if cfg.get("resume") == "none":
+            continue
         if p.name.endswith("-" + desc) and not (p / "DONE").exists() and (p / "config.json").exists():
-            saved = json.loads((p / "config.json").read_text())
-            if {k: v for k, v in saved.items() if k != "run_dir"} == {k: v for k, v in cfg.items() if k != "run_dir"}:
+            try:
+                saved = json.loads((p / "config.json").read_text())
+            except ValueError:
+                continue
+            refused, _ = config_changes(saved, cfg)
+            if not refused and saved.get("resume") == cfg.get("resume"):
                 return p
     next_id = runs[-1][0] + 1 if runs else 0
     return outdir / f"{next_id:05d}-{desc}"
 
 
-# Entry point: resolve the config, pick the run directory on rank 0, write config.yaml, run the loop.
+# Entry point: resolve the config, pick the run directory on rank 0, run the loop (which writes config.yaml once
+# it knows the run can start). Errors that end a run cleanly (a refused resume, an unusable checkpoint, disk
+# full, too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0.
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from training.checkpoint import CheckpointError, CheckpointWriteError
+    from training.preempt import NonFiniteError
+    from training.state import ResumeError
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     dist.init(mixed_precision=cfg_dict["train"]["mixed_precision"])
     run_dir = dist.broadcast_object(str(choose_run_dir(cfg_dict)) if dist.is_main() else None)
     cfg_dict["run_dir"] = None if cfg.run_dir is None else cfg.run_dir
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
-        (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        if not (Path(run_dir) / "config.json").exists():
-            (Path(run_dir) / "config.json").write_text(json.dumps(cfg_dict, indent=2))
     dist.barrier()
     from training.loop import training_loop
-    training_loop(cfg_dict, run_dir)
+    try:
+        training_loop(cfg_dict, run_dir)
+    except (ResumeError, CheckpointError, CheckpointWriteError, NonFiniteError) as e:
+        if dist.is_main():  # The same error on every rank: said once.
+            print(f"Error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class TrainConfig:
     ops_impl: str = "auto"             # custom ops: auto (fused when built) | fused | ref
     deterministic: bool = False        # force deterministic algorithms (slower; exact reruns on one device)
     cpu_threads: Optional[int] = None  # CPU only: torch threads per process; null = cores / local processes
+    keep: int = 3                      # training states kept: the newest this many plus the best metric's (0 = all)
+    max_nonfinite: int = 20            # stop after this many minibatches in a row with non-finite gradients (0 = never)
     loss: str = "ns"                   # adversarial loss: ns (non-saturating logistic) | hinge | wgan-gp
     wgan_lambda: float = 10.0          # wgan-gp only: gradient-penalty weight lambda (replaces R1; r1_gamma unused)
     wgan_drift: float = 0.001          # wgan-gp only: drift term eps_drift * D(x)^2 on reals (ProGAN)
@@ -104,6 +106,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     outdir: str = "runs"               # parent folder of numbered run directories
     run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
+    resume: Optional[str] = None       # training state or run dir (all), .safetensors/.pkl (weights only), none
 
 
 # Register the schema so that conf/config.yaml can extend it and unknown keys are refused.

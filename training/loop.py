@@ -1,8 +1,8 @@
 """The training loop: one function, with its phases in a fixed order, progress counted in images (cur_nimg)."""
+import copy
 import json
 import os
 import random
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,11 @@ from training import dist
 from training.images import save_image_grid, to_uint8, make_grid, save_png
 from training.loss import StyleGAN2Loss
 from training.networks_factory import apply_auto, build_networks
+from training.preempt import Faults, NonFiniteError, StopRequest, all_finite
+from training.report import TickStats, evaluate_metrics, init_wandb, peak_memory_gb, write_report
 from training.sampler import InfiniteSampler
+from training.state import (KeepRNG, check_config, load_weights, reseed, resolve_resume_all, restore_state,
+                            save_checkpoint, truncate_stats, write_config_files)
 
 
 # One G or D optimization phase (StyleGAN2-ADA): which loss terms, which network and optimizer, and every how
@@ -63,33 +67,6 @@ def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int):
     return batch_gpu, batch_size // (batch_gpu * world)
 
 
-# Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU).
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-# Running sums of scalar stats over a tick, averaged over ranks at report time.
-class TickStats:
-    def __init__(self):
-        self.sums = {}
-
-    def add(self, stats: dict):
-        for k, v in stats.items():
-            s = self.sums.setdefault(k, [0.0, 0])
-            s[0] += float(v)
-            s[1] += 1
-
-    def reduce(self, device) -> dict:
-        keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
-        t = torch.tensor([[self.sums.get(k, [0.0, 0])[0], self.sums.get(k, [0.0, 0])[1]] for k in keys],
-                         dtype=torch.float64, device=device).reshape(-1, 2)
-        dist.all_reduce_sum(t)
-        self.sums = {}
-        return {k: float(s / n) for k, (s, n) in zip(keys, t.tolist()) if n > 0}
-
-
 # Update G_ema towards G: half-life ema_kimg, optionally capped at ema_rampup * cur_nimg (StyleGAN2-ADA).
 def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_rampup) -> None:
     ema_nimg = ema_kimg * 1000
@@ -101,16 +78,6 @@ def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_ra
             p_ema.copy_(p.detach().lerp(p_ema, ema_beta))
         for b_ema, b in zip(G_ema.buffers(), G.buffers()):
             b_ema.copy_(b)
-
-
-# sha256 of a module's parameters and buffers, to prove that all ranks hold the same weights.
-def fingerprint(module) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # The fixed latents, labels and dataset indices of the image grids (the same for every run with this seed).
@@ -130,12 +97,21 @@ def generate_grid(G_ema, grid_z, grid_c, batch: int):
     return torch.cat(out)
 
 
-# Train G and D as `cfg` (a plain dict of the resolved config) says, in `run_dir`; resumes from the newest
-# training state there. Returns the final counters.
+# Train G and D as `cfg` (a plain dict of the resolved config) says, in `run_dir`. Resumes from the newest intact
+# training state there (else from cfg['resume']); stops at the next step boundary with a checkpoint on SIGTERM,
+# SIGINT or SIGUSR1. Returns the final counters (with 'stopped': the signal's name after such a stop).
 def training_loop(cfg: dict, run_dir) -> dict:
+    stop = StopRequest().install()
+    try:
+        return _train(cfg, Path(run_dir), stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
     from training.dataset import open_dataset
+    requested = copy.deepcopy(cfg)  # The config as asked for (before 'auto'), compared on resume.
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
-    run_dir = Path(run_dir)
     accelerator = dist.init(mixed_precision=t["mixed_precision"])
     device = dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -157,6 +133,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
     batch_gpu, rounds = check_batch(t["batch_size"], t["batch_gpu"], world, m["mbstd_group"])
     batch_size = t["batch_size"]
     total_nimg = int(t["kimg"] * 1000)
+    keep, max_nonfinite = t.get("keep", 3), t.get("max_nonfinite", 20)
 
     # Networks, initialized from the same seed on every rank and then made identical by broadcast from rank 0.
     torch.manual_seed(t["seed"])
@@ -165,13 +142,16 @@ def training_loop(cfg: dict, run_dir) -> dict:
         G_ema.to(device)
     for net in (G, D, G_ema):
         dist.broadcast_module(net)
+    nets = {"G": G, "D": D, "G_ema": G_ema}
 
     # Loss and phases; optimizers go through Accelerate for mixed-precision loss scaling.
     tick_stats = TickStats()
     loss = StyleGAN2Loss(G, D, r1_gamma=t["r1_gamma"], style_mixing_prob=t["style_mixing_prob"],
                          pl_weight=t["pl_weight"], pl_batch_shrink=t["pl_batch_shrink"], pl_decay=t["pl_decay"],
-                         autocast=accelerator.autocast, backward=accelerator.backward)
-    phases = make_phases(G, D, t, use_pl=t["pl_weight"] != 0, use_r1=t["r1_gamma"] != 0)
+                         autocast=accelerator.autocast, backward=accelerator.backward,
+                         loss_type=t.get("loss", "ns"), wgan_lambda=t.get("wgan_lambda", 10.0),
+                         wgan_drift=t.get("wgan_drift", 0.001))
+    phases = make_phases(G, D, t, use_pl=t["pl_weight"] != 0, use_r1=loss.has_d_reg)
     unique = list({id(ph.opt): ph.opt for ph in phases}.values())
     wrapped = accelerator.prepare(*unique)
     wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
@@ -187,38 +167,55 @@ def training_loop(cfg: dict, run_dir) -> dict:
         augment_pipe = augment_pipe.to(device)
     loss.augment_pipe = augment_pipe
 
-    # State: counters, and the newest checkpoint in the run directory when there is one.
+    # Where to start: the run directory's newest intact training state, else cfg['resume'] (a training state or
+    # run directory: everything; a snapshot: weights only, for transfer learning), else from scratch.
+    if dist.is_main():
+        for p in ckpt.remove_stale_temps(run_dir):
+            print(f"Removed {p}, left by a checkpoint write that was interrupted", flush=True)
+    plan = resolve_resume_all(cfg, run_dir, log=dist.print0)
+    resumed = plan["kind"] == "state"
     counters = dict(cur_nimg=0, cur_tick=0, batch_idx=0, tick_start_nimg=0, skipped_steps=0, sampler_pos=0,
-                    metrics_nimg=0)
-    states = ckpt.list_states(run_dir)
-    if states:
-        state = ckpt.load_state(states[0][1])
-        for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
-            net.load_state_dict(state[name])
-        for i, ph in enumerate(p for p in phases if p.name.endswith(("main", "both"))):
-            ph.opt.load_state_dict(state["opt"][i])
-        counters.update(state["counters"])
-        loss.pl_mean.copy_(state["pl_mean"])
-        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if augment_pipe is not None and "augment_pipe" in state:
-            augment_pipe.load_state_dict(state["augment_pipe"])
-        dist.print0(f"Resuming from {states[0][1]} at {counters['cur_nimg'] / 1000:.3f} kimg")
-    else:
-        random.seed(t["seed"] * world + rank)
-        np.random.seed(t["seed"] * world + rank)
-        torch.manual_seed(t["seed"] * world + rank)
-    # Auto-resume continues the same run exactly (ada_kimg unchanged); ada_kimg_resume is for starting from
-    # another run's weights.
-    ada = make_adaptive_p(cfg["aug"], augment_pipe, batch_size=batch_size, resumed=False)
+                    metrics_nimg=0, nonfinite_streak=0)
+    # ada_kimg_resume (a faster p) only when starting from another run's weights; a full resume continues exactly.
+    ada = make_adaptive_p(cfg["aug"], augment_pipe, batch_size=batch_size, resumed=plan["kind"] == "weights")
+    rng = None
+    if resumed:
+        state = plan.pop("state")
+        if "config_requested" in state:
+            allowed = check_config(json.loads(state["config_requested"]), requested, plan["path"])
+        else:  # Written before 'config_requested' existed: its config is the resolved one.
+            allowed = check_config(json.loads(state["config"]), cfg, plan["path"])
+        for line in allowed:
+            dist.print0(f"Config change on resume (allowed): {line}")
+        loaded, rng = restore_state(state, plan["path"], G, D, G_ema, phases, loss, augment_pipe, ada,
+                                    accelerator.scaler, log=dist.print0)
+        counters.update(loaded)
+        del state
+        dist.print0(f"Resuming from {plan['path']} at {counters['cur_nimg'] / 1000:.3f} kimg")
+    elif plan["kind"] == "weights":
+        load_weights(plan["path"], G, D, G_ema, log=dist.print0)
+        dist.print0(f"Starting from the weights of {plan['path']} (optimizers, counters and augmentation start "
+                    f"fresh)")
     if ada is not None:
-        if states and "ada" in state:
-            ada.load_state_dict(state["ada"])
         loss.on_real_logits = ada.accumulate
+    if dist.is_main():  # stats.jsonl keeps the lines up to the resume point (none when starting afresh).
+        write_config_files(run_dir, requested)
+        truncate_stats(run_dir, counters["cur_nimg"] if resumed else -1)
+    if resumed and counters["cur_nimg"] >= total_nimg:
+        dist.print0(f"Already trained to {counters['cur_nimg'] / 1000:.3f} kimg (train.kimg={t['kimg']}): nothing "
+                    f"to do; raise train.kimg to continue")
+        if dist.is_main():
+            (run_dir / "DONE").write_text(json.dumps({"kimg": counters["cur_nimg"] / 1000}))
+        dist.barrier()
+        return counters
+
+    # The loader draws no global random numbers (its own generator), so that resuming does not shift them.
     sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
                               start=counters["sampler_pos"])
     loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
                                               num_workers=d["num_workers"], pin_memory=device.type == "cuda",
-                                              prefetch_factor=2 if d["num_workers"] > 0 else None))
+                                              prefetch_factor=2 if d["num_workers"] > 0 else None,
+                                              generator=torch.Generator().manual_seed(t["seed"])))
 
     # Fixed grid latents and labels; reals.png once.
     grid_w, grid_h = t["grid_size"]
@@ -242,7 +239,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
             metric_names = []
 
     # Logging: stats.jsonl, the progress bar and wandb live on rank 0.
-    wandb_run = _init_wandb(cfg, run_dir) if dist.is_main() else None
+    wandb_run = init_wandb(cfg, run_dir) if dist.is_main() else None
     pbar = None
     if dist.is_main() and cfg["log"]["progress"]:
         from tqdm import tqdm
@@ -252,12 +249,37 @@ def training_loop(cfg: dict, run_dir) -> dict:
                 f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; run dir {run_dir}")
     start_time = tick_start_time = time.time()
     tick_start_nimg = counters["tick_start_nimg"]
-    first_report = not states  # A fresh run reports tick 0; a resumed one already reported its last tick.
+    first_report = counters["cur_tick"] == 0  # A resumed run already reported the tick it resumes in.
+    save = dict(cfg=cfg, requested=requested, nets=nets, phases=phases, loss=loss, augment_pipe=augment_pipe,
+                ada=ada, scaler=accelerator.scaler, keep=keep)
+
+    # The random streams start here, from the seed or from the checkpoint: nothing above draws from them.
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:
+        seed = t["seed"] * world + rank
+        if resumed:
+            reseed(t["seed"], counters["cur_nimg"], rank)
+        else:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+    faults = Faults(rank)
+    stopped = None
 
     while True:
         cur_nimg = counters["cur_nimg"]
         done = cur_nimg >= total_nimg
         at_tick = done or first_report or cur_nimg >= tick_start_nimg + t["tick_kimg"] * 1000
+
+        # 0. Stop requests (a signal on any rank, or too many non-finite steps in a row): every rank agrees.
+        faults.at_step(cur_nimg)
+        if stop.requested() and not done:
+            stopped = stop.name or "a stop signal on another rank"
+            break
+        if 0 < max_nonfinite <= counters["nonfinite_streak"] and not done:
+            stopped = "nonfinite"
+            break
 
         if at_tick:
             # 1. Report: status line, stats.jsonl, wandb.
@@ -274,12 +296,13 @@ def training_loop(cfg: dict, run_dir) -> dict:
             if ada is not None and ada.r_t == ada.r_t:  # NaN before the first adjustment.
                 stats["Progress/ada_rt"] = float(ada.r_t)
             if dist.is_main():
-                _report(stats, run_dir, pbar, wandb_run, first_report)
+                write_report(stats, run_dir, pbar, wandb_run, first_report)
 
             # 2. Snapshot image grid of G_ema (fixed latents, constant noise).
             image_due = t["image_snap"] and (done or counters["cur_tick"] % t["image_snap"] == 0)
             if dist.is_main() and image_due:
-                images = generate_grid(G_ema, grid_z, grid_c, batch_gpu)
+                with KeepRNG():
+                    images = generate_grid(G_ema, grid_z, grid_c, batch_gpu)
                 save_image_grid(images, run_dir / f"fakes{cur_nimg // 1000:06d}.png", (grid_w, grid_h))
                 if wandb_run is not None:
                     import wandb
@@ -288,20 +311,23 @@ def training_loop(cfg: dict, run_dir) -> dict:
 
             # 3. Checkpoint: snapshot (weights) and full training state (rank 0 writes, every rank contributes RNG).
             snap_due = t["snap"] and (done or counters["cur_tick"] % t["snap"] == 0) and not first_report
-            if snap_due:
-                # Saved as the next tick's counters: a resumed run continues exactly where this one goes on.
-                resume_counters = dict(counters, cur_tick=counters["cur_tick"] + 1, tick_start_nimg=cur_nimg)
-                _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, resume_counters, loss, cur_nimg,
-                                 augment_pipe, ada)
-
-            # 4. Metrics of G_ema (every rank takes a share of the images), appended to metric-<name>.jsonl.
             every = cfg["metrics"]["every_kimg"]
             metrics_due = (snap_due if every is None else
-                           cur_nimg // int(every * 1000) > counters.get("metrics_nimg", 0) // int(every * 1000)
-                           or (done and cur_nimg > counters.get("metrics_nimg", 0)))
-            if metric_names and metrics_due and not first_report:
-                _evaluate(G_ema, dataset, detector, metric_names, run_dir, cur_nimg, cfg, pbar, wandb_run,
-                          counters["cur_tick"])
+                           cur_nimg // int(every * 1000) > counters["metrics_nimg"] // int(every * 1000)
+                           or (done and cur_nimg > counters["metrics_nimg"]))
+            metrics_due = bool(metric_names and metrics_due and not first_report)
+            if snap_due:
+                # Saved as the next tick's counters: a resumed run continues exactly where this one goes on.
+                resume_counters = dict(counters, cur_tick=counters["cur_tick"] + 1, tick_start_nimg=cur_nimg,
+                                       metrics_nimg=cur_nimg if metrics_due else counters["metrics_nimg"])
+                save_checkpoint(run_dir, counters=resume_counters, cur_nimg=cur_nimg, **save)
+
+            # 4. Metrics of G_ema (every rank takes a share of the images), appended to metric-<name>.jsonl; they
+            # draw no numbers from the training streams.
+            if metrics_due:
+                with KeepRNG():
+                    evaluate_metrics(G_ema, dataset, detector, metric_names, run_dir, cur_nimg, cfg, pbar, wandb_run,
+                              counters["cur_tick"])
                 counters["metrics_nimg"] = cur_nimg
 
             # 5. Stop.
@@ -319,6 +345,7 @@ def training_loop(cfg: dict, run_dir) -> dict:
             reals.append(img.to(device).to(torch.float32) / 127.5 - 1)
             real_cs.append(c.to(device))
             counters["sampler_pos"] += batch_gpu
+        skipped = False
         for phase in phases:
             if counters["batch_idx"] % phase.interval != 0:
                 continue
@@ -333,14 +360,20 @@ def training_loop(cfg: dict, run_dir) -> dict:
 
             # 7. Step: average gradients over ranks; a non-finite gradient skips the step on every rank.
             params = [p for p in phase.module.parameters() if p.grad is not None]
+            faults.corrupt_grads(params, cur_nimg)
             dist.all_reduce_grads(params)
             if accelerator.scaler is None and params:
                 finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
                 if not bool(finite):
                     counters["skipped_steps"] += 1
+                    skipped = True
                     phase.opt.zero_grad(set_to_none=True)
                     continue
             phase.opt.step()
+            if accelerator.scaler is not None and phase.opt.step_was_skipped:
+                counters["skipped_steps"] += 1
+                skipped = True
+        counters["nonfinite_streak"] = counters["nonfinite_streak"] + 1 if skipped else 0
 
         # 8. ADA: every ada_interval minibatches, p moves towards the target (same batch_idx on every rank).
         if ada is not None:
@@ -357,6 +390,8 @@ def training_loop(cfg: dict, run_dir) -> dict:
 
     if pbar is not None:
         pbar.close()
+    if stopped is not None:
+        return _stop(stopped, run_dir, counters, tick_start_nimg, save, max_nonfinite, wandb_run)
     if wandb_run is not None:
         wandb_run.finish()
     if dist.is_main():
@@ -365,78 +400,34 @@ def training_loop(cfg: dict, run_dir) -> dict:
     return counters
 
 
+# After a stop request at a step boundary: write the training state there (counters as they are, so a resumed
+# run finishes the current tick) and return, or, after too many non-finite steps, keep the last good state (the
+# current one when every weight is finite, else the newest checkpoint) and raise NonFiniteError.
+def _stop(reason, run_dir, counters, tick_start_nimg, save, max_nonfinite, wandb_run) -> dict:
+    cur_nimg = counters["cur_nimg"]
+    resume_counters = dict(counters, tick_start_nimg=tick_start_nimg, nonfinite_streak=0)
+    good = reason != "nonfinite" or all_finite(save["nets"].values(), [save["loss"].pl_mean])
+    path = save_checkpoint(run_dir, counters=resume_counters, cur_nimg=cur_nimg, snapshot=False, **save) \
+        if good else None
+    if wandb_run is not None:
+        wandb_run.finish()
+    dist.barrier()
+    if reason == "nonfinite":
+        if path is None:
+            states = ckpt.list_states(run_dir)
+            path = states[0][1] if states else "none (no checkpoint was written yet)"
+        raise NonFiniteError(f"stopped at {cur_nimg / 1000:.3f} kimg after {max_nonfinite} minibatches in a row with "
+                             f"non-finite gradients (train.max_nonfinite={max_nonfinite}); the last good state is "
+                             f"{path}. Lower the learning rates or raise the R1 weight, and start again from it "
+                             f"(e.g. resume=<network-snapshot>.safetensors in a new run).")
+    dist.print0(f"Stopped by {reason} at {cur_nimg / 1000:.3f} kimg: checkpoint {path}; rerun the same command to "
+                f"resume.")
+    return dict(counters, stopped=reason)
+
+
 # Labels for generated samples: drawn from the dataset's label distribution (zeros [N, 0] when unconditional).
 def _sample_labels(dataset, n: int, device):
     if dataset.label_dim == 0:
         return torch.zeros([n, 0], device=device)
     idx = np.random.randint(len(dataset), size=n)
     return torch.from_numpy(np.stack([dataset.get_label(i) for i in idx])).to(device)
-
-
-# Print the status line and append one JSON line to stats.jsonl (rank 0).
-def _report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None:
-    line = (f"tick {stats['Progress/tick']:<5d} kimg {stats['Progress/kimg']:<8.1f} "
-            f"time {stats['Timing/total_sec']:<7.0f}s sec/kimg {stats['Timing/sec_per_kimg']:<7.2f} "
-            f"mem {stats['Resources/peak_mem_gb']:.2f}GB")
-    for key, label in (("Loss/G/loss", "G"), ("Loss/D/loss_real", "Dreal"), ("Loss/D/loss_fake", "Dfake"),
-                       ("Loss/r1_penalty", "R1"), ("Loss/pl_penalty", "PL")):
-        if key in stats:
-            line += f" {label} {stats[key]:.3f}"
-    (pbar.write if pbar is not None else print)(line)
-    stats = dict(stats, timestamp=time.time())
-    with open(run_dir / "stats.jsonl", "a") as f:
-        f.write(json.dumps(stats) + "\n")
-        f.flush()
-    if wandb_run is not None and not is_start:
-        wandb_run.log({k: v for k, v in stats.items() if isinstance(v, (int, float))},
-                      step=int(stats["Progress/tick"]))
-
-
-# Save the snapshot and the full training state for the current image count.
-def _save_checkpoint(run_dir, cfg, G, D, G_ema, phases, counters, loss, cur_nimg, augment_pipe=None,
-                     ada=None) -> None:
-    rng = dist.all_gather_object(ckpt.get_rng_state())
-    prints = dist.all_gather_object({name: fingerprint(net) for name, net in (("G", G), ("D", D), ("G_ema", G_ema))})
-    if any(p != prints[0] for p in prints):
-        raise RuntimeError(f"ranks hold different weights at {cur_nimg / 1000:.3f} kimg: {prints}")
-    if dist.is_main():
-        kimg = cur_nimg // 1000
-        ckpt.save_snapshot(run_dir / f"network-snapshot-{kimg:06d}.safetensors", G, D, G_ema, config=cfg,
-                           extra={"cur_nimg": cur_nimg})
-        opts = [ph.opt.state_dict() for ph in phases if ph.name.endswith(("main", "both"))]
-        state = {"G": ckpt._cpu_state(G), "D": ckpt._cpu_state(D), "G_ema": ckpt._cpu_state(G_ema), "opt": opts,
-                 "counters": dict(counters), "pl_mean": loss.pl_mean.detach().cpu(), "rng": rng, "fingerprints": prints,
-                 "config": json.dumps(cfg)}
-        if augment_pipe is not None:
-            state["augment_pipe"] = {k: v.detach().cpu() for k, v in augment_pipe.state_dict().items()}
-        if ada is not None:
-            state["ada"] = ada.state_dict()
-        ckpt.save_state(run_dir / f"training-state-{kimg:06d}.pt", state)
-    dist.barrier()
-
-
-# Compute the metrics for G_ema at `cur_nimg`, print them and log them (records are written by the metrics module).
-def _evaluate(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
-    from training.metrics import evaluate_snapshot
-    kimg = cur_nimg // 1000
-    records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
-                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,
-                                batch_size=cfg["metrics"]["batch"])
-    for r in records:
-        msg = f"{r['metric']} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']})"
-        if dist.is_main():
-            (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
-        if wandb_run is not None:
-            wandb_run.log({f"Metrics/{r['metric']}": r["value"]}, step=tick)
-
-
-# wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
-def _init_wandb(cfg: dict, run_dir: Path):
-    mode = cfg["log"]["wandb"]
-    if mode == "disabled":
-        return None
-    if mode not in ("offline", "online"):
-        raise ValueError(f"log.wandb must be disabled, offline or online, got {mode!r}")
-    import wandb
-    return wandb.init(project=cfg["log"]["wandb_project"], dir=str(run_dir), mode=mode, config=cfg,
-                      name=run_dir.name, id=run_dir.name.replace("/", "-"), resume="allow")

@@ -1,0 +1,98 @@
+"""Preemption (SIGTERM, SIGINT, SIGUSR1 stop every rank at the next step boundary) and test-only fault injection."""
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from training import dist
+
+# Training stopped after train.max_nonfinite minibatches in a row with non-finite gradients.
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# The signals that schedulers send before they kill a job (SLURM, Kubernetes) and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+# The first stop signal sets a flag that the loop reads at every step boundary (all ranks agree through one
+# all-reduce); a second signal restores the default action and re-raises itself, so the process exits at once.
+# A repeat within `repeat_s` seconds counts as the same request: under SLURM a worker gets the scheduler's signal
+# and, a moment later, the same signal forwarded by `accelerate launch`.
+class StopRequest:
+    def __init__(self, repeat_s: float = 3.0):
+        self.signum = None
+        self.repeat_s = repeat_s
+        self._at = None
+        self._previous = {}
+
+    # Install the handlers (main thread only: Python delivers signals there; elsewhere this is a no-op).
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    # Put back the handlers that were there before `install`.
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if time.monotonic() - self._at < self.repeat_s:
+                return
+            sys.stderr.write(f"\nSecond stop signal ({name}): exiting now, without a checkpoint\n")
+            sys.stderr.flush()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum, self._at = signum, time.monotonic()
+        sys.stderr.write(f"\nReceived {name}: stopping at the next step with a checkpoint (send it again to exit "
+                         f"at once)\n")
+        sys.stderr.flush()
+
+    # The signal's name, or None when none arrived.
+    @property
+    def name(self):
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    # Whether any rank received a stop signal (call on every rank at the same step).
+    def requested(self) -> bool:
+        return dist.any_true(self.signum is not None)
+
+
+# Test-only faults, switched on by environment variables (never set in normal runs):
+# GANFORGE_TEST_KILL_AT_NIMG=N (with GANFORGE_TEST_KILL_RANK=r, default 0): rank r SIGKILLs itself at the first
+# step boundary at or after N images; GANFORGE_TEST_NONFINITE_FROM_NIMG=N: gradients become NaN from N images on.
+class Faults:
+    def __init__(self, rank: int):
+        env = os.environ
+        self.kill_at = int(env["GANFORGE_TEST_KILL_AT_NIMG"]) if env.get("GANFORGE_TEST_KILL_AT_NIMG") else None
+        self.kill = self.kill_at is not None and rank == int(env.get("GANFORGE_TEST_KILL_RANK", "0"))
+        nan_from = env.get("GANFORGE_TEST_NONFINITE_FROM_NIMG")
+        self.nan_from = int(nan_from) if nan_from else None
+
+    # At a step boundary: die like a killed process when asked to.
+    def at_step(self, cur_nimg: int) -> None:
+        if self.kill and cur_nimg >= self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # After the backward passes of a phase: poison the gradients when asked to.
+    def corrupt_grads(self, params, cur_nimg: int) -> None:
+        if self.nan_from is not None and cur_nimg >= self.nan_from:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    break
+
+
+# True when every floating-point parameter and buffer of the modules (and the extra tensors) is finite.
+def all_finite(modules, tensors=()) -> bool:
+    ts = [t for m in modules for t in list(m.parameters()) + list(m.buffers())] + list(tensors)
+    return all(bool(torch.isfinite(t).all()) for t in ts if t.is_floating_point())

@@ -1,0 +1,82 @@
+"""Reporting from the training loop: per-tick stats over ranks, the status line, stats.jsonl, metrics, wandb."""
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from training import dist
+
+
+# Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU).
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# Running sums of scalar stats over a tick, averaged over ranks at report time.
+class TickStats:
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, stats: dict):
+        for k, v in stats.items():
+            s = self.sums.setdefault(k, [0.0, 0])
+            s[0] += float(v)
+            s[1] += 1
+
+    def reduce(self, device) -> dict:
+        keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
+        t = torch.tensor([[self.sums.get(k, [0.0, 0])[0], self.sums.get(k, [0.0, 0])[1]] for k in keys],
+                         dtype=torch.float64, device=device).reshape(-1, 2)
+        dist.all_reduce_sum(t)
+        self.sums = {}
+        return {k: float(s / n) for k, (s, n) in zip(keys, t.tolist()) if n > 0}
+
+
+# Print the status line and append one JSON line to stats.jsonl (rank 0).
+def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None:
+    line = (f"tick {stats['Progress/tick']:<5d} kimg {stats['Progress/kimg']:<8.1f} "
+            f"time {stats['Timing/total_sec']:<7.0f}s sec/kimg {stats['Timing/sec_per_kimg']:<7.2f} "
+            f"mem {stats['Resources/peak_mem_gb']:.2f}GB")
+    for key, label in (("Loss/G/loss", "G"), ("Loss/D/loss_real", "Dreal"), ("Loss/D/loss_fake", "Dfake"),
+                       ("Loss/r1_penalty", "R1"), ("Loss/pl_penalty", "PL")):
+        if key in stats:
+            line += f" {label} {stats[key]:.3f}"
+    (pbar.write if pbar is not None else print)(line)
+    stats = dict(stats, timestamp=time.time())
+    with open(run_dir / "stats.jsonl", "a") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+    if wandb_run is not None and not is_start:
+        wandb_run.log({k: v for k, v in stats.items() if isinstance(v, (int, float))},
+                      step=int(stats["Progress/tick"]))
+
+
+# Compute the metrics for G_ema at `cur_nimg`, print them and log them (records are written by the metrics module).
+def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
+    from training.metrics import evaluate_snapshot
+    kimg = cur_nimg // 1000
+    records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
+                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,
+                                batch_size=cfg["metrics"]["batch"])
+    for r in records:
+        msg = f"{r['metric']} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']})"
+        if dist.is_main():
+            (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
+        if wandb_run is not None:
+            wandb_run.log({f"Metrics/{r['metric']}": r["value"]}, step=tick)
+
+
+# wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
+def init_wandb(cfg: dict, run_dir: Path):
+    mode = cfg["log"]["wandb"]
+    if mode == "disabled":
+        return None
+    if mode not in ("offline", "online"):
+        raise ValueError(f"log.wandb must be disabled, offline or online, got {mode!r}")
+    import wandb
+    return wandb.init(project=cfg["log"]["wandb_project"], dir=str(run_dir), mode=mode, config=cfg,
+                      name=run_dir.name, id=run_dir.name.replace("/", "-"), resume="allow")
