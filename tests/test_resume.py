@@ -21,7 +21,7 @@ from training.state import check_config, config_changes, ResumeError
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
-        "data.num_images=256", "metrics=none", "train.ops_impl=ref", "aug=noaug"]
+        "data.num_images=256", "metrics=none", "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
 # Ticks of 16 images (2 minibatches of 8), a checkpoint at every tick.
 SMALL = TINY + ["train.tick_kimg=0.016"]
 # SMALL with ADA on, a fast p and a small dataset (so that p rises), so that p, its statistic and the
