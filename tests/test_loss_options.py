@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from training.loss import StyleGAN2Loss
+from stubs import QuadraticD
 
 # Fixed logits: D below returns the pixel value, G outputs z itself, so these are D(x) and D(G(z)).
 REAL = [-2.0, -0.5, 0.3, 1.5]
@@ -22,17 +23,6 @@ class StubD(nn.Module):
 
     def forward(self, img, c, update_emas=False):
         return self.a * img.sum(dim=[1, 2, 3]).unsqueeze(1) + self.b
-
-
-# D(img) = sum(a * img^2) + b: grad_x D = 2 a x, so the gradient penalty is analytic.
-class QuadraticD(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(shape, dtype=torch.float64))
-        self.b = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
-
-    def forward(self, img, c, update_emas=False):
-        return (self.a * img.square()).sum(dim=[1, 2, 3]).unsqueeze(1) + self.b
 
 
 # G(z) = s * z reshaped to `shape` (one w, no mixing randomness); s = 1 is trainable.

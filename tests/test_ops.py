@@ -6,25 +6,14 @@ import numpy as np
 import pytest
 import scipy.signal
 import torch
-import torch.nn.functional as F
 
-from ops import dispatch
 from ops.bias_act import activation_funcs, bias_act
 from ops.conv2d_resample import conv2d_resample, conv2d_resample_ref
 from ops.modulated_conv import modulated_conv2d
 from ops.upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 
-# Every test here checks the reference path, whatever fused kernels are registered; tiny tensors run on one thread
-# (intra-op threads only add overhead here, and stall badly on a shared, oversubscribed machine).
-@pytest.fixture(autouse=True)
-def _ref_impl():
-    old, threads = dispatch.default_impl(), torch.get_num_threads()
-    dispatch.set_default_impl("ref")
-    torch.set_num_threads(1)
-    yield
-    dispatch.set_default_impl(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------

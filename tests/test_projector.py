@@ -27,18 +27,7 @@ from training.projector import (FALLBACK_LABEL, compute_w_stats, const_noise_map
 Z = 32
 
 
-# One thread per test process (the machine's two cores are shared, and two threads on them run several times
-# slower than one for these small convolutions), and the reference ops: projection does not depend on the fused
-# kernels (tested elsewhere), so these tests never wait for their build.
-@pytest.fixture(autouse=True)
-def one_thread_ref_ops():
-    from ops import dispatch
-    n, impl = torch.get_num_threads(), dispatch.default_impl()
-    torch.set_num_threads(1)
-    dispatch.set_default_impl("ref")
-    yield
-    torch.set_num_threads(n)
-    dispatch.set_default_impl(impl)
+pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 
 
 # A small random G (z = w = 32, 2 mapping layers, 32 channels). ToRGB weights are scaled by 1/4 so that, like a

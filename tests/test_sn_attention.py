@@ -10,21 +10,12 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator, SynthesisLayer, ToRGBLayer
 from networks.layers import Conv2dLayer, FullyConnectedLayer
 from networks.sn import sn_weight
-from ops import dispatch
 from training.checkpoint import load_snapshot, save_snapshot
 from training.loss import StyleGAN2Loss
 from training.networks_factory import build_networks
 
 
-# Reference ops (another developer changes the fused kernels) on one intra-op thread (the CPU is shared).
-@pytest.fixture(autouse=True)
-def _ref_impl_one_thread():
-    old, threads = dispatch.default_impl(), torch.get_num_threads()
-    dispatch.set_default_impl("ref")
-    torch.set_num_threads(1)
-    yield
-    dispatch.set_default_impl(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 
 
 # Tiny conditional G and D at 16 px (16 channels); `sn` / `attention` only passed when given, as the factory does.
