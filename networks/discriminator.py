@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from networks.attention import SelfAttention
-from networks.generator import block_dtype, channels_at
+from networks.generator import block_dtype, channels_at, check_stage
 from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from ops.upfirdn2d import downsample2d, setup_filter
 
@@ -14,12 +14,14 @@ from ops.upfirdn2d import downsample2d, setup_filter
 # One resolution of D: [fromRGB] -> conv0 -> conv1 (down 2), with a residual 1x1 skip (resnet) or image
 # downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7). `attention`: SAGAN self-attention
 # (Zhang et al. 2018, eq. 1-3) on the block's input features at its own resolution (after fromRGB, before conv0 and
-# the resnet skip); `sn`: spectral normalization of every conv (Miyato et al. 2018).
+# the resnet skip); `sn`: spectral normalization of every conv (Miyato et al. 2018); `grow`: a fromRGB whatever the
+# architecture, so that the block can take images as the entry block of a progressive stage. A block applies its
+# fromRGB when it gets no features (x None: the entry block) or, with `skip`, always.
 class DiscriminatorBlock(nn.Module):
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
                  conv_clamp: Optional[float] = None, use_fp16: bool = False, sn: bool = False,
-                 attention: bool = False):
+                 attention: bool = False, grow: bool = False):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"D architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
@@ -29,7 +31,7 @@ class DiscriminatorBlock(nn.Module):
         self.architecture = architecture
         self.use_fp16 = use_fp16
         self.register_buffer("resample_filter", setup_filter(resample_filter))
-        if in_channels == 0 or architecture == "skip":
+        if in_channels == 0 or architecture == "skip" or grow:
             self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, activation=activation,
                                        conv_clamp=conv_clamp, sn=sn)
         if attention:
@@ -46,7 +48,7 @@ class DiscriminatorBlock(nn.Module):
         dtype = block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
         if x is not None:
             x = x.to(dtype)
-        if self.in_channels == 0 or self.architecture == "skip":
+        if x is None or self.architecture == "skip":
             y = self.fromrgb(img.to(dtype))
             x = x + y if x is not None else y
             img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
@@ -89,16 +91,17 @@ class MinibatchStdLayer(nn.Module):
 
 # The 4x4 head of D: [fromRGB] -> minibatch std -> conv -> fc -> out, with projection onto the label embedding
 # (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim). `sn`: spectrally
-# normalized conv and FC layers (Miyato et al. 2018).
+# normalized conv and FC layers (Miyato et al. 2018); `grow`: a fromRGB for a progressive stage at 4 px.
 class DiscriminatorEpilogue(nn.Module):
     def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
-                 activation: str = "lrelu", conv_clamp: Optional[float] = None, sn: bool = False):
+                 activation: str = "lrelu", conv_clamp: Optional[float] = None, sn: bool = False,
+                 grow: bool = False):
         super().__init__()
         self.cmap_dim = cmap_dim
         self.resolution = resolution
         self.architecture = architecture
-        if architecture == "skip":
+        if architecture == "skip" or grow:
             self.fromrgb = Conv2dLayer(img_channels, in_channels, kernel_size=1, activation=activation, sn=sn)
         self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
         self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, kernel_size=3,
@@ -107,9 +110,12 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim, sn=sn)
 
     def forward(self, x, img, cmap, force_fp32: bool = False):
-        x = x.to(torch.float32)
-        if self.architecture == "skip":
-            x = x + self.fromrgb(img.to(torch.float32))
+        if x is None:  # A progressive stage at 4 px: the images enter here.
+            x = self.fromrgb(img.to(torch.float32))
+        else:
+            x = x.to(torch.float32)
+            if self.architecture == "skip":
+                x = x + self.fromrgb(img.to(torch.float32))
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = self.conv(x)
@@ -123,14 +129,15 @@ class DiscriminatorEpilogue(nn.Module):
 # The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots
 # (`sn` and `attention` only when set, so that default networks record exactly the Foundation's arguments).
 # `sn`: spectral normalization of every layer, label mapping included (Miyato et al. 2018); `attention`: the
-# block resolutions with SAGAN self-attention (Zhang et al. 2018).
+# block resolutions with SAGAN self-attention (Zhang et al. 2018); `grow`: fromRGB layers at every resolution, for
+# the progressive schedule (set_stage: see forward).
 class Discriminator(nn.Module):
     def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: Optional[float] = None, cmap_dim: Optional[int] = None,
                  mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
                  mapping_kwargs: Optional[dict] = None, block_kwargs: Optional[dict] = None, sn: bool = False,
-                 attention=()):
+                 attention=(), grow: bool = False):
         super().__init__()
         mapping_kwargs = dict(mapping_kwargs or {})
         block_kwargs = dict(block_kwargs or {})
@@ -144,6 +151,8 @@ class Discriminator(nn.Module):
             self.init_kwargs["sn"] = True
         if attention:
             self.init_kwargs["attention"] = attention
+        if grow:
+            self.init_kwargs["grow"] = True
         log2 = int(np.log2(img_resolution))
         if img_resolution < 4 or 2 ** log2 != img_resolution:
             raise ValueError(f"D img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -151,6 +160,8 @@ class Discriminator(nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.block_resolutions = [2 ** i for i in range(log2, 2, -1)]
+        self.architecture = architecture
+        self.stage_res, self.stage_alpha = img_resolution, 1.0
         if not set(attention) <= set(self.block_resolutions):
             raise ValueError(f"D attention resolutions {attention} must be among the block resolutions "
                              f"{self.block_resolutions}")
@@ -164,7 +175,7 @@ class Discriminator(nn.Module):
             in_channels = channels[res] if res < img_resolution else 0
             block = DiscriminatorBlock(in_channels, channels[res], channels[res // 2], resolution=res,
                                        img_channels=img_channels, architecture=architecture,
-                                       conv_clamp=conv_clamp, sn=sn, attention=res in attention,
+                                       conv_clamp=conv_clamp, sn=sn, attention=res in attention, grow=grow,
                                        use_fp16=(res >= fp16_resolution) and num_fp16_res > 0, **block_kwargs)
             setattr(self, f"b{res}", block)
         if c_dim > 0:
@@ -172,14 +183,48 @@ class Discriminator(nn.Module):
                                           **(dict(mapping_kwargs, sn=True) if sn else mapping_kwargs))
         self.b4 = DiscriminatorEpilogue(channels[4], cmap_dim=cmap_dim, resolution=4, img_channels=img_channels,
                                         architecture=architecture, mbstd_group_size=mbstd_group_size,
-                                        mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp, sn=sn)
+                                        mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp, sn=sn,
+                                        grow=grow)
 
+    # Take images of `resolution` px, fading the stage's block in with weight `alpha` (plain attributes, like G's).
+    def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
+        res, alpha = check_stage(resolution, alpha, self.block_resolutions + [4], "D")
+        needed = [res] + ([res // 2] if alpha < 1 and res > 4 else [])
+        lacking = [r for r in needed if r < self.img_resolution and not hasattr(getattr(self, f"b{r}"), "fromrgb")]
+        if lacking:
+            raise ValueError(f"D: a {self.architecture} discriminator has no fromRGB at {lacking} px; build it with "
+                             f"grow=True (the progressive schedule does) to take stage {res} px")
+        self.stage_res, self.stage_alpha = res, alpha
+
+    @property
+    def stage(self) -> tuple:
+        return self.stage_res, self.stage_alpha
+
+    # Logits for images at the stage resolution. During a fade (Karras et al. 2018, fig. 2) the stage's new block
+    # output is blended with the images downsampled into the previous stage's entry: x = lerp(fromRGB(down(img)),
+    # block(img), alpha) (skip: the new block's output scaled by alpha, beside the skip fromRGB of down(img)).
     def forward(self, img, c, update_emas: bool = False, force_fp32: bool = False):
-        if img.ndim != 4 or img.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"D: expected images of shape [N, {self.img_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}], got {tuple(img.shape)}")
+        res_in, alpha = self.stage_res, self.stage_alpha
+        if img.ndim != 4 or img.shape[1:] != (self.img_channels, res_in, res_in):
+            stage = "" if res_in == self.img_resolution else f" (progressive stage {res_in} px)"
+            raise ValueError(f"D: expected images of shape [N, {self.img_channels}, {res_in}, {res_in}]{stage}, "
+                             f"got {tuple(img.shape)}")
+        fade = alpha < 1 and res_in > 4
         x = None
         for res in self.block_resolutions:
-            x, img = getattr(self, f"b{res}")(x, img, force_fp32=force_fp32)
+            if res > res_in:
+                continue
+            block = getattr(self, f"b{res}")
+            x_new, img_new = block(x, img, force_fp32=force_fp32)
+            if fade and res == res_in:
+                img_down = img_new if self.architecture == "skip" else downsample2d(img, block.resample_filter)
+                if self.architecture == "skip":  # The next block adds fromRGB(down(img)) itself.
+                    x = x_new * alpha if alpha > 0 else None
+                else:
+                    prev = getattr(self, f"b{res // 2}").fromrgb(img_down.to(torch.float32))
+                    x = torch.lerp(prev, x_new.to(torch.float32), alpha)
+                img = img_down
+            else:
+                x, img = x_new, img_new
         cmap = self.mapping(None, c) if self.c_dim > 0 else None
         return self.b4(x, img, cmap, force_fp32=force_fp32)

@@ -16,6 +16,15 @@ from ops.upfirdn2d import setup_filter, upsample2d
 NOISE_MODES = ("random", "const", "none")
 
 
+# Check a progressive-growing stage (Karras et al. 2018, sec. 3): a block resolution and a fade-in weight in [0, 1].
+def check_stage(resolution, alpha, block_resolutions, who: str):
+    if int(resolution) not in block_resolutions:
+        raise ValueError(f"{who}: stage resolution must be one of {block_resolutions}, got {resolution}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{who}: stage fade alpha must be in [0, 1], got {alpha}")
+    return int(resolution), float(alpha)
+
+
 # Channels at resolution `res` (StyleGAN2-ADA's rule): min(channel_base / res, channel_max).
 def channels_at(res: int, channel_base: int, channel_max: int) -> int:
     return min(channel_base // res, channel_max)
@@ -109,12 +118,13 @@ class ToRGBLayer(nn.Module):
 # One resolution of the synthesis network: [const | conv0 (up 2)] -> conv1 -> ToRGB, with `skip` (RGB outputs
 # summed across resolutions) or `resnet` (residual 1x1 skip connection) architecture (StyleGAN2 fig. 7).
 # `attention`: a SAGAN self-attention block (Zhang et al. 2018, eq. 1-3) on the features after conv1 (before
-# ToRGB); `sn`: spectral normalization of every conv and affine layer (Miyato et al. 2018).
+# ToRGB); `sn`: spectral normalization of every conv and affine layer (Miyato et al. 2018); `grow`: a ToRGB at every
+# resolution whatever the architecture, so that the progressive schedule can output any stage (skip has them all).
 class SynthesisBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
                  is_last: bool, architecture: str = "skip", resample_filter=(1, 3, 3, 1),
                  conv_clamp: Optional[float] = None, use_fp16: bool = False, sn: bool = False,
-                 attention: bool = False, **layer_kwargs):
+                 attention: bool = False, grow: bool = False, **layer_kwargs):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"G architecture must be 'orig', 'skip' or 'resnet', got {architecture!r}")
@@ -140,15 +150,16 @@ class SynthesisBlock(nn.Module):
         self.num_conv += 1
         if attention:
             self.attn = SelfAttention(out_channels, sn=sn)
-        if is_last or architecture == "skip":
+        if is_last or architecture == "skip" or grow:
             self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp, sn=sn)
             self.num_torgb += 1
         if in_channels != 0 and architecture == "resnet":
             self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2,
                                     resample_filter=resample_filter, sn=sn)
 
+    # `rgb`: run the ToRGB layer (a growing non-skip network needs only the last one or two).
     def forward(self, x, img, ws, force_fp32: bool = False, fused_modconv: Optional[bool] = None,
-                noise_mode: str = "random"):
+                noise_mode: str = "random", rgb: bool = True):
         w_iter = iter(ws.unbind(dim=1))
         dtype = block_dtype(self.use_fp16, ws, force_fp32)
         if fused_modconv is None:  # Grouped conv is faster for inference; split path is cheaper to backprop.
@@ -172,18 +183,23 @@ class SynthesisBlock(nn.Module):
 
         if img is not None:
             img = upsample2d(img, self.resample_filter)
-        if self.is_last or self.architecture == "skip":
+        if rgb and hasattr(self, "torgb"):
             y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
             img = img + y if img is not None else y
         return x, img
 
 
 # The synthesis network g: W+ -> image, a learned 4x4 constant followed by one block per octave; `attention`
-# lists the resolutions whose blocks end with SAGAN self-attention.
+# lists the resolutions whose blocks end with SAGAN self-attention. The stage (set_stage) makes it output a lower
+# resolution, the progressive schedule's (Karras et al. 2018): the stage's block's RGB, faded in over the previous
+# stage's RGB upsampled, img = lerp(up(rgb_prev), rgb_new, alpha); at full resolution and alpha 1 (the default) it
+# is the plain StyleGAN2 network.
 class SynthesisNetwork(nn.Module):
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
                  channel_max: int = 512, num_fp16_res: int = 0, attention=(), **block_kwargs):
         super().__init__()
+        self.architecture = block_kwargs.get("architecture", "skip")
+        self.stage_res, self.stage_alpha = img_resolution, 1.0
         log2 = int(np.log2(img_resolution))
         if img_resolution < 4 or 2 ** log2 != img_resolution:
             raise ValueError(f"G img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -209,6 +225,17 @@ class SynthesisNetwork(nn.Module):
                 self.num_ws += block.num_torgb
             setattr(self, f"b{res}", block)
 
+    # Output `resolution` px, fading its block in with weight `alpha` (both plain attributes, not state: the
+    # training loop sets them every step, a snapshot records them in its metadata).
+    def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
+        res, alpha = check_stage(resolution, alpha, self.block_resolutions, "G")
+        needed = [res] + ([res // 2] if alpha < 1 and res > 4 else [])
+        lacking = [r for r in needed if not hasattr(getattr(self, f"b{r}"), "torgb")]
+        if lacking:
+            raise ValueError(f"G: a {self.architecture} generator has no ToRGB at {lacking} px; build it with "
+                             f"grow=True (the progressive schedule does) to output stage {res} px")
+        self.stage_res, self.stage_alpha = res, alpha
+
     def forward(self, ws, **block_kwargs):
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"synthesis: expected ws of shape [N, {self.num_ws}, {self.w_dim}], "
@@ -221,9 +248,19 @@ class SynthesisNetwork(nn.Module):
             block = getattr(self, f"b{res}")
             block_ws.append(ws.narrow(1, w_idx, block.num_conv + block.num_torgb))
             w_idx += block.num_conv
-        x = img = None
+        out_res, alpha = self.stage_res, self.stage_alpha
+        fade = alpha < 1 and out_res > 4
+        skip = self.architecture == "skip"
+        x = img = prev = None
         for res, cur_ws in zip(self.block_resolutions, block_ws):
-            x, img = getattr(self, f"b{res}")(x, img, cur_ws, **block_kwargs)
+            if res > out_res:
+                break
+            if fade and res == out_res:
+                prev = img
+            rgb = skip or res == out_res or (fade and res * 2 == out_res)
+            x, img = getattr(self, f"b{res}")(x, img if skip else None, cur_ws, rgb=rgb, **block_kwargs)
+        if fade:  # Karras et al. 2018, fig. 2: the new block's RGB blended with the previous RGB upsampled.
+            img = torch.lerp(upsample2d(prev, getattr(self, f"b{out_res}").resample_filter), img, alpha)
         return img
 
 
@@ -247,6 +284,14 @@ class Generator(nn.Module):
                                           **synthesis_kwargs)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
+
+    # The progressive stage G outputs: `resolution` px with fade-in weight `alpha` (see SynthesisNetwork).
+    def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
+        self.synthesis.set_stage(resolution, alpha)
+
+    @property
+    def stage(self) -> tuple:
+        return self.synthesis.stage_res, self.synthesis.stage_alpha
 
     def forward(self, z, c, truncation_psi: float = 1, truncation_cutoff: Optional[int] = None,
                 update_emas: bool = False, **synthesis_kwargs):

@@ -116,6 +116,9 @@ def load_snapshot(path, device="cpu") -> dict:
             raise ValueError(f"{path}: {name} does not match its recorded architecture "
                              f"(missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
         out[name] = net.eval().requires_grad_(False).to(device)
+        stage = out["meta"].get("stage")
+        if stage is not None:  # Taken during a progressive stage: generate (and judge) at that stage.
+            net.set_stage(stage["resolution"], stage["alpha"])
     return out
 
 
