@@ -46,7 +46,7 @@ def snapshot_kimg(snap: dict, path: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from training.inception import DetectorNotFound, load_detector
-    from training.metrics import append_metric_jsonl, calc_metric, parse_metric
+    from training.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
     for name in names:
         parse_metric(name)  # fail on a bad name before any heavy work
@@ -64,6 +64,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.network}: the snapshot holds no G_ema")
     G = G.eval().requires_grad_(False).to(dist.device())
     dataset = open_dataset(args.data, use_labels=G.c_dim > 0)
+    stage = generator_stage(G, dataset.resolution)
+    if stage is not None:
+        res, alpha = stage
+        where = (f"evaluating {res}x{res} px against the reals box-downsampled to {res} px"
+                 if res < dataset.resolution else f"evaluating at the full {res} px mid-fade")
+        dist.print0(f"{args.network}: taken during the progressive schedule at stage {res} px (fade {alpha:.2f}) "
+                    f"of {dataset.resolution} px; {where}")
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.network))
     kimg = snapshot_kimg(snap, args.network)
     for name in names:

@@ -1,4 +1,4 @@
-"""Generate images from a snapshot: per seed, with truncation, class and noise mode; or a style-mixing grid."""
+"""Generate images from a snapshot (at its progressive stage, if any): per seed, or a style-mixing grid."""
 import argparse
 import re
 import sys
@@ -116,7 +116,10 @@ def main(argv=None):
     G = snap["G_ema"]
     if G is None:
         raise SystemExit(f"{args.network}: holds no G_ema")
-    res = G.img_resolution
+    res, alpha = getattr(G, "stage", (G.img_resolution, 1.0))  # load_snapshot applied a recorded stage
+    if res < G.img_resolution or alpha < 1:
+        print(f"{args.network}: taken during the progressive schedule at stage {res} px (fade {alpha:.2f}) of "
+              f"{G.img_resolution} px; generating {res}x{res} images")
     kimg = snap.get("meta", {}).get("cur_nimg")
     print(f"Generating at {res}x{res} px from {args.network}" + (f" ({kimg / 1000:.1f} kimg)" if kimg else ""))
     if args.projected_w:

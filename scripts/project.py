@@ -18,7 +18,8 @@ from training import dist  # noqa: E402
 from training.checkpoint import atomic_write, load_snapshot  # noqa: E402
 from training.images import save_png, to_uint8  # noqa: E402
 from training.lpips import PerceptualWeightsNotFound, load_lpips  # noqa: E402
-from training.projector import FALLBACK_LABEL, compute_w_stats, lpips_input, project, psnr, ssim  # noqa: E402
+from training.projector import (FALLBACK_LABEL, check_full_resolution, compute_w_stats, lpips_input,  # noqa: E402
+                                project, psnr, ssim)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -147,6 +148,10 @@ def main(argv=None):
     G = snap["G_ema"] if snap["G_ema"] is not None else snap["G"]
     if G is None:
         raise SystemExit(f"{args.network}: holds no generator (G_ema or G)")
+    try:
+        check_full_resolution(G, str(args.network))
+    except ValueError as e:
+        raise SystemExit(str(e))
     G = G.eval()
     D = snap["D"].eval() if (args.loss == "fallback" and snap["D"] is not None) else None
     c = None

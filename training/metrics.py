@@ -232,6 +232,59 @@ def dataset_content_hash(dataset) -> str:
     return f"{kind}:{h.hexdigest()}"
 
 
+# A dataset seen at a lower resolution, for metrics of a generator at a progressive stage: each item is the
+# dataset's uint8 [C,H,W] image box-downsampled by the integer factor H // resolution (the area average over each
+# factor x factor block, as F.avg_pool2d and training/schedule.stage_reals do), rounded half up to uint8:
+# (sum + f*f // 2) // (f*f), exact in integers. Labels, length and mirroring are the dataset's; the stats cache key
+# gets the resolution and the dataset's own content hash plus the factor.
+class StageView:
+    def __init__(self, dataset, resolution: int):
+        full = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
+        name = getattr(dataset, "name", "dataset")
+        resolution = int(resolution)
+        if resolution < 1 or resolution > full or full % resolution:
+            raise ValueError(f"StageView: stage resolution {resolution} px must divide dataset {name!r}'s "
+                             f"resolution {full} px")
+        self.dataset, self.resolution, self.full_resolution = dataset, resolution, int(full)
+        self.factor = int(full) // resolution
+        self.name = f"{name}@{resolution}px"
+        self.xflip, self.label_dim = getattr(dataset, "xflip", False), getattr(dataset, "label_dim", 0)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        img = np.asarray(img)
+        f, full = self.factor, self.full_resolution
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[1:] != (full, full):
+            raise ValueError(f"dataset {getattr(self.dataset, 'name', '?')}[{i}]: expected a uint8 "
+                             f"[C,{full},{full}] image, got {img.dtype} {img.shape}")
+        r = self.resolution
+        sums = img.reshape(img.shape[0], r, f, r, f).sum(axis=(2, 4), dtype=np.int64)
+        return ((sums + f * f // 2) // (f * f)).astype(np.uint8), label
+
+    def get_label(self, i):
+        get_label = getattr(self.dataset, "get_label", None)
+        return get_label(i) if get_label is not None else self.dataset[i][1]
+
+    # The underlying dataset's content key plus the downsampling (see dataset_content_hash).
+    def content_hash(self) -> str:
+        return f"{dataset_content_hash(self.dataset)}|box{self.factor}-round-half-up"
+
+
+# The stage G outputs when it is below the dataset's resolution or mid-fade, as (resolution, alpha); None for a
+# full-resolution generator (no `stage` attribute, or the default (full, 1.0)).
+def generator_stage(G, dataset_resolution):
+    stage = getattr(G, "stage", None)
+    if stage is None:
+        return None
+    res, alpha = int(stage[0]), float(stage[1])
+    if dataset_resolution is not None and res >= int(dataset_resolution) and alpha >= 1:
+        return None
+    return res, alpha
+
+
 # Unmirrored items of a dataset as a torch Dataset of uint8 images; with xflip, index >= n is the mirror of
 # index - n.
 class _Images(torch.utils.data.Dataset):
@@ -361,6 +414,9 @@ def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_s
 
 # One metric (see parse_metric) for G against `dataset`; the same call on every rank, same result everywhere.
 # Reals are never mirrored. Returns {metric, value, num_gen, num_real, detector, detector_hash, resolution, ...}.
+# A G at a progressive stage below the dataset's resolution is compared with the reals box-downsampled to the
+# stage (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G
+# mid-fade) also carries stage_alpha and dataset_resolution, with resolution = the stage's.
 def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir=None, seed: int = 0,
                 truncation_psi: float = 1, noise_mode: str = "const", c_sampler=None, num_workers: int = 0,
                 kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
@@ -369,7 +425,10 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     want_all, want_moments = kind == "kid", kind == "fid"
     if c_sampler is None and int(getattr(G, "c_dim", 0) or 0) > 0:
         c_sampler = dataset_label_sampler(dataset, seed)
-    real = compute_dataset_stats(dataset, detector, max_items=num_real, batch_size=batch_size, xflip=False,
+    full_res = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
+    stage = generator_stage(G, full_res)
+    reals = StageView(dataset, stage[0]) if stage is not None and stage[0] < full_res else dataset
+    real = compute_dataset_stats(reals, detector, max_items=num_real, batch_size=batch_size, xflip=False,
                                  cache_dir=cache_dir, capture_all=want_all, capture_mean_cov=want_moments,
                                  num_workers=num_workers)
     gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
@@ -382,11 +441,23 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
         else:
             value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
     value = dist.broadcast_object(value)
-    return dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items,
-                detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
-                detector_kind=detector.kind, resize=detector.resize, resolution=getattr(dataset, "resolution", None),
-                dataset=getattr(dataset, "name", None), xflip=False, truncation_psi=truncation_psi, seed=seed,
-                world_size=dist.get_world_size(), time_sec=time.time() - t0)
+    record = dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items,
+                  detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
+                  detector_kind=detector.kind, resize=detector.resize, resolution=getattr(reals, "resolution", None),
+                  dataset=getattr(reals, "name", None), xflip=False, truncation_psi=truncation_psi, seed=seed,
+                  world_size=dist.get_world_size(), time_sec=time.time() - t0)
+    if stage is not None:
+        record.update(resolution=stage[0], stage_alpha=stage[1], dataset_resolution=int(full_res))
+    return record
+
+
+# The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
+# (fid50k_full@16px), else the plain name.
+def metric_label(record: dict) -> str:
+    res, full = record.get("resolution"), record.get("dataset_resolution")
+    if res is not None and full is not None and int(res) < int(full):
+        return f"{record['metric']}@{int(res)}px"
+    return str(record["metric"])
 
 
 # Append one result to <run_dir>/metric-<name>.jsonl (append + flush + fsync, one line per write) with the
@@ -404,17 +475,23 @@ def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
 
 
 # Track the best (lowest; both FID and KID) record per metric in <run_dir>/metric-<name>-best.json,
-# written atomically; a record from another detector replaces it (numbers are not comparable). Returns True
-# when `record` is the new best.
+# written atomically. Values are compared only at the same resolution: a record at a higher resolution than the
+# best replaces it, one at a lower resolution (an earlier progressive stage) never does; at the same resolution,
+# a record from another detector replaces it (numbers are not comparable), else the lower value wins. A record
+# without a resolution compares as the same resolution. Returns True when `record` is the new best.
 def update_best(run_dir: str, record: dict) -> bool:
     path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
     best = None
     if os.path.isfile(path):
         with open(path) as f:
             best = json.load(f)
-    if best is not None and best.get("detector_hash") == record.get("detector_hash") \
-            and best["value"] <= record["value"]:
-        return False
+    if best is not None:
+        rb, rr = best.get("resolution"), record.get("resolution")
+        if rb is not None and rr is not None and int(rb) != int(rr):
+            if int(rr) < int(rb):
+                return False
+        elif best.get("detector_hash") == record.get("detector_hash") and best["value"] <= record["value"]:
+            return False
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".best-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, sort_keys=True, indent=1)

@@ -197,6 +197,18 @@ def lpips_input(img_0_255: torch.Tensor) -> torch.Tensor:
     return img_0_255
 
 
+# Refuse a generator at a progressive stage below full resolution or mid-fade (e.g. from a snapshot taken during
+# the schedule): the projector renders the full-resolution synthesis, which such a G is not trained to match.
+# `source` names where G came from (the snapshot) in the error.
+def check_full_resolution(G, source: str = "G") -> None:
+    res, alpha = getattr(G, "stage", (G.img_resolution, 1.0))
+    if res < G.img_resolution or alpha < 1:
+        raise ValueError(f"{source}: taken during the progressive schedule at stage {res} px (fade {alpha:.2f}) of "
+                         f"{G.img_resolution} px; projection needs the full-resolution generator: use a "
+                         f"full-resolution snapshot (one taken after the schedule reached {G.img_resolution} px and "
+                         f"finished its fade, or from a run without the schedule)")
+
+
 # Check and convert targets (uint8, or float in [0, 255]) of shape [N, C, res, res] to float [0, 255].
 def _prepare_targets(G, targets) -> torch.Tensor:
     t = torch.as_tensor(targets)
@@ -224,6 +236,7 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
             noise_ramp_length: float = 0.75, regularize_noise_weight: float = 1e5, w_avg_samples: int = 10000,
             loss: str = "lpips", perceptual=None, D=None, seed: int = 0, indices=None, c=None, device=None,
             progress: Optional[Callable] = None, w_stats=None, fused_modconv: bool = False) -> dict:
+    check_full_resolution(G, "project: G")
     if w_space not in W_SPACES:
         raise ValueError(f"project: w_space must be one of {W_SPACES}, got {w_space!r}")
     if loss not in LOSS_KINDS:

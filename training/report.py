@@ -56,18 +56,23 @@ def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) ->
 
 
 # Compute the metrics for G_ema at `cur_nimg`, print them and log them (records are written by the metrics module).
+# At a progressive stage below full resolution the metric is labelled with it (fid50k_full@16px) in the printout
+# and the wandb key (Metrics/fid50k_full@16px), so stage values never share a curve with full-resolution ones.
 def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
-    from training.metrics import evaluate_snapshot
+    from training.metrics import evaluate_snapshot, metric_label
     kimg = cur_nimg // 1000
     records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
                                 f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,
                                 batch_size=cfg["metrics"]["batch"])
     for r in records:
-        msg = f"{r['metric']} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']})"
+        label = metric_label(r)
+        fade = f", fade {r['stage_alpha']:.2f}" if r.get("stage_alpha", 1.0) < 1 else ""
+        msg = (f"{label} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']}"
+               f"{fade})")
         if dist.is_main():
             (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
         if wandb_run is not None:
-            wandb_run.log({f"Metrics/{r['metric']}": r["value"]}, step=tick)
+            wandb_run.log({f"Metrics/{label}": r["value"]}, step=tick)
 
 
 # wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
