@@ -240,6 +240,33 @@ def test_two_processes_rank_killed_then_rerun_is_bit_exact(tmp_path):
     assert assert_states_equal(final, ref) > 100
 
 
+# Progressive schedule with ADA: a run killed in the middle of a fade (stage 16 px, with its own batch) resumes from
+# its mid-fade checkpoint and ends bit for bit where the uninterrupted run ends; then a rerun with another schedule
+# is refused. Stages: 8 px (batch 16) to 0.032 kimg, 16 px fading in over 0.032 kimg, 32 px from 0.064 kimg.
+def test_mid_fade_kill_then_rerun_is_bit_exact(tmp_path):
+    args = ADA + ["schedule=prog32", "schedule.boundaries_kimg=[0.032,0.064]", "schedule.fade_kimg=0.032",
+                  "schedule.batch_size=[16,8,8]", "train.kimg=0.08", "run_dir=run"]
+    (tmp_path / "ref").mkdir()
+    run_train(args, tmp_path / "ref")
+    (tmp_path / "kill").mkdir()
+    proc = run_train(args, tmp_path / "kill", check=False, GANFORGE_TEST_KILL_AT_NIMG="56")
+    state_file = tmp_path / "kill/run/training-state-000000.pt"
+    assert proc.returncode == -signal.SIGKILL
+    killed = load(state_file)
+    assert killed["counters"]["cur_nimg"] == 48 and killed["stage"] == {"resolution": 16, "alpha": 0.5}
+    proc = run_train(args, tmp_path / "kill")
+    assert "Resuming from run/training-state-000000.pt at 0.048 kimg" in proc.stdout
+    assert "Stage 2: 32 px from 0.064 kimg" in proc.stdout
+    final, ref = load(state_file), load(tmp_path / "ref/run/training-state-000000.pt")
+    assert final["counters"]["cur_nimg"] == 80 and final["stage"] == {"resolution": 32, "alpha": 0.5}
+    assert assert_states_equal(final, ref) > 100
+    assert [json.loads(x)["Progress/resolution"] for x in (tmp_path / "kill/run/stats.jsonl").read_text().splitlines()] \
+        == [json.loads(x)["Progress/resolution"] for x in (tmp_path / "ref/run/stats.jsonl").read_text().splitlines()]
+    proc = run_train([a for a in args if a != "train.kimg=0.08"] + ["train.kimg=0.1", "schedule.fade_kimg=0.016"],
+                     tmp_path / "kill", check=False)
+    assert proc.returncode != 0 and "schedule.fade_kimg: 0.032 → 0.016" in proc.stderr
+
+
 # ---- checkpoint files (in process) ----
 
 def small_state(value: float) -> dict:

@@ -168,3 +168,73 @@ def test_snapshot_records_stage(tmp_path):
     z, c = torch.randn([2, 8]), torch.zeros([2, 2])
     with torch.no_grad():
         torch.testing.assert_close(snap["G_ema"](z, c, noise_mode="const"), G(z, c, noise_mode="const"))
+
+
+# ---- End-to-end: the schedule in the training loop (subprocess runs of scripts/train.py, as tests/test_training.py).
+
+from tests.test_training import TINY, run_train  # noqa: E402
+
+# Stages 8 -> 16 -> 32 px starting at 0.032 and 0.056 kimg (multiples of the batch), a 16-image fade, a batch of 16
+# at 8 px and 8 above; ticks every 40 images, so the stage starts are ticks only because a new stage ends a tick.
+PROG = ["schedule=prog32", "schedule.start_res=8", "schedule.boundaries_kimg=[0.032,0.056]",
+        "schedule.fade_kimg=0.016", "schedule.batch_size=[16,8,8]", "train.tick_kimg=0.04"]
+
+
+def read_stats(run_dir):
+    import json
+    return [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+# Stage transitions at the configured kimg in stats.jsonl, with the stage's batch and fade; a snapshot taken mid-fade
+# records its stage and generates at its resolution; the grids are shown at the dataset's size.
+def test_stage_transitions_in_a_short_run(tmp_path):
+    import PIL.Image
+    proc = run_train(TINY + PROG + ["train.kimg=0.064", "run_dir=run"], tmp_path)
+    rows = [(round(s["Progress/kimg"] * 1000), s["Progress/resolution"], s["Progress/fade"],
+             s["Progress/batch_size"]) for s in read_stats(tmp_path / "run")]
+    assert rows == [(0, 8, 1.0, 16), (32, 16, 0.0, 8), (56, 32, 0.0, 8), (64, 32, 0.5, 8)]
+    assert "Stage 1: 16 px from 0.032 kimg" in proc.stdout and "Stage 2: 32 px from 0.056 kimg" in proc.stdout
+    snap = load_snapshot(tmp_path / "run/network-snapshot-000000.safetensors")
+    assert snap["meta"]["stage"] == {"resolution": 32, "alpha": 0.5}
+    assert snap["G_ema"].stage == (32, 0.5) and snap["D"].stage == (32, 0.5)
+    state = torch.load(tmp_path / "run/training-state-000000.pt", weights_only=True)
+    assert state["stage"] == {"resolution": 32, "alpha": 0.5}
+    assert PIL.Image.open(tmp_path / "run/fakes000000.png").size == (4 * 32, 2 * 32)
+    # A resnet D grows a fromRGB per resolution; a skip G needs none (same keys as without the schedule).
+    assert "b16.fromrgb.weight" in snap["D"].state_dict() and "grow" not in snap["G"].init_kwargs["synthesis_kwargs"]
+
+
+# Bad schedules are refused at start-up, naming the key: a preset for another resolution, a stage batch that the
+# minibatch-std group does not divide.
+def test_bad_schedule_is_refused_at_startup(tmp_path):
+    proc = run_train(TINY + ["schedule=prog64", "run_dir=a"], tmp_path, check=False)
+    assert proc.returncode != 0 and "schedule=prog64 is made for 64 px, but the dataset is 32 px" in proc.stderr
+    proc = run_train(TINY + PROG + ["schedule.batch_size=[16,6,8]", "run_dir=b"], tmp_path, check=False)
+    assert proc.returncode != 0 and "schedule stage 1 (16 px" in proc.stderr and "mbstd_group=4" in proc.stderr
+
+
+# Everything at once for two ticks: progressive schedule (a stage change mid-run), spectral norm in G and D,
+# self-attention in G and D at stage resolutions, hinge loss and ADA with a fast p. Losses stay finite, p moves,
+# and the snapshot carries SN buffers, attention gates and the stage.
+def test_schedule_sn_attention_hinge_ada_two_ticks(tmp_path):
+    import math
+    args = [a for a in TINY if a != "aug=noaug"] + PROG + [
+        "model.sn=both", "model.attention_g=[8,16]", "model.attention_d=[16]", "train.loss=hinge", "aug=ada",
+        "aug.ada_kimg=1", "aug.ada_interval=1", "aug.ada_target=0.0", "train.kimg=0.048", "run_dir=run"]
+    run_train(args, tmp_path)
+    stats = read_stats(tmp_path / "run")
+    assert [s["Progress/tick"] for s in stats] == [0, 1, 2]
+    assert [s["Progress/resolution"] for s in stats] == [8, 16, 16]
+    for s in stats[1:]:
+        for key in ("Loss/G/loss", "Loss/D/loss_real", "Loss/D/loss_fake", "Loss/r1_penalty"):
+            assert math.isfinite(s[key]), key
+    assert stats[-1]["Progress/augment_p"] > 0  # Target 0: p rises at every update.
+    snap = load_snapshot(tmp_path / "run/network-snapshot-000000.safetensors")
+    G, D = snap["G_ema"], snap["D"]
+    assert G.stage == (16, 1.0) and D.stage == (16, 1.0)
+    assert any(k.endswith("sn_u") for k in D.state_dict()) and any(k.endswith("sn_u") for k in G.state_dict())
+    assert "synthesis.b16.attn.gamma" in G.state_dict() and "b16.attn.gamma" in D.state_dict()
+    assert float(D.b16.attn.gamma.abs()) > 0  # The gate left 0: attention trained through the stages.
+    with torch.no_grad():
+        img = G(torch.randn([2, G.z_dim]), torch.zeros([2, 0]), noise_mode="const")
+    assert img.shape == (2, 3, 16, 16) and torch.isfinite(img).all()

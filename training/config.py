@@ -5,6 +5,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 
 from training.augment import AugConfig
+from training.schedule import ScheduleConfig
 
 
 # Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs.
@@ -104,6 +105,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     outdir: str = "runs"               # parent folder of numbered run directories
     run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
     resume: Optional[str] = None       # training state or run dir (all), .safetensors/.pkl (weights only), none

@@ -19,6 +19,7 @@ from training.networks_factory import apply_auto, build_networks
 from training.preempt import Faults, NonFiniteError, StopRequest, all_finite
 from training.report import TickStats, evaluate_metrics, init_wandb, peak_memory_gb, write_report
 from training.sampler import InfiniteSampler
+from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import (KeepRNG, check_config, load_weights, reseed, resolve_resume_all, restore_state,
                             save_checkpoint, truncate_stats, write_config_files)
 
@@ -31,6 +32,7 @@ class Phase:
     module: torch.nn.Module
     opt: torch.optim.Optimizer
     interval: int
+    lr_ratio: float = 1.0  # Adam lr multiplier of the lazy-regularization compensation, k / (k + 1)
 
 
 # The phases for G and D: with lazy regularization every k minibatches, Adam's lr and betas are compensated by
@@ -47,8 +49,8 @@ def make_phases(G, D, t: dict, use_pl: bool, use_r1: bool):
             ratio = interval / (interval + 1)
             opt = torch.optim.Adam(params, lr=lr * ratio, betas=(t["beta1"] ** ratio, t["beta2"] ** ratio),
                                    eps=t["eps"])
-            phases.append(Phase(name + "main", module, opt, 1))
-            phases.append(Phase(name + "reg", module, opt, interval))
+            phases.append(Phase(name + "main", module, opt, 1, ratio))
+            phases.append(Phase(name + "reg", module, opt, interval, ratio))
     return phases
 
 
@@ -132,12 +134,22 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
     apply_auto(cfg, dataset.resolution, world)
     batch_gpu, rounds = check_batch(t["batch_size"], t["batch_gpu"], world, m["mbstd_group"])
     batch_size = t["batch_size"]
+    # Progressive schedule (None when off): every stage's batches are checked now, not when the stage begins.
+    schedule = make_schedule(cfg, dataset.resolution)
+    for start in (schedule.starts if schedule is not None else []):
+        st = schedule.at(start)
+        try:
+            check_batch(st.batch_size, st.batch_gpu, world, m["mbstd_group"])
+        except ValueError as e:
+            raise ValueError(f"schedule stage {st.index} ({st.resolution} px, schedule.batch_size/batch_gpu): "
+                             f"{e}") from None
     total_nimg = int(t["kimg"] * 1000)
     keep, max_nonfinite = t.get("keep", 3), t.get("max_nonfinite", 20)
 
     # Networks, initialized from the same seed on every rank and then made identical by broadcast from rank 0.
     torch.manual_seed(t["seed"])
-    G, D, G_ema = build_networks(m, dataset.resolution, dataset.num_channels, dataset.label_dim)
+    G, D, G_ema = build_networks(m, dataset.resolution, dataset.num_channels, dataset.label_dim,
+                                 grow=schedule is not None)
     G, D, G_ema = G.train().requires_grad_(False).to(device), D.train().requires_grad_(False).to(device), \
         G_ema.to(device)
     for net in (G, D, G_ema):
@@ -190,6 +202,7 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         loaded, rng = restore_state(state, plan["path"], G, D, G_ema, phases, loss, augment_pipe, ada,
                                     accelerator.scaler, log=dist.print0)
         counters.update(loaded)
+        check_stage_state(state, schedule, counters["cur_nimg"], plan["path"])
         del state
         dist.print0(f"Resuming from {plan['path']} at {counters['cur_nimg'] / 1000:.3f} kimg")
     elif plan["kind"] == "weights":
@@ -209,13 +222,25 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         dist.barrier()
         return counters
 
-    # The loader draws no global random numbers (its own generator), so that resuming does not shift them.
-    sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
-                              start=counters["sampler_pos"])
-    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
-                                              num_workers=d["num_workers"], pin_memory=device.type == "cuda",
-                                              prefetch_factor=2 if d["num_workers"] > 0 else None,
-                                              generator=torch.Generator().manual_seed(t["seed"])))
+    # The stage at the start (or resume) point: its batch, learning rates and resolution for G, D and G_ema.
+    stage = schedule.at(counters["cur_nimg"]) if schedule is not None else None
+    if stage is not None:
+        batch_size = stage.batch_size
+        batch_gpu, rounds = check_batch(stage.batch_size, stage.batch_gpu, world, m["mbstd_group"])
+        set_stage(nets.values(), phases, stage)
+        if ada is not None:
+            ada.batch_size = batch_size
+
+    # The loader draws no global random numbers (its own generator), so that resuming does not shift them; it
+    # starts at the stream position consumed so far (also when a stage changes the per-process batch).
+    def open_loader(batch_gpu):
+        sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
+                                  start=counters["sampler_pos"])
+        return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+                                                num_workers=d["num_workers"], pin_memory=device.type == "cuda",
+                                                prefetch_factor=2 if d["num_workers"] > 0 else None,
+                                                generator=torch.Generator().manual_seed(t["seed"])))
+    loader = open_loader(batch_gpu)
 
     # Fixed grid latents and labels; reals.png once.
     grid_w, grid_h = t["grid_size"]
@@ -251,7 +276,7 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
     tick_start_nimg = counters["tick_start_nimg"]
     first_report = counters["cur_tick"] == 0  # A resumed run already reported the tick it resumes in.
     save = dict(cfg=cfg, requested=requested, nets=nets, phases=phases, loss=loss, augment_pipe=augment_pipe,
-                ada=ada, scaler=accelerator.scaler, keep=keep)
+                ada=ada, scaler=accelerator.scaler, keep=keep, stage=None)
 
     # The random streams start here, from the seed or from the checkpoint: nothing above draws from them.
     if rng is not None:
@@ -271,6 +296,23 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         cur_nimg = counters["cur_nimg"]
         done = cur_nimg >= total_nimg
         at_tick = done or first_report or cur_nimg >= tick_start_nimg + t["tick_kimg"] * 1000
+
+        # Progressive schedule: the stage and fade at cur_nimg; a new stage ends the tick (so that stats.jsonl
+        # has a line where it starts) and brings its batch, learning rates and loader.
+        if schedule is not None:
+            new = schedule.at(cur_nimg)
+            if new.index != stage.index:
+                batch_size = new.batch_size
+                batch_gpu, rounds = check_batch(new.batch_size, new.batch_gpu, world, m["mbstd_group"])
+                loader = open_loader(batch_gpu)
+                if ada is not None:
+                    ada.batch_size = batch_size
+                dist.print0(f"Stage {new.index}: {new.resolution} px from {cur_nimg / 1000:.3f} kimg (fade-in "
+                            f"over {schedule.fade_nimg / 1000:g} kimg), batch {batch_size}")
+            stage = new
+            set_stage(nets.values(), phases, stage)
+            save["stage"] = stage_meta(G)
+            at_tick = at_tick or schedule.at(tick_start_nimg).index != stage.index
 
         # 0. Stop requests (a signal on any rank, or too many non-finite steps in a row): every rank agrees.
         faults.at_step(cur_nimg)
@@ -295,6 +337,9 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
                 stats["Progress/augment_p"] = float(augment_pipe.p)
             if ada is not None and ada.r_t == ada.r_t:  # NaN before the first adjustment.
                 stats["Progress/ada_rt"] = float(ada.r_t)
+            if stage is not None:
+                stats.update({"Progress/stage": stage.index, "Progress/resolution": stage.resolution,
+                              "Progress/fade": stage.alpha, "Progress/batch_size": batch_size})
             if dist.is_main():
                 write_report(stats, run_dir, pbar, wandb_run, first_report)
 
@@ -303,6 +348,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
             if dist.is_main() and image_due:
                 with KeepRNG():
                     images = generate_grid(G_ema, grid_z, grid_c, batch_gpu)
+                if images.shape[-1] < dataset.resolution:  # A progressive stage: shown at the dataset's size.
+                    images = torch.nn.functional.interpolate(images, size=dataset.resolution, mode="nearest")
                 save_image_grid(images, run_dir / f"fakes{cur_nimg // 1000:06d}.png", (grid_w, grid_h))
                 if wandb_run is not None:
                     import wandb
@@ -342,7 +389,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         reals, real_cs = [], []
         for _ in range(rounds):
             img, c = next(loader)
-            reals.append(img.to(device).to(torch.float32) / 127.5 - 1)
+            img = img.to(device).to(torch.float32) / 127.5 - 1
+            reals.append(img if stage is None else stage_reals(img, stage.resolution, stage.alpha))
             real_cs.append(c.to(device))
             counters["sampler_pos"] += batch_gpu
         skipped = False

@@ -30,8 +30,9 @@ def apply_auto(cfg: dict, resolution: int, num_processes: int) -> None:
 # G and D for a dataset of `resolution` px, `channels` channels and `c_dim` label dimensions. The issue-8 options
 # (model.sn: spectral normalization, Miyato et al. 2018; model.attention_g/_d: SAGAN self-attention resolutions)
 # enter the constructors' kwargs, hence `init_kwargs` and snapshots, only when set: with them off the networks
-# and their recorded arguments are exactly the Foundation's.
-def build_networks(model_cfg: dict, resolution: int, channels: int, c_dim: int):
+# and their recorded arguments are exactly the Foundation's. `grow` (the progressive schedule): the extra ToRGB /
+# fromRGB layers that let the networks run at every stage resolution.
+def build_networks(model_cfg: dict, resolution: int, channels: int, c_dim: int, grow: bool = False):
     m = model_cfg
     sn = m.get("sn", "none")
     if sn not in SN_CHOICES:
@@ -45,12 +46,14 @@ def build_networks(model_cfg: dict, resolution: int, channels: int, c_dim: int):
         mapping_kwargs["sn"] = synthesis_kwargs["sn"] = True
     if attention_g:
         synthesis_kwargs["attention"] = attention_g
+    if grow and m["g_arch"] != "skip":  # A skip G has a ToRGB at every resolution already.
+        synthesis_kwargs["grow"] = True
     G = Generator(z_dim=m["z_dim"], c_dim=c_dim, w_dim=m["w_dim"], img_resolution=resolution,
                   img_channels=channels, mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs)
     D = Discriminator(c_dim=c_dim, img_resolution=resolution, img_channels=channels, architecture=m["d_arch"],
                       channel_base=m["channel_base"], channel_max=m["channel_max"],
                       num_fp16_res=m["num_fp16_res"], conv_clamp=m["conv_clamp"],
                       mbstd_group_size=m["mbstd_group"], mbstd_num_channels=m["mbstd_channels"],
-                      sn=sn in ("d", "both"), attention=attention_d)
+                      sn=sn in ("d", "both"), attention=attention_d, grow=grow and m["d_arch"] != "skip")
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     return G, D, G_ema

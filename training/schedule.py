@@ -121,3 +121,31 @@ def stage_reals(img: torch.Tensor, resolution: int, alpha: float) -> torch.Tenso
 def stage_meta(G) -> dict:
     res, alpha = G.stage
     return {"resolution": int(res), "alpha": float(alpha)}
+
+
+# Put G, D and G_ema at `stage` and give each phase's optimizer the stage's learning rate (times the phase's
+# lazy-regularization ratio).
+def set_stage(nets, phases, stage: Stage) -> None:
+    for net in nets:
+        net.set_stage(stage.resolution, stage.alpha)
+    for ph in phases:
+        lr = (stage.glr if ph.name.startswith("G") else stage.dlr) * ph.lr_ratio
+        for group in ph.opt.param_groups:
+            group["lr"] = lr
+
+
+# A training state written during a progressive run must be at the stage the schedule gives for its cur_nimg (the
+# schedule is a pure function of cur_nimg and the config, which resume checks); a state without the schedule
+# cannot continue with it and vice versa.
+def check_stage_state(state: dict, schedule: Optional[Schedule], cur_nimg: int, source) -> None:
+    saved = state.get("stage")
+    if schedule is None:
+        if saved is not None:
+            raise ValueError(f"{source}: written during a progressive schedule (stage {saved}); resume it with the "
+                             f"same schedule=... setting")
+        return
+    st = schedule.at(cur_nimg)
+    if saved is None or int(saved["resolution"]) != st.resolution or abs(float(saved["alpha"]) - st.alpha) > 1e-9:
+        raise ValueError(f"{source}: holds stage {saved} at {cur_nimg / 1000:.3f} kimg, but the schedule puts "
+                         f"{st.resolution} px, fade {st.alpha:.4f} there: resume with the schedule it was trained "
+                         f"with")

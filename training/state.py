@@ -172,7 +172,7 @@ def fingerprint(module) -> str:
 # error (disk full, ...) stops every rank with CheckpointWriteError. Returns the training state's path.
 def save_checkpoint(run_dir, cfg: dict, requested: dict, nets: dict, phases, counters: dict, loss,
                     cur_nimg: int, augment_pipe=None, ada=None, scaler=None, snapshot: bool = True,
-                    keep: int = 0) -> Path:
+                    keep: int = 0, stage=None) -> Path:
     run_dir = Path(run_dir)
     rng = dist.all_gather_object(ckpt.get_rng_state())
     prints = dist.all_gather_object({name: fingerprint(net) for name, net in nets.items()})
@@ -185,7 +185,8 @@ def save_checkpoint(run_dir, cfg: dict, requested: dict, nets: dict, phases, cou
         try:
             if snapshot:
                 ckpt.save_snapshot(run_dir / f"network-snapshot-{kimg:06d}.safetensors", nets["G"], nets["D"],
-                                   nets["G_ema"], config=cfg, extra={"cur_nimg": cur_nimg})
+                                   nets["G_ema"], config=cfg,
+                                   extra={"cur_nimg": cur_nimg, **({"stage": stage} if stage else {})})
             opt_phases = [ph for ph in phases if ph.name.endswith(("main", "both"))]
             state = {"format": STATE_FORMAT, "version": STATE_VERSION,
                      **{name: ckpt._cpu_state(net) for name, net in nets.items()},
@@ -201,6 +202,8 @@ def save_checkpoint(run_dir, cfg: dict, requested: dict, nets: dict, phases, cou
                 state["augment_pipe"] = {k: v.detach().cpu() for k, v in augment_pipe.state_dict().items()}
             if ada is not None:
                 state["ada"] = ada.state_dict()
+            if stage is not None:  # The progressive stage and fade (a function of cur_nimg; checked on resume).
+                state["stage"] = dict(stage)
             ckpt.save_state(path, state)
             ckpt.prune_states(run_dir, keep, protect=ckpt.best_kimgs(run_dir))
         except Exception as e:  # Shared below, so that no rank waits for a checkpoint that will not come.
