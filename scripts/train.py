@@ -29,10 +29,12 @@ def rewrite_data_shorthand(argv: list) -> list:
     return out
 
 
-# The run's description: <dataset>-<preset>.
+# The run's description: <dataset>-<preset>[-<schedule preset>].
 def describe(cfg: dict) -> str:
     name = cfg["data"]["name"] or Path(str(cfg["data"]["path"]).rstrip("/")).stem
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{cfg['model']['name']}")
+    sched = cfg.get("schedule") or {}
+    suffix = f"-{sched.get('name', 'prog')}" if sched.get("enabled") else ""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{cfg['model']['name']}{suffix}")
 
 
 # The run directory: `run_dir` if given; else the newest unfinished numbered run of the same description whose

@@ -1,7 +1,6 @@
 """Generator and discriminator: shapes, num_ws, equalized LR, truncation, noise, minibatch std, parameter counts."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -170,6 +170,20 @@ def test_snapshot_records_stage(tmp_path):
         torch.testing.assert_close(snap["G_ema"](z, c, noise_mode="const"), G(z, c, noise_mode="const"))
 
 
+# A stage's learning rates reach every optimizer, times the lazy-regularization ratio k/(k+1) of its phases.
+def test_stage_learning_rates_with_lazy_ratio():
+    from training.loop import make_phases
+    from training.schedule import Stage, set_stage
+    G, D = nets()
+    t = dict(glr=0.002, dlr=0.002, beta1=0.0, beta2=0.99, eps=1e-8, pl_interval=4, r1_interval=16)
+    phases = make_phases(G, D, t, use_pl=True, use_r1=True)
+    set_stage([G, D], phases, Stage(1, 16, 0.25, 0, 8, None, glr=0.01, dlr=0.03))
+    lrs = {ph.name: ph.opt.param_groups[0]["lr"] for ph in phases}
+    assert lrs == pytest.approx({"Gmain": 0.01 * 4 / 5, "Greg": 0.01 * 4 / 5, "Dmain": 0.03 * 16 / 17,
+                                 "Dreg": 0.03 * 16 / 17})
+    assert G.stage == (16, 0.25) and D.stage == (16, 0.25)
+
+
 # ---- End-to-end: the schedule in the training loop (subprocess runs of scripts/train.py, as tests/test_training.py).
 
 from tests.test_training import TINY, run_train  # noqa: E402
@@ -220,16 +234,17 @@ def test_schedule_sn_attention_hinge_ada_two_ticks(tmp_path):
     import math
     args = [a for a in TINY if a != "aug=noaug"] + PROG + [
         "model.sn=both", "model.attention_g=[8,16]", "model.attention_d=[16]", "train.loss=hinge", "aug=ada",
-        "aug.ada_kimg=1", "aug.ada_interval=1", "aug.ada_target=0.0", "train.kimg=0.048", "run_dir=run"]
+        "aug.ada_kimg=1", "aug.ada_interval=1", "aug.ada_target=0.0", "train.kimg=0.048", "outdir=runs"]
     run_train(args, tmp_path)
-    stats = read_stats(tmp_path / "run")
+    run_dir = tmp_path / "runs/00000-synthetic-tiny-prog32"  # The schedule preset is part of the run's name.
+    stats = read_stats(run_dir)
     assert [s["Progress/tick"] for s in stats] == [0, 1, 2]
     assert [s["Progress/resolution"] for s in stats] == [8, 16, 16]
     for s in stats[1:]:
         for key in ("Loss/G/loss", "Loss/D/loss_real", "Loss/D/loss_fake", "Loss/r1_penalty"):
             assert math.isfinite(s[key]), key
     assert stats[-1]["Progress/augment_p"] > 0  # Target 0: p rises at every update.
-    snap = load_snapshot(tmp_path / "run/network-snapshot-000000.safetensors")
+    snap = load_snapshot(run_dir / "network-snapshot-000000.safetensors")
     G, D = snap["G_ema"], snap["D"]
     assert G.stage == (16, 1.0) and D.stage == (16, 1.0)
     assert any(k.endswith("sn_u") for k in D.state_dict()) and any(k.endswith("sn_u") for k in G.state_dict())
