@@ -272,6 +272,10 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
     dist.print0(f"Training for {t['kimg']} kimg: batch {batch_size} = {batch_gpu} per process x {world} processes x "
                 f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; run dir {run_dir}")
+    if schedule is not None:
+        dist.print0("Progressive schedule: " + ", ".join(f"{r} px from {n / 1000:g} kimg" for r, n in
+                                                       zip(schedule.resolutions, schedule.starts)) +
+                    f"; each new stage fades in over {schedule.fade_nimg / 1000:g} kimg")
     start_time = tick_start_time = time.time()
     tick_start_nimg = counters["tick_start_nimg"]
     first_report = counters["cur_tick"] == 0  # A resumed run already reported the tick it resumes in.
