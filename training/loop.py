@@ -222,14 +222,15 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         dist.barrier()
         return counters
 
-    # The stage at the start (or resume) point: its batch, learning rates and resolution for G, D and G_ema.
+    # A stage's total batch, per-process batch and accumulation rounds (ADA's step size follows the batch); the
+    # stage at the start (or resume) point sets them now, its resolution and learning rates at the first step.
+    def stage_batch(st):
+        if ada is not None:
+            ada.batch_size = st.batch_size
+        return (st.batch_size, *check_batch(st.batch_size, st.batch_gpu, world, m["mbstd_group"]))
     stage = schedule.at(counters["cur_nimg"]) if schedule is not None else None
     if stage is not None:
-        batch_size = stage.batch_size
-        batch_gpu, rounds = check_batch(stage.batch_size, stage.batch_gpu, world, m["mbstd_group"])
-        set_stage(nets.values(), phases, stage)
-        if ada is not None:
-            ada.batch_size = batch_size
+        batch_size, batch_gpu, rounds = stage_batch(stage)
 
     # The loader draws no global random numbers (its own generator), so that resuming does not shift them; it
     # starts at the stream position consumed so far (also when a stage changes the per-process batch).
@@ -306,11 +307,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         if schedule is not None:
             new = schedule.at(cur_nimg)
             if new.index != stage.index:
-                batch_size = new.batch_size
-                batch_gpu, rounds = check_batch(new.batch_size, new.batch_gpu, world, m["mbstd_group"])
+                batch_size, batch_gpu, rounds = stage_batch(new)
                 loader = open_loader(batch_gpu)
-                if ada is not None:
-                    ada.batch_size = batch_size
                 dist.print0(f"Stage {new.index}: {new.resolution} px from {cur_nimg / 1000:.3f} kimg (fade-in "
                             f"over {schedule.fade_nimg / 1000:g} kimg), batch {batch_size}")
             stage = new
