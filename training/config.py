@@ -1,5 +1,6 @@
 """Structured (dataclass) configs for Hydra: the schema and defaults of every config group, with units."""
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -115,3 +116,18 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+
+
+# The conf/ folder of Hydra presets (beside the packages in the repository).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+# The resolved config for `overrides` (Hydra syntax, as after scripts/train.py), composed in this process as the
+# script would compose it: for benchmarks, scripts/gpu_check.py and tests that run the loop in-process.
+def compose_config(overrides=()) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -101,16 +101,18 @@ def generate_grid(G_ema, grid_z, grid_c, batch: int):
 
 # Train G and D as `cfg` (a plain dict of the resolved config) says, in `run_dir`. Resumes from the newest intact
 # training state there (else from cfg['resume']); stops at the next step boundary with a checkpoint on SIGTERM,
-# SIGINT or SIGUSR1. Returns the final counters (with 'stopped': the signal's name after such a stop).
-def training_loop(cfg: dict, run_dir) -> dict:
+# SIGINT or SIGUSR1. Returns the final counters (with 'stopped': the signal's name after such a stop). `probe`
+# (benchmarks, tests, gpu_check) is called as probe.begin(counters) / probe.end(counters) around every minibatch
+# (its step boundary included) and may raise to end the run there.
+def training_loop(cfg: dict, run_dir, probe=None) -> dict:
     stop = StopRequest().install()
     try:
-        return _train(cfg, Path(run_dir), stop)
+        return _train(cfg, Path(run_dir), stop, probe)
     finally:
         stop.uninstall()
 
 
-def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
+def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
     from training.dataset import open_dataset
     requested = copy.deepcopy(cfg)  # The config as asked for (before 'auto'), compared on resume.
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
@@ -298,6 +300,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
     stopped = None
 
     while True:
+        if probe is not None:
+            probe.begin(counters)
         cur_nimg = counters["cur_nimg"]
         done = cur_nimg >= total_nimg
         at_tick = done or first_report or cur_nimg >= tick_start_nimg + t["tick_kimg"] * 1000
@@ -437,6 +441,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest) -> dict:
         update_ema(G_ema, G, counters["cur_nimg"], batch_size, t["ema_kimg"], t["ema_rampup"])
         if pbar is not None:
             pbar.update(batch_size / 1000)
+        if probe is not None:
+            probe.end(counters)
 
     if pbar is not None:
         pbar.close()
