@@ -58,6 +58,7 @@ def main(argv=None):
     if args.worker:
         row = count(args.p, args.aug)
         Path(f"{args.worker}.rank{os.environ.get('RANK', '0')}").write_text(json.dumps(row))
+        dist.shutdown()
         return 0
     torch.set_num_threads(1)
     rows = []
@@ -75,8 +76,9 @@ def main(argv=None):
                     print(f"      {n:4d} {site}")
     print(f"\nper minibatch with Gmain, Greg, Dmain and Dreg due (index {BATCH_IDX}); target: at most "
           f"{TARGET_READS} host reads and {TARGET_COPIES} host-to-tensor copies (optimizer step counters excluded)")
-    worst = max(r["reads"] for _, _, r in rows), max(r["copies"] for _, _, r in rows)
-    print(f"worst row: {worst[0]} reads, {worst[1]} copies -> {'meets' if worst[0] <= TARGET_READS and worst[1] <= TARGET_COPIES else 'MISSES'} the target")
+    reads, copies = max(r["reads"] for _, _, r in rows), max(r["copies"] for _, _, r in rows)
+    verdict = "meets" if reads <= TARGET_READS and copies <= TARGET_COPIES else "MISSES"
+    print(f"worst row: {reads} reads, {copies} copies -> {verdict} the target")
     return 0
 
 

@@ -86,4 +86,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        dist.shutdown()
+    sys.exit(status)

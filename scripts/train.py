@@ -87,6 +87,8 @@ def main(cfg: DictConfig) -> None:
         if dist.is_main():  # The same error on every rank: said once.
             print(f"Error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

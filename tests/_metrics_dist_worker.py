@@ -90,6 +90,7 @@ def main():
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -171,7 +171,12 @@ def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):
     assert state["ada"]["p"] == pytest.approx(ps[-1])
 
 
-# Issue 5: a training tick with the fused C++ kernels gives the losses of the reference ops (float tolerance).
+# Issue 5: a training tick with the fused C++ kernels gives the losses of the reference ops. The tick averages 4
+# minibatches, 3 of them after Adam steps; Adam's early steps are about lr * sign(g), so gradient elements near
+# zero, whose sign is decided by float32 rounding, move by +-lr whichever way they round, and the two runs drift
+# apart chaotically: measured 3.7e-4 relative (R1) with AVX2/AVX-512 ATen kernels, 2e-7 with
+# ATEN_CPU_CAPABILITY=default. 2e-2 bounds that with margin and still fails on any wrong kernel (O(1) changes);
+# the tight parity of one step on identical weights is tests/test_step.py::test_fused_step_matches_reference.
 def test_fused_ops_tick_matches_reference(tmp_path):
     args = [a for a in TINY if not a.startswith("train.ops_impl=")] + ["train.kimg=0.032"]
     env_backup = {k: os.environ.pop(k) for k in ("GANFORGE_OPS_IMPL", "GANFORGE_OPS_FORCE_BUILD_FAILURE")
@@ -186,4 +191,4 @@ def test_fused_ops_tick_matches_reference(tmp_path):
     keys = [k for k in ref if k.startswith("Loss/")]
     assert len(keys) >= 5
     for k in keys:
-        assert fused[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
+        assert fused[k] == pytest.approx(ref[k], rel=2e-2, abs=1e-6), k

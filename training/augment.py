@@ -51,7 +51,11 @@ def presets(name: str) -> dict:
 
 # The augmentation pipe: every transform of app. B, each applied to a sample with probability p * multiplier,
 # in the paper's order (blit, geometric, colour, filter, noise, cutout). Differentiable to second order w.r.t.
-# the images, so it can sit in front of D for every image D sees, R1 reals included.
+# the images, so it can sit in front of D for every image D sees, R1 reals included. Nothing in forward reads a
+# value back from the device or copies a host number into a tensor: p is a device buffer, every "apply with
+# probability p" is a per-sample torch.where, each stage transforms the whole batch and keeps the untouched samples
+# bit for bit, and the geometric padding is fixed (augment_ops.geometric_margin). `p_host` is p as the host last
+# set it (set_p; None when unknown): p_host == 0 skips the whole pipe.
 class AugmentPipe(torch.nn.Module):
     def __init__(self, xflip=0, rotate90=0, xint=0, xint_max=0.125,
                  scale=0, rotate=0, aniso=0, xfrac=0, scale_std=0.2, rotate_max=1, aniso_std=0.2, xfrac_std=0.125,
@@ -61,6 +65,7 @@ class AugmentPipe(torch.nn.Module):
                  noise=0, cutout=0, noise_std=0.1, cutout_size=0.5):
         super().__init__()
         self.register_buffer("p", torch.zeros([]))  # overall strength; set by AdaptiveP or the config
+        self.p_host = None
         # Multipliers of p and the parameters' spreads (units: fractions of the image size, log2 units, radians/pi).
         self.xflip, self.rotate90, self.xint, self.xint_max = float(xflip), float(rotate90), float(xint), xint_max
         self.scale, self.rotate, self.aniso, self.xfrac = float(scale), float(rotate), float(aniso), float(xfrac)
@@ -71,26 +76,44 @@ class AugmentPipe(torch.nn.Module):
         self.hue_max, self.saturation_std = hue_max, saturation_std
         self.imgfilter, self.imgfilter_bands, self.imgfilter_std = float(imgfilter), list(imgfilter_bands), imgfilter_std
         self.noise, self.cutout, self.noise_std, self.cutout_size = float(noise), float(cutout), noise_std, cutout_size
-        # Fixed filters (not saved in checkpoints): sym6 around the resampling, the sym2 band-pass bank.
+        # Fixed filters and constants (not saved in checkpoints): sym6 around the resampling and its delay, the sym2
+        # band-pass bank with the bands' expected power, the luma axis.
         self.register_buffer("hz_geom", upfirdn2d.setup_filter(ops.SYM6), persistent=False)
+        self.hz_delay = ops.filter_delay(ops.SYM6)
         self.register_buffer("hz_bank", ops.bandpass_bank(ops.SYM2), persistent=False)
+        self.register_buffer("band_power", torch.tensor(ops.BAND_EXPECTED_POWER), persistent=False)
+        self.register_buffer("luma", ops.luma_axis(), persistent=False)
         self.last_geom = None  # the inverse matrices of the last geometric stage (for tests and visualisation)
+
+    # Set p from the host (a fill of the buffer, no copy); p_host remembers it for the p == 0 shortcut.
+    def set_p(self, p: float) -> None:
+        self.p.fill_(float(p))
+        self.p_host = float(p)
+
+    # A checkpoint's p enters the buffer; the host learns it with one read (at load time, not in the step).
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "p" in state_dict:
+            self.p_host = float(self.p)
 
     # Augment float images [N, C, H, W] (C = 1 or 3, values around [-1, 1]); p = 0 returns them untouched.
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"AugmentPipe expects [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
-        p = float(self.p)
         self.last_geom = None
-        if p <= 0:
+        if self.p_host == 0:
             return images
-        x = self._blit(images, p)
-        x = self._geometric(x, p)
-        x = self._color(x, p)
-        x = self._filter(x, p)
-        return self._noise_cutout(x, p)
+        # In the images' own precision, also under mixed-precision autocast (whose half-precision convs would
+        # misplace the resampling and mix dtypes in the grid_sample backward).
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            p = self.p.to(torch.float32)
+            x = self._blit(images, p)
+            x = self._geometric(x, p)
+            x = self._color(x, p)
+            x = self._filter(x, p)
+            return self._noise_cutout(x, p)
 
-    # A per-sample Bernoulli draw: true with probability `prob`.
+    # A per-sample Bernoulli draw: true with probability `prob` (a device tensor).
     @staticmethod
     def _coin(n, prob, device):
         return torch.rand([n], device=device) < prob
@@ -115,7 +138,8 @@ class AugmentPipe(torch.nn.Module):
     # Geometric group (app. B), composed into one inverse matrix per sample and resampled once: isotropic scale
     # 2^N(0, scale_std); rotation U(-pi, pi) * rotate_max before and after the anisotropic scale, each with
     # probability 1 - sqrt(1 - p*rotate) so that either happens with p*rotate; anisotropic scale 2^N(0, aniso_std);
-    # fractional translation N(0, xfrac_std) of the size. Only the samples with a transform are resampled.
+    # fractional translation N(0, xfrac_std) of the size. The whole batch is resampled; samples without a transform
+    # keep their pixels.
     def _geometric(self, x, p):
         if self.scale <= 0 and self.rotate <= 0 and self.aniso <= 0 and self.xfrac <= 0:
             return x
@@ -124,7 +148,7 @@ class AugmentPipe(torch.nn.Module):
         G = torch.eye(3, device=dev).repeat(n, 1, 1)
         touched = torch.zeros([n], dtype=torch.bool, device=dev)
         one = torch.ones([n], device=dev)
-        p_rot = 1 - math.sqrt(max(0.0, 1 - min(1.0, p * self.rotate)))
+        p_rot = 1 - (1 - (p * self.rotate).clamp(max=1)).clamp(min=0).sqrt()
         if self.scale > 0:
             s = torch.exp2(torch.randn([n], device=dev) * self.scale_std)
             m = self._coin(n, p * self.scale, dev)
@@ -152,18 +176,13 @@ class AugmentPipe(torch.nn.Module):
             G = G @ ops.translate2d_inv(t[:, 0] * w, t[:, 1] * h, n, dev)
             touched |= m
         self.last_geom = G
-        idx = touched.nonzero()[:, 0]
-        if idx.numel() == 0:
-            return x
-        if idx.numel() == n:
-            return ops.geometric_transform(x, G, self.hz_geom)
-        y = ops.geometric_transform(x.index_select(0, idx), G.index_select(0, idx), self.hz_geom)
-        return x.index_copy(0, idx, y)
+        y = ops.geometric_transform(x, G, self.hz_geom, delay=self.hz_delay)
+        return torch.where(touched[:, None, None, None], y, x)
 
     # Colour group (app. B), composed into one 4x4 matrix per sample: brightness + N(0, brightness_std), contrast
     # x 2^N(0, contrast_std), luma flip (i ~ U{0,1}), hue rotation U(-pi, pi) * hue_max about the luma axis,
     # saturation x 2^N(0, saturation_std) of the chroma; hue and saturation are skipped for one-channel images.
-    # A sample without a colour transform keeps an exact identity matrix (so it passes through bit for bit).
+    # A sample without a colour transform passes through bit for bit.
     def _color(self, x, p):
         if max(self.brightness, self.contrast, self.lumaflip, self.hue, self.saturation) <= 0:
             return x
@@ -172,7 +191,7 @@ class AugmentPipe(torch.nn.Module):
         eye = torch.eye(4, device=dev).repeat(n, 1, 1)
         C = eye
         touched = torch.zeros([n], dtype=torch.bool, device=dev)
-        v = ops.luma_axis(dev)
+        v = self.luma
 
         def compose(C, touched, prob, mat):
             m = self._coin(n, prob, dev)
@@ -195,9 +214,7 @@ class AugmentPipe(torch.nn.Module):
             s = torch.exp2(torch.randn([n], device=dev) * self.saturation_std)
             vv = torch.outer(v, v)[None]
             C, touched = compose(C, touched, p * self.saturation, vv + (eye - vv) * s[:, None, None])
-        if not bool(touched.any()):
-            return x
-        return ops.apply_color(x, C)
+        return torch.where(touched[:, None, None, None], ops.apply_color(x, C), x)
 
     # Image-space filtering (app. B): each of the four bands gets, with probability p * imgfilter * band weight,
     # a gain 2^N(0, imgfilter_std); the gains are then normalised so that the expected image power is unchanged.
@@ -211,15 +228,9 @@ class AugmentPipe(torch.nn.Module):
                 g = torch.exp2(torch.randn([n], device=dev) * self.imgfilter_std)
                 gains[:, b] = torch.where(self._coin(n, p * self.imgfilter * weight, dev), g, 1)
         touched = (gains != 1).any(dim=1)
-        idx = touched.nonzero()[:, 0]
-        if idx.numel() == 0:
-            return x
-        power = torch.tensor(ops.BAND_EXPECTED_POWER, device=dev)
-        gains = gains[idx] / (gains[idx].square() * power).sum(dim=1, keepdim=True).sqrt()
-        f = gains @ self.hz_bank.to(dev)  # [n_sel, taps]: one zero-phase 1-D filter per sample
-        if idx.numel() == n:
-            return ops.filter_per_sample(x, f)
-        return x.index_copy(0, idx, ops.filter_per_sample(x.index_select(0, idx), f))
+        gains = gains / (gains.square() * self.band_power).sum(dim=1, keepdim=True).sqrt()
+        f = gains @ self.hz_bank  # [n, taps]: one zero-phase 1-D filter per sample
+        return torch.where(touched[:, None, None, None], ops.filter_per_sample(x, f), x)
 
     # Additive noise N(0, sigma^2) with sigma = |N(0, noise_std^2)| per sample, then cutout (app. B): a zero
     # box of cutout_size times the image at a uniformly random centre.
@@ -250,21 +261,24 @@ def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
     if mode == "noaug":
         return None
     pipe = AugmentPipe(**presets(_get(cfg, "preset")))
-    pipe.p.fill_(float(_get(cfg, "p")))
+    pipe.set_p(float(_get(cfg, "p")))
     return pipe
 
 
 # The ADA heuristic (paper §3): r_t = E[sign(D(augmented reals))] over every accumulation round and rank of the
 # last `interval` minibatches; then p += sign(r_t - target) * batch_size * interval / (ada_kimg * 1000), clamped
 # to [0, 1], so p can cross 0 -> 1 in ada_kimg thousand images. `batch_size` is the global minibatch (all ranks).
+# The sum of signs stays on the device (no read per round); the training loop reads it with its other per-step
+# values (`pending` / `update`), or `step` reads it alone.
 class AdaptiveP:
     def __init__(self, pipe: AugmentPipe, target: float = 0.6, interval: int = 4, ada_kimg: float = 500,
                  batch_size: int = 64):
         self.pipe, self.target, self.interval = pipe, float(target), int(interval)
         self.ada_kimg, self.batch_size = float(ada_kimg), int(batch_size)
-        self._p = float(pipe.p)
+        self._p = pipe.p_host if pipe.p_host is not None else float(pipe.p)
         self.r_t = float("nan")  # the last measured r_t (nan before the first update)
-        self._acc = torch.zeros([2], dtype=torch.float64)  # [sum of signs, number of logits] since the last update
+        self._acc_sum = 0.0  # sum of signs since the last update: a Python float until a device tensor takes over
+        self._acc_count = 0  # number of logits since the last update (known on the host)
 
     # Current p (the pipe's buffer holds the same value in float32).
     @property
@@ -278,20 +292,28 @@ class AdaptiveP:
     # Add D's raw logits on augmented reals (any shape) to the statistic; call after every D-main round. No sync.
     def accumulate(self, real_logits: torch.Tensor) -> None:
         d = real_logits.detach()
-        stats = torch.stack([torch.sign(d).sum().double(), torch.tensor(float(d.numel()), device=d.device,
-                                                                        dtype=torch.float64)])
-        if self._acc.device != d.device:
-            self._acc = self._acc.to(d.device)
-        self._acc += stats
+        signs = torch.sign(d).sum(dtype=torch.float64)
+        if not isinstance(self._acc_sum, torch.Tensor) or self._acc_sum.device != d.device:
+            self._acc_sum = torch.zeros([], dtype=torch.float64, device=d.device) + self._acc_sum
+        self._acc_sum += signs
+        self._acc_count += d.numel()
 
-    # After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
-    # (every rank must call step with the same batch_idx), update p and reset. Returns True when p was updated.
-    def step(self, batch_idx: int) -> bool:
-        if (batch_idx + 1) % self.interval != 0:
-            return False
-        stats = self._acc.to(dist.device() if dist.is_initialized() else self._acc.device)
-        total, count = dist.all_reduce_sum(stats.clone()).tolist()
-        self._acc = torch.zeros_like(self._acc)
+    # Whether p is updated after minibatch `batch_idx` (0-based; the same on every rank).
+    def due(self, batch_idx: int) -> bool:
+        return (batch_idx + 1) % self.interval == 0
+
+    # This rank's [sum of signs, count] since the last update, for the caller's sum over ranks.
+    def pending(self) -> list:
+        return [self._acc_sum, self._acc_count]
+
+    # Update p from the statistic summed over ranks (`pending` of every rank) and reset it. Returns True when p
+    # was updated (False when nothing was accumulated).
+    def update(self, total: float, count: float) -> bool:
+        if isinstance(self._acc_sum, torch.Tensor):
+            self._acc_sum.zero_()
+        else:
+            self._acc_sum = 0.0
+        self._acc_count = 0
         if count == 0:
             return False
         self.r_t = total / count
@@ -299,20 +321,27 @@ class AdaptiveP:
         self._set_p(min(max(self._p + adjust, 0.0), 1.0))
         return True
 
+    # After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
+    # (every rank must call step with the same batch_idx; one host read), update p and reset. Returns True when p
+    # was updated.
+    def step(self, batch_idx: int) -> bool:
+        if not self.due(batch_idx):
+            return False
+        return self.update(*dist.sum_to_host(self.pending()))
+
     def _set_p(self, p: float) -> None:
         self._p = p
-        self.pipe.p.fill_(p)
+        self.pipe.set_p(p)
 
     # Checkpoint state: p, the last r_t and the pending accumulators.
     def state_dict(self) -> dict:
-        total, count = self._acc.tolist()
-        return {"p": self._p, "r_t": self.r_t, "acc_sum": total, "acc_count": count}
+        return {"p": self._p, "r_t": self.r_t, "acc_sum": float(self._acc_sum), "acc_count": float(self._acc_count)}
 
     def load_state_dict(self, state: dict) -> None:
         self._set_p(float(state["p"]))
         self.r_t = float(state.get("r_t", float("nan")))
-        self._acc = torch.tensor([float(state.get("acc_sum", 0.0)), float(state.get("acc_count", 0.0))],
-                                 dtype=torch.float64, device=self._acc.device)
+        self._acc_sum = float(state.get("acc_sum", 0.0))
+        self._acc_count = int(state.get("acc_count", 0))
 
 
 # The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume.

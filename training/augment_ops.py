@@ -65,9 +65,11 @@ def integer_translate(x: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> to
     return x.gather(2, iy[:, None, :, None].expand(n, c, h, w))
 
 
-# Stack per-sample matrix entries (tensors [N] or numbers) given row by row into [N, R, R].
+# Stack per-sample matrix entries (tensors [N] or numbers) given row by row into [N, R, R]. Numbers enter as
+# `zeros + number` (a fill with the number as a kernel argument): no host-to-device copy, nothing read back.
 def _matrix(rows, n, device, dtype):
-    flat = [torch.as_tensor(e, device=device, dtype=dtype).expand(n) for row in rows for e in row]
+    zeros = torch.zeros([n], device=device, dtype=dtype)
+    flat = [e.to(dtype).expand(n) if isinstance(e, torch.Tensor) else zeros + e for row in rows for e in row]
     return torch.stack(flat, dim=1).reshape(n, len(rows), len(rows))
 
 
@@ -93,16 +95,27 @@ def filter_delay(f) -> float:
     return float((np.arange(len(f)) * f).sum() / f.sum() - (len(f) - 1) / 2)
 
 
+# The reflect padding around the geometric resampling (pixels, each side): NVIDIA's rule caps the margin that the
+# transformed corners need at the image size minus one; a fixed margin at that cap needs no read of the random
+# transforms (a host sync on a GPU) and covers everything the capped rule covers. Sample points beyond it read
+# zeros, as there.
+def geometric_margin(h: int, w: int) -> tuple:
+    return w - 1, h - 1
+
+
 # Apply the inverse affine matrices G [N, 3, 3] (output -> input, pixel units, origin at the image centre, x right,
-# y down) to x [N, C, H, W]: reflect-pad by the margin the transformed corners need, upsample 2x with the wavelet
+# y down) to x [N, C, H, W]: reflect-pad by `margin` (x, y; default geometric_margin), upsample 2x with the wavelet
 # low-pass `hz` (1-D, even length), sample bilinearly on a 2x output grid, low-pass + downsample 2x with the
-# time-reversed filter (an orthonormal wavelet makes up -> down an exact identity), output H x W (app. B).
-def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, max_margin: int = None) -> torch.Tensor:
+# time-reversed filter (an orthonormal wavelet makes up -> down an exact identity), output H x W (app. B). `delay`
+# is filter_delay(hz) (computed once by the caller, so that nothing here reads the filter back from the device).
+def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, margin=None, delay=None) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):  # half-precision grid coordinates would be off by ~0.1 px
-        return geometric_transform(x.float(), G, hz, max_margin).to(x.dtype)
+        return geometric_transform(x.float(), G, hz, margin, delay).to(x.dtype)
     n, c, h, w = x.shape
     taps = hz.numel()
-    delay = filter_delay(hz.detach().cpu().numpy())
+    if delay is None:
+        delay = filter_delay(hz.detach().cpu().numpy())
+    mx, my = margin if margin is not None else geometric_margin(h, w)
     q = taps // 2 - 1  # extra 2x samples each side so that the 'valid' downsampling returns exactly H x W
     G = G.to(torch.float64)
     # Output 2x grid in centred low-res pixel units; sample k sits at k/2 - 1/4, shifted by the filter delay.
@@ -110,32 +123,21 @@ def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, max_
     ky = torch.arange(-q, 2 * h + q, device=x.device, dtype=torch.float64)
     ux = kx / 2 - 0.25 - delay / 2 - (w - 1) / 2
     uy = ky / 2 - 0.25 - delay / 2 - (h - 1) / 2
-    # Margin: where the extreme output points land in the input, plus the up-filter and bilinear support.
-    corners = torch.tensor([[ux[0], uy[0], 1], [ux[-1], uy[0], 1], [ux[0], uy[-1], 1], [ux[-1], uy[-1], 1]],
-                           device=x.device, dtype=torch.float64)
-    pc = torch.einsum("nij,kj->nki", G[:, :2, :], corners)  # [N, 4, 2]
-    lo = (pc.amin(dim=(0, 1)) + torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device)).tolist()
-    hi = (pc.amax(dim=(0, 1)) + torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device)).tolist()
-    support = taps / 4 + 1
-    max_margin = max_margin if max_margin is not None else 4 * max(h, w)
-    px0 = min(max(0, math.ceil(support - lo[0])), max_margin)
-    px1 = min(max(0, math.ceil(hi[0] + support - (w - 1))), max_margin)
-    py0 = min(max(0, math.ceil(support - lo[1])), max_margin)
-    py1 = min(max(0, math.ceil(hi[1] + support - (h - 1))), max_margin)
-    xp = reflect_pad(x, px0, px1, py0, py1)
+    xp = reflect_pad(x, mx, mx, my, my)
     up = upfirdn2d.upsample2d(xp, hz.to(x.dtype))
     # Input position P (centred) -> padded low-res index -> 2x index (inverse of the up-filter delay) -> [-1, 1].
     pts = torch.stack(torch.broadcast_tensors(ux[None, :], uy[:, None], torch.ones_like(uy)[:, None]), dim=-1)
     pos = torch.einsum("nij,hwj->nhwi", G[:, :2, :], pts)
-    kin_x = 2 * (pos[..., 0] + (w - 1) / 2 + px0) + 0.5 + delay
-    kin_y = 2 * (pos[..., 1] + (h - 1) / 2 + py0) + 0.5 + delay
+    kin_x = 2 * (pos[..., 0] + (w - 1) / 2 + mx) + 0.5 + delay
+    kin_y = 2 * (pos[..., 1] + (h - 1) / 2 + my) + 0.5 + delay
     grid = torch.stack([(2 * kin_x + 1) / up.shape[3] - 1, (2 * kin_y + 1) / up.shape[2] - 1], dim=-1)
     y = grid_sample(up, grid.to(x.dtype))
     return upfirdn2d.upfirdn2d(y, hz.to(x.dtype), down=2, flip_filter=True)
 
 
-# The luma axis v = [1, 1, 1, 0] / sqrt(3) in homogeneous RGB (app. B: luma flip, hue and saturation act around it).
-def luma_axis(device, dtype=torch.float32):
+# The luma axis v = [1, 1, 1, 0] / sqrt(3) in homogeneous RGB (app. B: luma flip, hue and saturation act around it);
+# the pipe keeps it as a buffer, made once.
+def luma_axis(device=None, dtype=torch.float32):
     return torch.tensor([1, 1, 1, 0], device=device, dtype=dtype) / math.sqrt(3)
 
 

@@ -72,6 +72,7 @@ class TrainConfig:
     mixed_precision: str = "no"        # Accelerate mixed precision: no | fp16 | bf16
     ops_impl: str = "auto"             # custom ops: auto (fused when built) | fused | ref
     deterministic: bool = False        # force deterministic algorithms (slower; exact reruns on one device)
+    tf32: bool = False                 # CUDA: TF32 convs/matmuls (Ampere+; faster, ~1e-3 relative error; NVIDIA: off)
     cpu_threads: Optional[int] = None  # CPU only: torch threads per process; null = cores / local processes
     keep: int = 3                      # training states kept: the newest this many plus the best metric's (0 = all)
     max_nonfinite: int = 20            # stop after this many minibatches in a row with non-finite gradients (0 = never)

@@ -73,13 +73,36 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# True on every rank when `flag` is true on any rank (one small all-reduce; every rank must call it together).
-def any_true(flag: bool) -> bool:
-    if not (is_initialized() and get_world_size() > 1):
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+# Reused float64 device buffers of sum_to_host, by (device, length).
+_host_sum_buffers = {}
+
+
+# Sum a few numbers over ranks and bring them to the host with one read: `values` are Python numbers or 0-dim
+# device tensors. Numbers enter a reused device buffer with fill_ (the number is a kernel argument, not a
+# host-to-device copy); with one process and no tensor among them nothing touches the device. Every rank must call
+# it together with the same number of values.
+def sum_to_host(values) -> list:
+    multi = is_initialized() and get_world_size() > 1
+    if not multi and not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values]
+    dev = device()
+    buf = _host_sum_buffers.get((dev, len(values)))
+    if buf is None:
+        buf = _host_sum_buffers[dev, len(values)] = torch.zeros([len(values)], dtype=torch.float64, device=dev)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            buf[i].copy_(v.detach())
+        else:
+            buf[i].fill_(float(v))
+    all_reduce_sum(buf)
+    return buf.tolist()
+
+
+# Leave the process group (at the end of a run): without it, a gloo rank can abort at interpreter exit
+# ("terminate called without an active exception") while its peer still tears down.
+def shutdown() -> None:
+    if is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # Average a tensor over all ranks, in place, and return it.
@@ -106,18 +129,21 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 # Average the gradients of `params` over ranks as one flat buffer (the manual equivalent of DDP's all-reduce,
-# which we use because R1 needs double backward through D and DDP does not support it).
-def all_reduce_grads(params) -> None:
+# which we use because R1 needs double backward through D and DDP does not support it). The gradients become views
+# of the flat buffer (nothing is copied back), which is returned (None when no parameter has a gradient).
+def reduce_grads(params):
     params = [p for p in params if p.grad is not None]
-    if not params or not (is_initialized() and get_world_size() > 1):
-        return
+    if not params:
+        return None
     flat = torch.cat([p.grad.flatten() for p in params])
-    all_reduce_mean(flat)
+    if is_initialized() and get_world_size() > 1:
+        all_reduce_mean(flat)
     offset = 0
     for p in params:
         n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad = flat[offset:offset + n].view_as(p.grad)
         offset += n
+    return flat
 
 
 # Make every rank hold rank 0's parameters and buffers.
@@ -146,17 +172,25 @@ def all_gather_object(obj) -> list:
     return out
 
 
-# Average a module's floating-point buffers over ranks (running statistics such as w_avg are updated from each
-# rank's own batch; averaging keeps every rank bit-identical; constant buffers are unchanged).
+# The buffers that training changes (each rank from its own batch): the mapping network's running mean w_avg and
+# the spectral-norm power-iteration vectors. Constant buffers (noise maps, filters) are left alone.
+CHANGING_BUFFERS = ("w_avg", "sn_u", "sn_v")
+
+
+# A module's buffers that training changes, in a fixed order.
+def changing_buffers(module: torch.nn.Module) -> list:
+    return [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in CHANGING_BUFFERS]
+
+
+# Average the buffers that training changes over ranks (w_avg follows each rank's batch; averaging keeps every rank
+# bit-identical), one flat all-reduce per dtype, each in its own dtype.
 def sync_buffers(module: torch.nn.Module) -> None:
     if not (is_initialized() and get_world_size() > 1):
         return
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
-    if not bufs:
-        return
-    flat = torch.cat([b.detach().flatten().to(torch.float64) for b in bufs])
-    all_reduce_mean(flat)
-    offset = 0
-    for b in bufs:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
-        offset += b.numel()
+    by_dtype = {}
+    for b in changing_buffers(module):
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().flatten() for b in bufs])
+        all_reduce_mean(flat)
+        torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in bufs]), bufs)])

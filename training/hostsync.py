@@ -62,8 +62,10 @@ def _from_host(func, args, kwargs) -> bool:
 # Count host reads (`.item()`, `bool`/`float`/`int` of a tensor, `.tolist()`, `.cpu()`, `.numpy()`, `nonzero`,
 # boolean-mask indexing, `.to('cpu')`) and host-to-tensor copies (`torch.tensor`/`as_tensor`/`full` of host data)
 # made in Python while active; calls from torch.optim (the optimizers' CPU step counters) and torch.utils.data (a
-# loader's CPU-side collation) are left out. On CPU these calls are cheap, but each one stalls a GPU's queue, so counting them on CPU finds the stalls before a GPU
-# run does. `sites` maps 'kind file:line' to counts. Use: `with HostSyncCounter() as c: ...; c.reads, c.copies`.
+# loader's CPU-side collation) are left out. On CPU these calls are cheap, but each one stalls a GPU's queue, so
+# counting them on CPU finds the stalls before a GPU run does. `sites` maps 'kind file:line' to counts. Use:
+# `with HostSyncCounter() as c: ...`, then c.reads, c.copies. Reads inside C++ (e.g. a CUDA kernel's own checks)
+# are invisible here; torch.cuda.set_sync_debug_mode sees those on a GPU (scripts/gpu_check.py).
 class HostSyncCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()

@@ -16,7 +16,7 @@ from training import dist
 from training.images import save_image_grid, to_uint8, make_grid, save_png
 from training.loss import StyleGAN2Loss
 from training.networks_factory import apply_auto, build_networks
-from training.preempt import Faults, NonFiniteError, StopRequest, all_finite
+from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.report import TickStats, evaluate_metrics, init_wandb, peak_memory_gb, write_report
 from training.sampler import InfiniteSampler
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
@@ -69,17 +69,38 @@ def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int):
     return batch_gpu, batch_size // (batch_gpu * world)
 
 
-# Update G_ema towards G: half-life ema_kimg, optionally capped at ema_rampup * cur_nimg (StyleGAN2-ADA).
+# Update G_ema towards G: half-life ema_kimg, optionally capped at ema_rampup * cur_nimg (StyleGAN2-ADA), in one
+# multi-tensor lerp; the buffers that training changes (w_avg, spectral-norm vectors) are copied in one call.
 def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_rampup) -> None:
     ema_nimg = ema_kimg * 1000
     if ema_rampup is not None:
         ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
     ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
     with torch.no_grad():
-        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, ema_beta))
-        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - ema_beta)
+        bufs = dist.changing_buffers(G_ema)
+        if bufs:
+            torch._foreach_copy_(bufs, dist.changing_buffers(G))
+
+
+# Step one phase's optimizer: average the gradients over ranks, unscale them (fp16 loss scaling), make them zero
+# when any value is NaN or infinite (every rank sees the same averaged gradients, so all agree without a host
+# read), step, and let the grad scaler adapt its scale (GradScaler.step would read its overflow flag: a sync).
+# Returns a 0-dim bool device tensor, True when the gradient was non-finite (with Adam beta1 = 0, as in every
+# preset, a zero gradient leaves the weights where they were), or None when no parameter had a gradient.
+def optimizer_step(opt, params, scaler):
+    raw = getattr(opt, "optimizer", opt)  # under Accelerate's wrapper, the torch optimizer
+    flat = dist.reduce_grads(params)
+    if flat is None:
+        return None
+    if scaler is not None:
+        scaler.unscale_(raw)
+    bad = ~flat.isfinite().all()
+    flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(~bad)
+    raw.step()
+    if scaler is not None:
+        scaler.update()
+    return bad
 
 
 # The fixed latents, labels and dataset indices of the image grids (the same for every run with this seed).
@@ -128,6 +149,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+    # TF32 convolutions and matmuls (Ampere and newer) only when asked: faster, but ~1e-3 relative precision.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(t["tf32"])
 
     # Data: every rank reads its own shard of an endless seeded stream.
     synthetic_kwargs = dict(resolution=d["resolution"], num_images=d["num_images"]) if d["path"] is None else {}
@@ -164,7 +187,7 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
                          pl_weight=t["pl_weight"], pl_batch_shrink=t["pl_batch_shrink"], pl_decay=t["pl_decay"],
                          autocast=accelerator.autocast, backward=accelerator.backward,
                          loss_type=t.get("loss", "ns"), wgan_lambda=t.get("wgan_lambda", 10.0),
-                         wgan_drift=t.get("wgan_drift", 0.001))
+                         wgan_drift=t.get("wgan_drift", 0.001), grad_scaler=accelerator.scaler)
     phases = make_phases(G, D, t, use_pl=t["pl_weight"] != 0, use_r1=loss.has_d_reg)
     unique = list({id(ph.opt): ph.opt for ph in phases}.values())
     wrapped = accelerator.prepare(*unique)
@@ -297,7 +320,11 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
             np.random.seed(seed)
             torch.manual_seed(seed)
     faults = Faults(rank)
+    watch = ParentWatch()
     stopped = None
+    # The non-finite streak and count live on the device between step boundaries (no read per phase).
+    nonfinite_streak = torch.zeros([], dtype=torch.float64, device=device) + counters["nonfinite_streak"]
+    skipped_steps = torch.zeros([], dtype=torch.float64, device=device) + counters["skipped_steps"]
 
     while True:
         if probe is not None:
@@ -305,6 +332,18 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
         cur_nimg = counters["cur_nimg"]
         done = cur_nimg >= total_nimg
         at_tick = done or first_report or cur_nimg >= tick_start_nimg + t["tick_kimg"] * 1000
+
+        # 0. Step boundary: one host read, summed over ranks, of what the host decides on: stop signals, the
+        # non-finite streak and count, and ADA's statistic when p is due an update (ADA, Karras et al. 2020, sec. 3;
+        # p moves before the next minibatch, as after the one that completed the interval). Every rank agrees.
+        faults.at_step(cur_nimg)
+        ada_due = ada is not None and counters["batch_idx"] > 0 and ada.due(counters["batch_idx"] - 1)
+        local_stop = stop.signum is not None or watch.gone()
+        got = dist.sum_to_host([float(local_stop), nonfinite_streak, skipped_steps] +
+                               (ada.pending() if ada_due else []))
+        counters["nonfinite_streak"], counters["skipped_steps"] = round(got[1] / world), round(got[2] / world)
+        if ada_due:
+            ada.update(got[3], got[4])
 
         # Progressive schedule: the stage and fade at cur_nimg; a new stage ends the tick (so that stats.jsonl
         # has a line where it starts) and brings its batch, learning rates and loader.
@@ -320,10 +359,9 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
             save["stage"] = stage_meta(G)
             at_tick = at_tick or schedule.at(tick_start_nimg).index != stage.index
 
-        # 0. Stop requests (a signal on any rank, or too many non-finite steps in a row): every rank agrees.
-        faults.at_step(cur_nimg)
-        if stop.requested() and not done:
-            stopped = stop.name or "a stop signal on another rank"
+        # Stop requests (a signal or a dead launcher on any rank, or too many non-finite steps in a row).
+        if got[0] > 0 and not done:
+            stopped = watch.reason() or stop.name or "a stop signal on another rank"
             break
         if 0 < max_nonfinite <= counters["nonfinite_streak"] and not done:
             stopped = "nonfinite"
@@ -391,15 +429,16 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
             tick_start_nimg = cur_nimg
             tick_start_time = time.time()
 
-        # 6. Accumulate G/D phases over rounds: reals and latents for this minibatch.
+        # 6. Accumulate G/D phases over rounds: reals (uint8 batches copied without blocking, normalized to [-1, 1]
+        # on the device) and latents for this minibatch.
         reals, real_cs = [], []
         for _ in range(rounds):
             img, c = next(loader)
-            img = img.to(device).to(torch.float32) / 127.5 - 1
+            img = img.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
             reals.append(img if stage is None else stage_reals(img, stage.resolution, stage.alpha))
-            real_cs.append(c.to(device))
+            real_cs.append(c.to(device, non_blocking=True))
             counters["sampler_pos"] += batch_gpu
-        skipped = False
+        step_bad = torch.zeros([], dtype=torch.bool, device=device)
         for phase in phases:
             if counters["batch_idx"] % phase.interval != 0:
                 continue
@@ -412,28 +451,17 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
                                                          gain=phase.interval / rounds))
             phase.module.requires_grad_(False)
 
-            # 7. Step: average gradients over ranks; a non-finite gradient skips the step on every rank.
+            # 7. Step: gradients averaged over ranks; a non-finite one is made zero on every rank and counted on the
+            # device (the streak and the count reach the host at the next step boundary's read).
             params = [p for p in phase.module.parameters() if p.grad is not None]
             faults.corrupt_grads(params, cur_nimg)
-            dist.all_reduce_grads(params)
-            if accelerator.scaler is None and params:
-                finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
-                if not bool(finite):
-                    counters["skipped_steps"] += 1
-                    skipped = True
-                    phase.opt.zero_grad(set_to_none=True)
-                    continue
-            phase.opt.step()
-            if accelerator.scaler is not None and phase.opt.step_was_skipped:
-                counters["skipped_steps"] += 1
-                skipped = True
-        counters["nonfinite_streak"] = counters["nonfinite_streak"] + 1 if skipped else 0
+            bad = optimizer_step(phase.opt, params, accelerator.scaler)
+            if bad is not None:
+                skipped_steps += bad
+                step_bad |= bad
+        nonfinite_streak.add_(1).mul_(step_bad)
 
-        # 8. ADA: every ada_interval minibatches, p moves towards the target (same batch_idx on every rank).
-        if ada is not None:
-            ada.step(counters["batch_idx"])
-
-        # 9. EMA and counters; running buffers (w_avg) averaged over ranks first.
+        # 8. EMA and counters; the buffers that training changes (w_avg) averaged over ranks first.
         dist.sync_buffers(G)
         dist.sync_buffers(D)
         counters["cur_nimg"] += batch_size
@@ -481,9 +509,13 @@ def _stop(reason, run_dir, counters, tick_start_nimg, save, max_nonfinite, wandb
     return dict(counters, stopped=reason)
 
 
-# Labels for generated samples: drawn from the dataset's label distribution (zeros [N, 0] when unconditional).
+# Labels for generated samples: drawn from the dataset's label distribution (zeros [N, 0] when unconditional); on
+# CUDA they travel from pinned memory without blocking.
 def _sample_labels(dataset, n: int, device):
     if dataset.label_dim == 0:
         return torch.zeros([n, 0], device=device)
     idx = np.random.randint(len(dataset), size=n)
-    return torch.from_numpy(np.stack([dataset.get_label(i) for i in idx])).to(device)
+    labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx]))
+    if device.type == "cuda":
+        labels = labels.pin_memory()
+    return labels.to(device, non_blocking=True)

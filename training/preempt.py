@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from training import dist
 
 # Training stopped after train.max_nonfinite minibatches in a row with non-finite gradients.
 class NonFiniteError(RuntimeError):
@@ -62,9 +61,59 @@ class StopRequest:
     def name(self):
         return None if self.signum is None else signal.Signals(self.signum).name
 
-    # Whether any rank received a stop signal (call on every rank at the same step).
-    def requested(self) -> bool:
-        return dist.any_true(self.signum is not None)
+
+
+# Prctl option: deliver a signal to this process when its parent dies (Linux, <sys/prctl.h>).
+PR_SET_PDEATHSIG = 1
+
+# Seconds a worker whose launcher died may spend writing its checkpoint before it exits regardless (a collective
+# that waits for a peer that is already gone must not hold its GPU).
+ORPHAN_GRACE_S = 60.0
+
+
+# A worker started by a launcher (`accelerate launch`, torchrun: LOCAL_RANK is set) stops when the launcher dies,
+# e.g. SIGKILLed by the out-of-memory killer or a scheduler: the workers run in sessions of their own, so nothing
+# else would end them and they would hold their GPUs. The kernel sends SIGTERM when the parent dies (prctl
+# PR_SET_PDEATHSIG; the stop handler then stops at the next step with a checkpoint), and `gone` compares the parent
+# pid with the one at start (a parent that died before prctl, or a system without prctl). Once gone, a watchdog
+# thread ends the process after ORPHAN_GRACE_S seconds in any case.
+class ParentWatch:
+    def __init__(self, enabled=None):
+        if enabled is None:
+            enabled = os.environ.get("LOCAL_RANK") is not None
+        self.ppid = os.getppid() if enabled else None
+        self._reported = False
+        if self.ppid is not None and sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            except (OSError, AttributeError):
+                pass  # the pid check below still works
+
+    # True once the launcher is gone (checked at every step boundary; one getppid call).
+    def gone(self) -> bool:
+        if self.ppid is None or os.getppid() == self.ppid:
+            return False
+        if not self._reported:
+            self._reported = True
+            sys.stderr.write(f"\nThe launcher (pid {self.ppid}) is gone: stopping at the next step with a checkpoint, "
+                             f"then exiting (at the latest in {ORPHAN_GRACE_S:.0f} s)\n")
+            sys.stderr.flush()
+            threading.Thread(target=_exit_after, args=(ORPHAN_GRACE_S,), daemon=True).start()
+        return True
+
+    # The stop reason when the launcher is gone, else None.
+    def reason(self):
+        return f"the death of the launcher (pid {self.ppid})" if self.gone() else None
+
+
+# Exit the process after `seconds` (the orphaned worker's watchdog).
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    sys.stderr.write(f"\nThe launcher is gone and the checkpoint did not finish within {seconds:.0f} s: exiting\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # Test-only faults, switched on by environment variables (never set in normal runs):

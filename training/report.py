@@ -16,24 +16,37 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-# Running sums of scalar stats over a tick, averaged over ranks at report time.
+# Running sums of scalar stats over a tick, averaged over ranks at report time. Values may be Python numbers or
+# 0-dim device tensors: tensors are summed on the device (no host read per minibatch) and read once per tick.
 class TickStats:
     def __init__(self):
         self.sums = {}
 
     def add(self, stats: dict):
         for k, v in stats.items():
-            s = self.sums.setdefault(k, [0.0, 0])
-            s[0] += float(v)
-            s[1] += 1
+            s = self.sums.get(k)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(torch.float64)
+            if s is None:
+                self.sums[k] = [v, 1]
+            else:
+                s[0] = s[0] + v
+                s[1] += 1
 
     def reduce(self, device) -> dict:
         keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
-        t = torch.tensor([[self.sums.get(k, [0.0, 0])[0], self.sums.get(k, [0.0, 0])[1]] for k in keys],
-                         dtype=torch.float64, device=device).reshape(-1, 2)
+        zero = torch.zeros([], dtype=torch.float64, device=device)
+        sums = [self.sums[k][0] if k in self.sums else zero for k in keys]
+        sums = torch.stack([(s if isinstance(s, torch.Tensor) else zero + s).to(device) for s in sums]) \
+            if keys else zero.new_zeros([0])
+        counts = torch.tensor([float(self.sums.get(k, [0, 0])[1]) for k in keys], dtype=torch.float64,
+                              device=device)
+        t = torch.cat([sums, counts])
         dist.all_reduce_sum(t)
         self.sums = {}
-        return {k: float(s / n) for k, (s, n) in zip(keys, t.tolist()) if n > 0}
+        values = t.tolist()
+        n = len(keys)
+        return {k: s / c for k, s, c in zip(keys, values[:n], values[n:]) if c > 0}
 
 
 # Print the status line and append one JSON line to stats.jsonl (rank 0).

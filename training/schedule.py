@@ -112,9 +112,15 @@ def stage_reals(img: torch.Tensor, resolution: int, alpha: float) -> torch.Tenso
     if factor > 1:
         img = F.avg_pool2d(img, factor)
     if alpha < 1 and resolution > 4:
-        f = setup_filter([1, 3, 3, 1], device=img.device)
+        f = _filters.get(img.device)
+        if f is None:  # made once per device: a filter built every step would be a host-to-device copy each time
+            f = _filters[img.device] = setup_filter([1, 3, 3, 1], device=img.device)
         img = torch.lerp(upsample2d(downsample2d(img, f), f), img, alpha)
     return img
+
+
+# The [1, 3, 3, 1] resampling filter of stage_reals, by device.
+_filters = {}
 
 
 # The stage a network is set to, as recorded in snapshots: {'resolution': px, 'alpha': fade}.
