@@ -394,3 +394,75 @@ def test_bad_dataset_message_reaches_the_user(tmp_path):
     proc = run_train(TINY + [f"data={data}"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "img0.png" in proc.stderr and "12x12" in proc.stderr and "scripts/dataset_tool.py" in proc.stderr
+
+
+# Process ids whose parent is `ppid` (from /proc).
+def children_of(ppid: int) -> list:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+                kids.append(int(entry))
+    return kids
+
+
+# Whether process `pid` still runs (a zombie has exited); this process reaps the orphans it adopted.
+def running(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+# A dead launcher frees its GPUs: SIGKILL of `accelerate launch` (as the out-of-memory killer or a scheduler does)
+# leaves two workers in sessions of their own, which would hold their devices; each notices (parent-death signal,
+# parent pid at the step boundary), stops at a step boundary with a checkpoint and exits, within 30 s.
+@pytest.mark.slow
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    import ctypes
+    import socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_child_subreaper = 36
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = LAUNCH2 + ["--main_process_port", str(port)]
+    state_file = tmp_path / "run/training-state-000000.pt"
+    libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)  # the orphans become this process's children: reapable
+    workers = []
+    try:
+        with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+            proc = subprocess.Popen(train_cmd(SMALL + ["train.kimg=1000", "run_dir=run"], launcher), cwd=tmp_path,
+                                    env=env_for(tmp_path), stdout=out, stderr=err)
+            deadline = time.monotonic() + 300
+            while not state_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None and state_file.exists(), (tmp_path / "err.txt").read_text()[-3000:]
+            first = load(state_file)["counters"]["cur_nimg"]
+            workers = children_of(proc.pid)
+            assert len(workers) == 2
+            proc.kill()
+            proc.wait()
+            killed = time.monotonic()
+            while any(running(w) for w in workers) and time.monotonic() - killed < 30:
+                time.sleep(0.1)
+            assert not any(running(w) for w in workers), "workers still running 30 s after their launcher died"
+        text = (tmp_path / "err.txt").read_text() + (tmp_path / "out.txt").read_text()
+        assert f"The launcher (pid {proc.pid}) is gone" in text
+        assert f"Stopped by the death of the launcher (pid {proc.pid})" in text
+        assert load(state_file)["counters"]["cur_nimg"] > first  # the stop wrote a checkpoint where it stopped
+    finally:
+        libc.prctl(pr_set_child_subreaper, 0, 0, 0, 0)
+        for w in workers:
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+                os.waitpid(w, 0)
