@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from networks.attention import SelfAttention
-from networks.generator import block_dtype, channels_at, check_stage
+from networks.generator import block_dtype, block_memory_format, channels_at, check_stage
 from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from ops.upfirdn2d import downsample2d, setup_filter
 
@@ -46,10 +46,11 @@ class DiscriminatorBlock(nn.Module):
 
     def forward(self, x, img, force_fp32: bool = False):
         dtype = block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
+        fmt = block_memory_format(dtype)
         if x is not None:
-            x = x.to(dtype)
+            x = x.to(dtype=dtype, memory_format=fmt)
         if x is None or self.architecture == "skip":
-            y = self.fromrgb(img.to(dtype))
+            y = self.fromrgb(img.to(dtype=dtype, memory_format=fmt))
             x = x + y if x is not None else y
             img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
         if hasattr(self, "attn"):

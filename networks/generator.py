@@ -37,6 +37,13 @@ def block_dtype(use_fp16: bool, x: Optional[torch.Tensor], force_fp32: bool) -> 
     return torch.float32
 
 
+# The memory format of a block's activations: channels-last where it computes in float16 (as NVIDIA's fp16
+# layers: cuDNN's tensor-core convolutions work on NHWC and would otherwise transpose every activation), else the
+# default layout.
+def block_memory_format(dtype: torch.dtype) -> torch.memory_format:
+    return torch.channels_last if dtype == torch.float16 else torch.contiguous_format
+
+
 # One modulated 3x3 conv layer of the synthesis network (StyleGAN2 fig. 2d): style from w through an affine layer,
 # modulated/demodulated conv, per-pixel noise with learned strength, bias and leaky ReLU. With `sn`, the affine
 # layer and the base weight are spectrally normalized (Miyato et al. 2018, eq. 8); demodulation (StyleGAN2 eq. 3)
@@ -162,20 +169,21 @@ class SynthesisBlock(nn.Module):
                 noise_mode: str = "random", rgb: bool = True):
         w_iter = iter(ws.unbind(dim=1))
         dtype = block_dtype(self.use_fp16, ws, force_fp32)
+        fmt = block_memory_format(dtype)
         if fused_modconv is None:  # Grouped conv is faster for inference; split path is cheaper to backprop.
             fused_modconv = (not self.training) and (dtype == torch.float32 or ws.shape[0] == 1)
 
         if self.in_channels == 0:
-            x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1]).to(memory_format=fmt)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
         elif self.architecture == "resnet":
-            x = x.to(dtype)
+            x = x.to(dtype=dtype, memory_format=fmt)
             y = self.skip(x, gain=np.sqrt(0.5))
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, gain=np.sqrt(0.5))
             x = y + x
         else:
-            x = x.to(dtype)
+            x = x.to(dtype=dtype, memory_format=fmt)
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
         if hasattr(self, "attn"):

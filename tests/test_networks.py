@@ -141,3 +141,33 @@ def test_bad_resolution_is_refused():
         small_G(48)
     with pytest.raises(ValueError, match="expected images of shape"):
         small_D(16)(torch.randn(2, 3, 32, 32), None)
+
+
+# Blocks that compute in float16 (num_fp16_res, CUDA) keep their activations channels-last, as NVIDIA's do. On this
+# CPU the layout is forced for every block: G's images and D's logits and input gradients (R1's path) must equal
+# those of the default layout (the same sums in another order: float32 rounding only), and the convolutions must
+# really see channels-last inputs.
+@pytest.mark.parametrize("g_arch,d_arch", [("skip", "resnet"), ("resnet", "skip")])
+def test_channels_last_blocks_match_default_layout(monkeypatch, g_arch, d_arch):
+    import networks.discriminator
+    import networks.generator
+    torch.manual_seed(0)
+    G, D = small_G(16, g_arch), small_D(16, d_arch)
+    z = torch.randn(4, 16)
+    outs = {}
+    for layout in ("default", "channels_last"):
+        if layout == "channels_last":
+            force = lambda dtype: torch.channels_last  # noqa: E731
+            monkeypatch.setattr(networks.generator, "block_memory_format", force)
+            monkeypatch.setattr(networks.discriminator, "block_memory_format", force)
+        seen = []
+        hook = G.synthesis.b16.conv1.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        img = G(z, None, noise_mode="const")
+        x = img.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(x, None).sum(), x)
+        hook.remove()
+        assert seen == [layout == "channels_last"]
+        outs[layout] = (img, D(img, None), grad)
+    for a, b in zip(outs["channels_last"], outs["default"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
