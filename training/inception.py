@@ -1,4 +1,5 @@
 """The FID Inception-v3 feature detector: our own network, NVIDIA's TorchScript file, and where the weights come from."""
+import contextlib
 import os
 import warnings
 
@@ -19,6 +20,18 @@ KNOWN_FILES = (NVIDIA_FILE, PTFID_FILE)
 # File downloaded when nothing is found locally: NVIDIA's, the convention StyleGAN papers report.
 DEFAULT_URL = NVIDIA_URL
 FEATURE_DIM = 2048
+
+
+# TF32 off for convolutions and matmuls inside the block (and the previous settings back after it): metrics are
+# computed in full float32 whatever train.tf32 says, as the reference FID/KID implementations compute them.
+@contextlib.contextmanager
+def full_fp32():
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 # Raised when no detector file can be found or fetched; says where to get one and how to point at it.
@@ -218,13 +231,8 @@ class Detector:
         if img.shape[1] == 1:
             img = img.repeat(1, 3, 1, 1)
         # Full fp32 (no TF32 on Ampere+), as the reference implementations compute these features.
-        flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        try:
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-            with torch.no_grad():
-                out = self.net(img.to(self.device), return_features=True)
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        with full_fp32(), torch.no_grad():
+            out = self.net(img.to(self.device), return_features=True)
         if out.ndim != 2 or out.shape[0] != img.shape[0]:
             raise ValueError(f"detector {self.id} returned shape {tuple(out.shape)}, expected [{img.shape[0]}, D]")
         self.feature_dim = int(out.shape[1])

@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from training import dist
-from training.inception import cache_root
+from training.inception import cache_root, full_fp32
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
 STATS_VERSION = 1
@@ -431,9 +431,10 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     real = compute_dataset_stats(reals, detector, max_items=num_real, batch_size=batch_size, xflip=False,
                                  cache_dir=cache_dir, capture_all=want_all, capture_mean_cov=want_moments,
                                  num_workers=num_workers)
-    gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
-                                  truncation_psi=truncation_psi, noise_mode=noise_mode, seed=seed,
-                                  capture_all=want_all, capture_mean_cov=want_moments)
+    with full_fp32():  # G's images too, not only the detector's features
+        gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
+                                      truncation_psi=truncation_psi, noise_mode=noise_mode, seed=seed,
+                                      capture_all=want_all, capture_mean_cov=want_moments)
     value = None
     if dist.is_main():  # the matrix square root / KID subsets run once, then the number is shared
         if kind == "fid":
