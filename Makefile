@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: train test bench clean
+.PHONY: train test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for b in scripts/bench*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Check a GPU machine in one command (report in gpu-check/): no .venv bootstrap, since a GPU machine may have no
+# package index; it runs with .venv's Python when there is one, else python3 (whose torch must see the GPU).
+GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py --device cuda --out gpu-check
 
 clean:
 	rm -rf runs outputs .pytest_cache

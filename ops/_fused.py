@@ -193,7 +193,7 @@ def bias_act_fused(ext, x, b=None, dim=1, act="linear", alpha=None, gain=None, c
     if not ok:
         return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
-        return _BiasAct.apply(x, b, ext, dim, act, alpha, gain, clamp)
+        return _BiasAct.apply(_dense(x), None if b is None else b.contiguous(), ext, dim, act, alpha, gain, clamp)
     return _kernel(ext, _dense(x), b, None, _FWD, dim, act, alpha, gain, clamp)[0]  # no autograd needed
 
 

@@ -1,5 +1,6 @@
-"""Times reference vs fused bias_act/upfirdn2d at the shapes of a 256 px (and 1024 px) StyleGAN2; prints ratios."""
+"""Times reference vs fused bias_act/upfirdn2d at StyleGAN2 shapes (256 and 1024 px): ms, ratio, GB/s, % of peak."""
 import argparse
+import math
 import os
 import sys
 import time
@@ -7,10 +8,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ops import _fused  # noqa: E402
+from check_ops import kernel_calls  # noqa: E402
+from ops import _build, _fused  # noqa: E402
 from ops.bias_act import bias_act  # noqa: E402
 from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
+
+# Peak DRAM bandwidth (bytes/s) of known GPUs, by a substring of the device name (checked in order); others get a
+# measured device-to-device copy.
+PEAK_BANDWIDTH = [("H200", 4.8e12, "H200 HBM3e"), ("H100 80GB HBM3", 3.35e12, "H100 SXM"),
+                  ("H100 SXM", 3.35e12, "H100 SXM"), ("A100-SXM4-80GB", 2.0e12, "A100 80GB"),
+                  ("A100 80GB", 2.0e12, "A100 80GB")]
 
 
 # Feature maps at resolution `res` (StyleGAN2: min(cbase / res, 512); cbase 16384 at 256 px, 32768 at 1024 px).
@@ -19,7 +28,8 @@ def channels(res: int, max_res: int) -> int:
     return min(cbase // res, 512)
 
 
-# The op calls of one model: (label, shape, fn(x, impl)) per distinct shape, per resolution (G and D blocks).
+# The op calls of one model: (label, shape, fn(x, impl, b), bias channels or 0) per distinct shape, per resolution
+# (G and D blocks); f is the [1,3,3,1] filter in the benchmark's dtype, b the case's bias (same dtype).
 def cases(max_res: int, batch: int, f, min_res: int):
     out = []
     res = max_res
@@ -29,22 +39,22 @@ def cases(max_res: int, batch: int, f, min_res: int):
         out += [
             # Conv layers of G and D: bias + lrelu (gain sqrt 2) + clamp 256, on every block's activations.
             (f"{tag} bias_act lrelu", [batch, c, res, res],
-             lambda x, impl, c=c: bias_act(x, torch.ones(c, device=x.device), act="lrelu", clamp=256, impl=impl)),
+             lambda x, impl, b: bias_act(x, b, act="lrelu", clamp=256, impl=impl), c),
             # G up-conv: the FIR filter (gain 4) after the stride-2 transposed 3x3 conv ([r+1] -> [r]).
             (f"{tag} upfirdn2d G up-conv filter", [batch, c, res + 1, res + 1],
-             lambda x, impl: upfirdn2d(x, f, padding=1, gain=4, impl=impl)),
+             lambda x, impl, b: upfirdn2d(x, f, padding=1, gain=4, impl=impl), 0),
             # D down-conv: the FIR filter before the stride-2 3x3 conv ([r] -> [r+1]).
             (f"{tag} upfirdn2d D down-conv filter", [batch, c, res, res],
-             lambda x, impl: upfirdn2d(x, f, padding=2, impl=impl)),
+             lambda x, impl, b: upfirdn2d(x, f, padding=2, impl=impl), 0),
             # D resnet skip: filter + decimate before the 1x1 conv ([r] -> [r/2]).
             (f"{tag} upfirdn2d D skip down=2", [batch, c, res, res],
-             lambda x, impl: upfirdn2d(x, f, down=2, padding=1, impl=impl)),
+             lambda x, impl, b: upfirdn2d(x, f, down=2, padding=1, impl=impl), 0),
             # G skip: upsample the RGB image ([r/2] -> [r]).
             (f"{tag} upsample2d G rgb", [batch, 3, res // 2, res // 2],
-             lambda x, impl: upsample2d(x, f, impl=impl)),
+             lambda x, impl, b: upsample2d(x, f, impl=impl), 0),
             # D skip (and ADA-style downsampling of images): downsample the RGB image ([r] -> [r/2]).
             (f"{tag} downsample2d rgb", [batch, 3, res, res],
-             lambda x, impl: downsample2d(x, f, impl=impl)),
+             lambda x, impl, b: downsample2d(x, f, impl=impl), 0),
         ]
         res //= 2
     return out
@@ -66,21 +76,160 @@ def timeit(fn, device, budget=0.25, min_reps=3):
     return min(times) * 1e3
 
 
-# Forward and forward+backward times of one case for impl 'ref' and 'fused'.
-def bench_case(fn, shape, device, dtype):
-    x = torch.randn(shape, device=device, dtype=dtype)
+# The device's peak memory bandwidth in bytes/s and where it came from: the known table, else the bandwidth of a
+# ~1 GiB device-to-device copy (read + write) as the practical peak; (None, why) on CPU.
+def peak_bandwidth(device):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, "no peak on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, bw, label in PEAK_BANDWIDTH:
+        if key.lower() in name.lower():
+            return bw, f"{name}: {label} spec {bw / 1e12:.2f} TB/s"
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = timeit(lambda: b.copy_(a), device, budget=0.5, min_reps=5)
+    bw = 2 * a.numel() / (ms / 1e3)
+    return bw, f"{name}: measured 1 GiB device copy {bw / 1e12:.2f} TB/s (not in the table)"
+
+
+# Minimal DRAM traffic in bytes of one case (each tensor read or written once): bias_act forward reads x and the
+# bias and writes y, its backward reads gy and the saved tensor and writes gx and the bias gradient; upfirdn2d
+# reads its input and writes its output, forward and backward alike.
+def traffic(op, n_in, n_out, nbias, elem):
+    if op == "bias_act":
+        fwd = (2 * n_in + nbias) * elem
+        return fwd, fwd + (3 * n_in + nbias) * elem
+    return (n_in + n_out) * elem, 2 * (n_in + n_out) * elem
+
+
+# Time one case (fwd with no grad, and fwd+bwd with x and the bias requiring grad) for 'ref' and 'fused'. impl='fused'
+# raises when the kernel is unavailable; a probe also checks that the kernel really ran forward and backward, so a
+# silent fall-back to the reference is refused instead of timed. Returns the row fields or raises RuntimeError.
+def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    b = torch.randn(nbias, generator=g, device=device, dtype=dtype) if nbias else None
     xg = x.clone().requires_grad_(True)
-    gy = torch.randn_like(fn(x, "ref"))
+    bg = b.clone().requires_grad_(True) if b is not None else None
+    with kernel_calls(op, device.type) as calls:
+        with torch.no_grad():
+            y = fn(x, "fused", b)
+        fwd_calls = calls[0]
+        fn(xg, "fused", bg).backward(torch.ones_like(y))
+        bwd_calls = calls[0] - fwd_calls
+    if fwd_calls == 0 or bwd_calls == 0:
+        raise RuntimeError(f"impl='fused' fell back to the reference ({'forward' if fwd_calls == 0 else 'backward'} "
+                           f"ran no kernel): not timed")
+    gy = torch.randn(y.shape, generator=g, device=device, dtype=dtype)
     row = {}
     for impl in ("ref", "fused"):
         with torch.no_grad():
-            row[("fwd", impl)] = timeit(lambda: fn(x, impl), device)
+            row[f"ms_{impl}_fwd"] = timeit(lambda: fn(x, impl, b), device, rep_budget)
 
         def fwd_bwd():
             xg.grad = None
-            fn(xg, impl).backward(gy)
-        row[("fwd+bwd", impl)] = timeit(fwd_bwd, device)
+            if bg is not None:
+                bg.grad = None
+            fn(xg, impl, bg).backward(gy)
+        row[f"ms_{impl}_fwd_bwd"] = timeit(fwd_bwd, device, rep_budget)
+    row["bytes_fwd"], row["bytes_fwd_bwd"] = traffic(op, x.numel(), y.numel(), nbias, x.element_size())
     return row
+
+
+# Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor of a
+# case, bias and filter included) within `budget_s` seconds (the rest is marked skipped). Rows: device, dtype,
+# case, op, shape, ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
+# bytes_fwd_bwd, gbps_fwd and gbps_fwd_bwd (fused), gbps_ref_fwd, gbps_ref_fwd_bwd, pct_peak_fwd and
+# pct_peak_fwd_bwd (fused, CUDA only), peak_gbps, peak_source, skipped (None or the reason), ok (True: timed;
+# False: the fused op is unavailable or fell back to the reference; None: out of time or memory).
+def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_s: float = 600.0, min_res: int = 8,
+              rep_budget: float = None) -> list:
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cpu = device.type == "cpu"
+    resolutions = resolutions or ([256] if cpu else [256, 1024])
+    batch = batch or (2 if cpu else 8)
+    deadline = time.perf_counter() + budget_s
+    _fused.load_all(device.type)  # build both ops at once if not cached (part of the budget)
+    f = setup_filter([1, 3, 3, 1], device=device).to(dtype)
+    todo = [(max_res, c) for max_res in resolutions for c in cases(max_res, batch, f, min_res)]
+    if rep_budget is None:  # seconds per timing loop: 0.25 on CPU, 0.1 on CUDA, less when the budget is short
+        rep_budget = min(0.25 if cpu else 0.1, budget_s / (8 * max(len(todo), 1)))
+    peak, peak_source = peak_bandwidth(device)
+    why_not = {op: _fused.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+               for op in ("bias_act", "upfirdn2d")}
+    rows = []
+    for _, (label, shape, fn, nbias) in todo:
+        op = "bias_act" if "bias_act" in label else "upfirdn2d"
+        row = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "case": label, "op": op,
+               "shape": list(shape), "peak_gbps": None if peak is None else peak / 1e9,
+               "peak_source": peak_source, "skipped": None}
+        for k in ("ms_ref_fwd", "ms_fused_fwd", "ms_ref_fwd_bwd", "ms_fused_fwd_bwd", "ratio_fwd",
+                  "ratio_fwd_bwd", "bytes_fwd", "bytes_fwd_bwd", "gbps_fwd", "gbps_fwd_bwd", "gbps_ref_fwd",
+                  "gbps_ref_fwd_bwd", "pct_peak_fwd", "pct_peak_fwd_bwd"):
+            row[k] = None
+        rows.append(row)
+        if why_not[op]:
+            row["skipped"] = f"fused {op} unavailable: {why_not[op]}"
+            continue
+        if time.perf_counter() > deadline:
+            row["skipped"] = f"time budget of {budget_s:g} s spent"
+            continue
+        try:
+            row.update(bench_case(op, fn, shape, nbias, device, dtype, rep_budget))
+        except torch.cuda.OutOfMemoryError as e:
+            row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
+            torch.cuda.empty_cache()
+            continue
+        except (RuntimeError, _build.BuildError) as e:  # the fall-back refused, or a kernel error
+            row["skipped"] = str(e).splitlines()[0]
+            continue
+        for mode in ("fwd", "fwd_bwd"):
+            row[f"ratio_{mode}"] = row[f"ms_ref_{mode}"] / row[f"ms_fused_{mode}"]
+            row[f"gbps_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_fused_{mode}"] / 1e6
+            row[f"gbps_ref_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_ref_{mode}"] / 1e6
+            if peak is not None:
+                row[f"pct_peak_{mode}"] = 100 * row[f"gbps_{mode}"] * 1e9 / peak
+    for row in rows:  # ok: timed; False: the fused op could not be timed; None: out of time or memory
+        row["ok"] = True if row["skipped"] is None else (False if is_failure(row) else None)
+    return rows
+
+
+# Whether a skipped row means the fused op could not be timed (unavailable, fell back, kernel error), not that time
+# or memory ran out.
+def is_failure(row):
+    return row["skipped"] is not None and not row["skipped"].startswith(("time budget", "out of memory"))
+
+
+# Print rows as a table (ms, ratio = ref / fused, fused GB/s and, on CUDA, % of peak) with per-model totals.
+def print_table(rows):
+    cuda = any(r["pct_peak_fwd"] is not None for r in rows)
+    pk = f" {'%pk':>5s} {'%pk':>5s}" if cuda else ""
+    head = (f"{'case':40s} {'shape':>19s} | {'fwd ref':>8s} {'fused':>8s} {'ratio':>6s} | {'f+b ref':>8s} "
+            f"{'fused':>8s} {'ratio':>6s} | {'GB/s f':>7s} {'GB/s fb':>7s}{pk}")
+    print(head)
+    print("-" * len(head))
+    totals = {}
+    for r in rows:
+        if r["skipped"]:
+            print(f"{r['case']:40s} {str(r['shape']):>19s} | skipped: {r['skipped']}")
+            continue
+        key = (r["case"].split()[0], r["op"])
+        t = totals.setdefault(key, {"fwd": [0.0, 0.0], "fwd_bwd": [0.0, 0.0], "worst": [math.inf, math.inf]})
+        for i, mode in enumerate(("fwd", "fwd_bwd")):
+            t[mode][0] += r[f"ms_ref_{mode}"]
+            t[mode][1] += r[f"ms_fused_{mode}"]
+            t["worst"][i] = min(t["worst"][i], r[f"ratio_{mode}"])
+        pct = f" {r['pct_peak_fwd']:5.1f} {r['pct_peak_fwd_bwd']:5.1f}" if cuda else ""
+        print(f"{r['case']:40s} {str(r['shape']):>19s} | {r['ms_ref_fwd']:8.2f} {r['ms_fused_fwd']:8.2f} "
+              f"{r['ratio_fwd']:6.2f} | {r['ms_ref_fwd_bwd']:8.2f} {r['ms_fused_fwd_bwd']:8.2f} "
+              f"{r['ratio_fwd_bwd']:6.2f} | {r['gbps_fwd']:7.1f} {r['gbps_fwd_bwd']:7.1f}{pct}", flush=True)
+    print("-" * len(head))
+    for (model, op), t in totals.items():
+        (rf, ff), (rb, fb) = t["fwd"], t["fwd_bwd"]
+        print(f"{f'{model} {op} total':40s} {'':>19s} | {rf:8.2f} {ff:8.2f} {rf / ff:6.2f} | {rb:8.2f} {fb:8.2f} "
+              f"{rb / fb:6.2f}   (worst row: fwd {t['worst'][0]:.2f}, f+b {t['worst'][1]:.2f})")
 
 
 def main(argv=None):
@@ -91,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on CPU, 8 on CUDA)")
     parser.add_argument("--min-res", type=int, default=8, help="smallest block resolution to time")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all rows (default: 90 on CPU, 600 on CUDA); the rest is marked skipped")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both paths (default: torch's; 1 gives stable numbers on a busy machine)")
     args = parser.parse_args(argv)
@@ -98,44 +249,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    resolutions = args.res or ([256] if cpu else [256, 1024])
-    batch = args.batch or (2 if cpu else 8)
     dtype = getattr(torch, args.dtype)
-    for op in ("bias_act", "upfirdn2d"):
-        why = _fused.unavailable_reason(op, torch.empty(1, device=device, dtype=dtype))
-        if why:
-            print(f"fused {op} unavailable on {device} ({why}); nothing to compare")
-            return 1
-    f = setup_filter([1, 3, 3, 1], device=device)
-    print(f"device {device} ({torch.get_num_threads()} threads on CPU), dtype {args.dtype}, batch {batch}; "
-          f"best-of-N ms; ratio = ref / fused")
-    head = f"{'case':38s} {'shape':>20s} | {'fwd ref':>8s} {'fused':>8s} {'ratio':>6s} | " \
-           f"{'f+b ref':>8s} {'fused':>8s} {'ratio':>6s}"
-    print(head)
-    print("-" * len(head))
-    totals = {}
-    worst = {}
-    for max_res in resolutions:
-        for label, shape, fn in cases(max_res, batch, f, args.min_res):
-            r = bench_case(fn, shape, device, dtype)
-            op = "bias_act" if "bias_act" in label else "upfirdn2d"
-            for k, v in r.items():
-                totals[(max_res, op) + k] = totals.get((max_res, op) + k, 0.0) + v
-            for mode in ("fwd", "fwd+bwd"):
-                ratio = r[(mode, "ref")] / r[(mode, "fused")]
-                worst[(max_res, op, mode)] = min(worst.get((max_res, op, mode), float("inf")), ratio)
-            print(f"{label:38s} {str(shape):>20s} | {r['fwd', 'ref']:8.2f} {r['fwd', 'fused']:8.2f} "
-                  f"{r['fwd', 'ref'] / r['fwd', 'fused']:6.2f} | {r['fwd+bwd', 'ref']:8.2f} "
-                  f"{r['fwd+bwd', 'fused']:8.2f} {r['fwd+bwd', 'ref'] / r['fwd+bwd', 'fused']:6.2f}", flush=True)
-    print("-" * len(head))
-    for max_res in resolutions:
-        for op in ("bias_act", "upfirdn2d"):
-            t = {k[2:]: v for k, v in totals.items() if k[:2] == (max_res, op)}
-            print(f"{f'{max_res}px {op} total':38s} {'':>20s} | {t['fwd', 'ref']:8.2f} {t['fwd', 'fused']:8.2f} "
-                  f"{t['fwd', 'ref'] / t['fwd', 'fused']:6.2f} | {t['fwd+bwd', 'ref']:8.2f} "
-                  f"{t['fwd+bwd', 'fused']:8.2f} {t['fwd+bwd', 'ref'] / t['fwd+bwd', 'fused']:6.2f}   "
-                  f"(worst row: fwd {worst[max_res, op, 'fwd']:.2f}, f+b {worst[max_res, op, 'fwd+bwd']:.2f})")
-    return 0
+    batch = args.batch or (2 if cpu else 8)
+    budget = args.budget if args.budget is not None else (90.0 if cpu else 600.0)
+    peak, source = peak_bandwidth(device)
+    print(f"device {device} ({torch.get_num_threads()} threads on CPU), dtype {args.dtype} (inputs, bias, filter), "
+          f"batch {batch}; best-of-N ms; ratio = ref / fused; GB/s = minimal bytes moved / fused time; "
+          f"peak: {source}")
+    rows = run_bench(device, dtype, args.res, batch, budget, args.min_res)
+    print_table(rows)
+    failed = sorted({r["skipped"] for r in rows if is_failure(r)})
+    for why in failed:
+        print(f"NOT TIMED: {why}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from training import dist  # noqa: E402
 from training.config import compose_config  # noqa: E402
-from training.hostsync import CountMinibatch, ProbeDone  # noqa: E402
+from training.probes import CountMinibatch, ProbeDone  # noqa: E402
 from training.loop import training_loop  # noqa: E402
 
 # The counted minibatch: r1_interval = pl_interval = 2 make Gmain, Greg, Dmain and Dreg all due at every even

@@ -109,28 +109,3 @@ def _to_host(args, kwargs) -> bool:
         return False
     return torch.device(target).type == "cpu" and args[0].device.type != "cpu"
 
-
-# Raised by a probe to end a training run once it has what it measured.
-class ProbeDone(Exception):
-    pass
-
-
-# A training-loop probe (training_loop(..., probe=)) that counts host syncs over minibatch `batch_idx` (its step
-# boundary included), keeps the counter in `.counter` and ends the run after it.
-class CountMinibatch:
-    def __init__(self, batch_idx: int):
-        self.batch_idx = batch_idx
-        self.counter = None
-        self._active = False
-
-    def begin(self, counters: dict) -> None:
-        if counters["batch_idx"] == self.batch_idx:
-            self.counter = HostSyncCounter()
-            self.counter.__enter__()
-            self._active = True
-
-    def end(self, counters: dict) -> None:
-        if self._active:
-            self.counter.__exit__(None, None, None)
-            self._active = False
-            raise ProbeDone()
