@@ -41,7 +41,8 @@ class DataConfig:
     use_labels: bool = False           # condition G and D on dataset.json labels (class-conditional)
     xflip: bool = False                # double the dataset with horizontal mirrors
     max_size: Optional[int] = None     # use a random subset of this many images (images); null = all
-    num_workers: int = 0               # DataLoader worker processes per rank (0 = load in the main process)
+    num_workers: Optional[int] = None  # loader worker processes per rank; null = cores per process - 1 (max 8) on an
+                                       # accelerator, 0 on the CPU; 0 = load in the main process
 
 
 # Optimization, regularization, schedule and bookkeeping (train group).

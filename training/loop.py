@@ -14,6 +14,7 @@ from ops import dispatch
 from training import checkpoint as ckpt
 from training import dist
 from training.images import save_image_grid, to_uint8, make_grid, save_png
+from training.loader import default_num_workers, local_process_count, make_loader
 from training.loss import StyleGAN2Loss
 from training.networks_factory import apply_auto, build_networks
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
@@ -259,13 +260,15 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
 
     # The loader draws no global random numbers (its own generator), so that resuming does not shift them; it
     # starts at the stream position consumed so far (also when a stage changes the per-process batch).
+    # Worker processes load (and pin, on CUDA) the uint8 batches off the critical path; data.num_workers=null means
+    # the cores per process less one, at most 8, on an accelerator, and none on the CPU (training uses every core).
+    num_workers = d["num_workers"] if d["num_workers"] is not None else \
+        default_num_workers(device.type, local_process_count())
+
     def open_loader(batch_gpu):
         sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=world, seed=t["seed"],
                                   start=counters["sampler_pos"])
-        return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
-                                                num_workers=d["num_workers"], pin_memory=device.type == "cuda",
-                                                prefetch_factor=2 if d["num_workers"] > 0 else None,
-                                                generator=torch.Generator().manual_seed(t["seed"])))
+        return make_loader(dataset, sampler, batch_gpu, num_workers, device, t["seed"])
     loader = open_loader(batch_gpu)
 
     # Fixed grid latents and labels; reals.png once.
@@ -297,7 +300,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
         pbar = tqdm(total=total_nimg / 1000, initial=counters["cur_nimg"] / 1000, unit="kimg", dynamic_ncols=True,
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
     dist.print0(f"Training for {t['kimg']} kimg: batch {batch_size} = {batch_gpu} per process x {world} processes x "
-                f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; run dir {run_dir}")
+                f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; {num_workers} loader workers "
+                f"per process; run dir {run_dir}")
     if schedule is not None:
         dist.print0("Progressive schedule: " + ", ".join(f"{r} px from {n / 1000:g} kimg" for r, n in
                                                        zip(schedule.resolutions, schedule.starts)) +
