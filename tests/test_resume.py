@@ -457,7 +457,7 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
                 time.sleep(0.1)
             assert not any(running(w) for w in workers), "workers still running 30 s after their launcher died"
         text = (tmp_path / "err.txt").read_text() + (tmp_path / "out.txt").read_text()
-        assert f"The launcher (pid {proc.pid}) is gone" in text
+        assert f"The launcher (pid {proc.pid}) is gone" in text, text
         assert f"Stopped by the death of the launcher (pid {proc.pid})" in text
         assert load(state_file)["counters"]["cur_nimg"] > first  # the stop wrote a checkpoint where it stopped
     finally:

@@ -91,9 +91,11 @@ class ParentWatch:
             except (OSError, AttributeError):
                 pass  # the pid check below still works
 
-    # True once the launcher is gone (checked at every step boundary; one getppid call).
+    # True once the launcher is gone (checked at every step boundary; one getppid call): reparented, or the parent
+    # is dying (when a multi-threaded launcher is SIGKILLed, the thread that started the workers can die first: the
+    # kernel then sends the parent-death signal while the process, its other threads still exiting, keeps its pid).
     def gone(self) -> bool:
-        if self.ppid is None or os.getppid() == self.ppid:
+        if self.ppid is None or (os.getppid() == self.ppid and not _dying(self.ppid)):
             return False
         if not self._reported:
             self._reported = True
@@ -103,9 +105,27 @@ class ParentWatch:
             threading.Thread(target=_exit_after, args=(ORPHAN_GRACE_S,), daemon=True).start()
         return True
 
-    # The stop reason when the launcher is gone, else None.
-    def reason(self):
+    # The stop reason when the launcher is gone, else None. After a stop signal it looks for up to `wait_s` seconds:
+    # the parent-death signal can arrive a moment before the launcher is seen dying.
+    def reason(self, wait_s: float = 1.0):
+        deadline = time.monotonic() + (wait_s if self.ppid is not None else 0.0)
+        while not self.gone() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return f"the death of the launcher (pid {self.ppid})" if self.gone() else None
+
+
+# Whether process `pid` is exiting: gone, a zombie, or with SIGKILL pending (Linux /proc; False elsewhere).
+def _dying(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    state = status.get("State", "").strip()[:1]
+    pending = int(status.get("ShdPnd", "0").strip() or "0", 16) | int(status.get("SigPnd", "0").strip() or "0", 16)
+    return state in ("Z", "X") or bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
 # Exit the process after `seconds` (the orphaned worker's watchdog).
