@@ -14,8 +14,7 @@ import torch  # noqa: E402
 
 from training import dist  # noqa: E402
 from training.config import compose_config  # noqa: E402
-from training.probes import CountMinibatch, ProbeDone  # noqa: E402
-from training.loop import training_loop  # noqa: E402
+from training.probes import CountMinibatch, run_with_probe  # noqa: E402
 
 # The counted minibatch: r1_interval = pl_interval = 2 make Gmain, Greg, Dmain and Dreg all due at every even
 # index; index 2 is past the first (state-initializing) steps and not at a tick.
@@ -36,14 +35,7 @@ def overrides(p: float, aug: str, run_dir: str, extra=()) -> list:
 # Run the loop in this process up to the counted minibatch; returns (reads, copies, top call sites).
 def count(p: float, aug: str, extra=()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(overrides(p, aug, tmp, extra))
-        probe = CountMinibatch(BATCH_IDX)
-        try:
-            training_loop(cfg, tmp, probe=probe)
-        except ProbeDone:
-            pass
-        dist.reset()
-    c = probe.counter
+        c = run_with_probe(compose_config(overrides(p, aug, tmp, extra)), CountMinibatch(BATCH_IDX)).counter
     return {"reads": c.reads, "copies": c.copies, "sites": c.sites.most_common(8)}
 
 

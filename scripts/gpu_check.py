@@ -20,8 +20,7 @@ import check_ops  # noqa: E402
 from ops import _build, _fused, dispatch  # noqa: E402
 from training import dist  # noqa: E402
 from training.config import compose_config  # noqa: E402
-from training.loop import training_loop  # noqa: E402
-from training.probes import CountMinibatch, ProbeDone, TimeMinibatches  # noqa: E402
+from training.probes import CountMinibatch, TimeMinibatches, run_with_probe  # noqa: E402
 
 # NVIDIA's published StyleGAN2-ADA speeds (8 A100s) per GPU, and ganforge's targets for one H200 (s/kimg).
 REFERENCE_SEC_PER_KIMG = {"paper256": (2.47 * 8, 10.0), "stylegan2": (14.57 * 8, 58.0)}
@@ -84,15 +83,7 @@ def training_overrides(preset: str, res: int, impl: str, fp16: bool, batch: int,
 
 # Time one training run in this process: sec/kimg over a window of minibatches, peak memory.
 def time_training(overrides: list, warmup: int, count: int, budget_s: float, device: torch.device) -> dict:
-    cfg = compose_config(overrides)
-    probe = TimeMinibatches(warmup, count, budget_s, device)
-    try:
-        training_loop(cfg, cfg["run_dir"], probe=probe)
-    except ProbeDone:
-        pass
-    finally:
-        dist.reset()
-    return probe.result
+    return run_with_probe(compose_config(overrides), TimeMinibatches(warmup, count, budget_s, device)).result
 
 
 # Training speed and memory of paper256 at 256 px and stylegan2 at 1024 px, fused and reference ops, fp32 and
@@ -149,14 +140,7 @@ def check_syncs(device: torch.device, tmp: str) -> dict:
                  "metrics=none", "log.progress=false", "aug=ada", "aug.p=0.5", "train.r1_interval=2",
                  "train.pl_interval=2", "train.tick_kimg=1", "train.kimg=1", "train.snap=0", "train.image_snap=0",
                  f"run_dir={os.path.join(tmp, 'syncs')}"]
-    cfg = compose_config(overrides)
-    probe = CountMinibatch(2)
-    try:
-        training_loop(cfg, cfg["run_dir"], probe=probe)
-    except ProbeDone:
-        pass
-    finally:
-        dist.reset()
+    probe = run_with_probe(compose_config(overrides), CountMinibatch(2))
     c = probe.counter
     out = dict(reads=c.reads, copies=c.copies, sites=[f"{n} x {site}" for site, n in c.sites.most_common(8)],
                cuda_syncs=probe.cuda_syncs, cuda_messages=probe.cuda_messages[:8], target="<= 2 reads, 0 copies")

@@ -17,21 +17,16 @@ from training import loader as loader_mod
 from training.dataset import ImageDataset
 from training.loader import default_num_workers, make_loader
 from training.sampler import InfiniteSampler
-from training.synthetic import SHAPES, SyntheticDataset, _hsv_to_rgb, _inside, render
+from training.synthetic import SHAPES, SyntheticDataset, _inside, render, scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-# The straightforward renderer that render() replaced: supersample every pixel (4x4, 2x2 above 256 px), average.
+# The straightforward renderer that render() replaced: supersample every pixel (4x4, 2x2 above 256 px), average
+# (the scene's random draws are the dataset's own; what changed is how the pixels are computed).
 def reference_render(index, resolution, num_classes=4, seed=0):
-    rng = np.random.RandomState([seed, index])
-    shape = SHAPES[index % num_classes]
-    fg = _hsv_to_rgb(rng.uniform(), rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))
-    top = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.45))
-    bottom = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.45))
-    half = 0.5 * rng.uniform(0.4, 0.7)
-    cx, cy = 0.5 + rng.uniform(-0.1, 0.1, size=2)
+    shape, fg, top, bottom, half, cx, cy = scene(index, num_classes, seed)
     r = resolution
     ss = 4 if r <= 256 else 2
     t = (np.arange(r * ss, dtype=np.float32) + 0.5) / (r * ss)
@@ -94,6 +89,16 @@ def test_render_matches_reference(res, count):
         a, b = render(i, res, num_classes=6, seed=seed), reference_render(i, res, num_classes=6, seed=seed)
         assert a.dtype == np.uint8 and a.shape == (3, res, res)
         assert np.array_equal(a, b), f"index {i} ({SHAPES[i % 6]}) seed {seed} at {res} px differs"
+
+
+# The reused, reseeded RandomState behind scene() draws exactly what a fresh RandomState([seed, index]) draws,
+# whatever was drawn before (the dataset's scenes did not change with it).
+def test_reseeded_rng_draws_like_a_fresh_one():
+    from training.synthetic import _rng
+    for seed, index in ((0, 0), (3, 17), (2**32 - 2, 5), (0, 0)):
+        _rng([seed + 1, index]).random_sample(7)  # something else drawn first
+        assert np.array_equal(_rng([seed, index]).random_sample(12),
+                              np.random.RandomState([seed, index]).random_sample(12))
 
 
 # Batches are bit-identical with 0 and 2 workers (sampler order kept), for the synthetic and a zip dataset;

@@ -4,13 +4,27 @@ import warnings
 
 import torch
 
+from training import dist
 from training.hostsync import HostSyncCounter
+from training.loop import training_loop
 from training.report import peak_memory_gb
 
 
 # Raised by a probe to end a training run once it has what it measured.
 class ProbeDone(Exception):
     pass
+
+
+# Run the training loop for the resolved config `cfg` (in cfg['run_dir']) until `probe` ends it; returns the probe.
+# The process's Accelerator is forgotten afterwards, so that the next run in this process starts its own.
+def run_with_probe(cfg: dict, probe):
+    try:
+        training_loop(cfg, cfg["run_dir"], probe=probe)
+    except ProbeDone:
+        pass
+    finally:
+        dist.reset()
+    return probe
 
 
 # Count host syncs over minibatch `batch_idx` (its step boundary included) and end the run after it. `.counter`

@@ -87,9 +87,9 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-# Draw image `index` for `seed` at `resolution` as uint8 [3, R, R]; parameters are drawn in resolution-free units,
-# so the same index shows the same scene at every resolution.
-def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> np.ndarray:
+# The scene of image `index` in resolution-free units: (shape, foreground RGB, top and bottom background RGB, the
+# shape's half size, its centre x and y), all in [0, 1].
+def scene(index: int, num_classes: int = 4, seed: int = 0) -> tuple:
     rng = _rng([seed, index])
     shape = SHAPES[index % num_classes]
     fg = _hsv_to_rgb(rng.uniform(), rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))
@@ -97,6 +97,13 @@ def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> 
     bottom = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.45))
     half = 0.5 * rng.uniform(0.4, 0.7)
     cx, cy = 0.5 + rng.uniform(-0.1, 0.1, size=2)
+    return shape, fg, top, bottom, half, cx, cy
+
+
+# Draw image `index` for `seed` at `resolution` as uint8 [3, R, R]; parameters are drawn in resolution-free units,
+# so the same index shows the same scene at every resolution.
+def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> np.ndarray:
+    shape, fg, top, bottom, half, cx, cy = scene(index, num_classes, seed)
 
     # The pixels are those of a 4x4 supersampled shape mask (2x2 above 256 px to bound memory), averaged for
     # anti-aliasing and blended over the gradient; but only pixels near the edge are sampled. A pixel whose
