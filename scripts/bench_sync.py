@@ -24,12 +24,13 @@ BATCH_IDX = 2
 TARGET_READS, TARGET_COPIES = 2, 0
 
 
-# The overrides of the measured run: the tiny model at 32 px, ADA at a fixed start p, no metrics or tick output.
+# The overrides of the measured run: the tiny model at 32 px, ADA at a fixed start p and on its GPU path (a CPU
+# would take the path that reads, free there), no metrics or tick output.
 def overrides(p: float, aug: str, run_dir: str, extra=()) -> list:
     return ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "data.num_images=256",
-            "metrics=none", "log.progress=false", f"aug={aug}", f"aug.p={p}", "train.r1_interval=2",
-            "train.pl_interval=2", "train.tick_kimg=1", "train.kimg=1", "train.snap=0", "train.image_snap=0",
-            "train.cpu_threads=1", f"run_dir={run_dir}", *extra]
+            "metrics=none", "log.progress=false", f"aug={aug}", f"aug.p={p}", "aug.sync_free=true",
+            "train.r1_interval=2", "train.pl_interval=2", "train.tick_kimg=1", "train.kimg=1", "train.snap=0",
+            "train.image_snap=0", "train.cpu_threads=1", f"run_dir={run_dir}", *extra]
 
 
 # Run the loop in this process up to the counted minibatch; returns (reads, copies, top call sites).

@@ -137,7 +137,8 @@ def check_training(device: torch.device, budget_s: float, quick: bool, tmp: str)
 # synchronizing call that torch.cuda.set_sync_debug_mode reports.
 def check_syncs(device: torch.device, tmp: str) -> dict:
     overrides = ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "data.num_images=256",
-                 "metrics=none", "log.progress=false", "aug=ada", "aug.p=0.5", "train.r1_interval=2",
+                 "metrics=none", "log.progress=false", "aug=ada", "aug.p=0.5", "aug.sync_free=true",
+                 "train.r1_interval=2",
                  "train.pl_interval=2", "train.tick_kimg=1", "train.kimg=1", "train.snap=0", "train.image_snap=0",
                  f"run_dir={os.path.join(tmp, 'syncs')}"]
     probe = run_with_probe(compose_config(overrides), CountMinibatch(2))

@@ -21,6 +21,7 @@ class AugConfig:
     ada_interval: int = 4          # minibatches between p updates
     ada_kimg: float = 500          # thousands of images for p to move 0 -> 1 at full speed
     ada_kimg_resume: float = 100   # ada_kimg to use after resuming from a checkpoint (kimg)
+    sync_free: Optional[bool] = None  # never read values back (the GPU path); null = on GPUs only
 
 
 # The published multiplier presets (paper §4 / app. B): blit, geometric, colour, filter, noise and cutout groups.
@@ -51,21 +52,24 @@ def presets(name: str) -> dict:
 
 # The augmentation pipe: every transform of app. B, each applied to a sample with probability p * multiplier,
 # in the paper's order (blit, geometric, colour, filter, noise, cutout). Differentiable to second order w.r.t.
-# the images, so it can sit in front of D for every image D sees, R1 reals included. Nothing in forward reads a
-# value back from the device or copies a host number into a tensor: p is a device buffer, every "apply with
-# probability p" is a per-sample torch.where, each stage transforms the whole batch and keeps the untouched samples
-# bit for bit, and the geometric padding is fixed (augment_ops.geometric_margin). `p_host` is p as the host last
-# set it (set_p; None when unknown): p_host == 0 skips the whole pipe.
+# the images, so it can sit in front of D for every image D sees, R1 reals included. With `sync_free` (the default on
+# a GPU) nothing in forward reads a value back from the device or copies a host number into a tensor: p is a device
+# buffer, every "apply with probability p" is a per-sample torch.where, each stage transforms the whole batch and
+# keeps the untouched samples bit for bit, and the geometric padding is fixed (augment_ops.geometric_margin). On a
+# CPU, where a read costs nothing, the geometric and filter stages transform only the samples drawn for them, with
+# the padding they need (the same images for the same draws, several times cheaper at small p). `p_host` is p as the
+# host last set it (set_p; None when unknown): p_host == 0 skips the whole pipe.
 class AugmentPipe(torch.nn.Module):
     def __init__(self, xflip=0, rotate90=0, xint=0, xint_max=0.125,
                  scale=0, rotate=0, aniso=0, xfrac=0, scale_std=0.2, rotate_max=1, aniso_std=0.2, xfrac_std=0.125,
                  brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0,
                  brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1,
                  imgfilter=0, imgfilter_bands=(1, 1, 1, 1), imgfilter_std=1,
-                 noise=0, cutout=0, noise_std=0.1, cutout_size=0.5):
+                 noise=0, cutout=0, noise_std=0.1, cutout_size=0.5, sync_free=None):
         super().__init__()
         self.register_buffer("p", torch.zeros([]))  # overall strength; set by AdaptiveP or the config
         self.p_host = None
+        self.sync_free = sync_free  # None: on every device but the CPU
         # Multipliers of p and the parameters' spreads (units: fractions of the image size, log2 units, radians/pi).
         self.xflip, self.rotate90, self.xint, self.xint_max = float(xflip), float(rotate90), float(xint), xint_max
         self.scale, self.rotate, self.aniso, self.xfrac = float(scale), float(rotate), float(aniso), float(xfrac)
@@ -105,12 +109,13 @@ class AugmentPipe(torch.nn.Module):
             return images
         # In the images' own precision, also under mixed-precision autocast (whose half-precision convs would
         # misplace the resampling and mix dtypes in the grid_sample backward).
+        sync_free = self.sync_free if self.sync_free is not None else images.device.type != "cpu"
         with torch.autocast(device_type=images.device.type, enabled=False):
             p = self.p.to(torch.float32)
             x = self._blit(images, p)
-            x = self._geometric(x, p)
-            x = self._color(x, p)
-            x = self._filter(x, p)
+            x = self._geometric(x, p, sync_free)
+            x = self._color(x, p, sync_free)
+            x = self._filter(x, p, sync_free)
             return self._noise_cutout(x, p)
 
     # A per-sample Bernoulli draw: true with probability `prob` (a device tensor).
@@ -138,9 +143,8 @@ class AugmentPipe(torch.nn.Module):
     # Geometric group (app. B), composed into one inverse matrix per sample and resampled once: isotropic scale
     # 2^N(0, scale_std); rotation U(-pi, pi) * rotate_max before and after the anisotropic scale, each with
     # probability 1 - sqrt(1 - p*rotate) so that either happens with p*rotate; anisotropic scale 2^N(0, aniso_std);
-    # fractional translation N(0, xfrac_std) of the size. The whole batch is resampled; samples without a transform
-    # keep their pixels.
-    def _geometric(self, x, p):
+    # fractional translation N(0, xfrac_std) of the size. Samples without a transform keep their pixels.
+    def _geometric(self, x, p, sync_free):
         if self.scale <= 0 and self.rotate <= 0 and self.aniso <= 0 and self.xfrac <= 0:
             return x
         n, _, h, w = x.shape
@@ -176,14 +180,24 @@ class AugmentPipe(torch.nn.Module):
             G = G @ ops.translate2d_inv(t[:, 0] * w, t[:, 1] * h, n, dev)
             touched |= m
         self.last_geom = G
-        y = ops.geometric_transform(x, G, self.hz_geom, delay=self.hz_delay)
-        return torch.where(touched[:, None, None, None], y, x)
+        if sync_free:  # the whole batch, with the fixed margin
+            y = ops.geometric_transform(x, G, self.hz_geom, delay=self.hz_delay)
+            return torch.where(touched[:, None, None, None], y, x)
+        idx = touched.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return x
+        whole = idx.numel() == n
+        G_sel = G if whole else G.index_select(0, idx)
+        margin = ops.needed_margin(G_sel, h, w, self.hz_geom.numel(), self.hz_delay)
+        y = ops.geometric_transform(x if whole else x.index_select(0, idx), G_sel, self.hz_geom, margin,
+                                    self.hz_delay)
+        return y if whole else x.index_copy(0, idx, y)
 
     # Colour group (app. B), composed into one 4x4 matrix per sample: brightness + N(0, brightness_std), contrast
     # x 2^N(0, contrast_std), luma flip (i ~ U{0,1}), hue rotation U(-pi, pi) * hue_max about the luma axis,
     # saturation x 2^N(0, saturation_std) of the chroma; hue and saturation are skipped for one-channel images.
     # A sample without a colour transform passes through bit for bit.
-    def _color(self, x, p):
+    def _color(self, x, p, sync_free):
         if max(self.brightness, self.contrast, self.lumaflip, self.hue, self.saturation) <= 0:
             return x
         n, c = x.shape[0], x.shape[1]
@@ -214,11 +228,13 @@ class AugmentPipe(torch.nn.Module):
             s = torch.exp2(torch.randn([n], device=dev) * self.saturation_std)
             vv = torch.outer(v, v)[None]
             C, touched = compose(C, touched, p * self.saturation, vv + (eye - vv) * s[:, None, None])
+        if not sync_free and not bool(touched.any()):
+            return x
         return torch.where(touched[:, None, None, None], ops.apply_color(x, C), x)
 
     # Image-space filtering (app. B): each of the four bands gets, with probability p * imgfilter * band weight,
     # a gain 2^N(0, imgfilter_std); the gains are then normalised so that the expected image power is unchanged.
-    def _filter(self, x, p):
+    def _filter(self, x, p, sync_free):
         if self.imgfilter <= 0:
             return x
         n, dev = x.shape[0], x.device
@@ -230,7 +246,12 @@ class AugmentPipe(torch.nn.Module):
         touched = (gains != 1).any(dim=1)
         gains = gains / (gains.square() * self.band_power).sum(dim=1, keepdim=True).sqrt()
         f = gains @ self.hz_bank  # [n, taps]: one zero-phase 1-D filter per sample
-        return torch.where(touched[:, None, None, None], ops.filter_per_sample(x, f), x)
+        if sync_free:
+            return torch.where(touched[:, None, None, None], ops.filter_per_sample(x, f), x)
+        idx = touched.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return x
+        return x.index_copy(0, idx, ops.filter_per_sample(x.index_select(0, idx), f.index_select(0, idx)))
 
     # Additive noise N(0, sigma^2) with sigma = |N(0, noise_std^2)| per sample, then cutout (app. B): a zero
     # box of cutout_size times the image at a uniformly random centre.
@@ -260,7 +281,7 @@ def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
         raise ValueError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
     if mode == "noaug":
         return None
-    pipe = AugmentPipe(**presets(_get(cfg, "preset")))
+    pipe = AugmentPipe(**presets(_get(cfg, "preset")), sync_free=_get(cfg, "sync_free"))
     pipe.set_p(float(_get(cfg, "p")))
     return pipe
 

@@ -95,16 +95,33 @@ def filter_delay(f) -> float:
     return float((np.arange(len(f)) * f).sum() / f.sum() - (len(f) - 1) / 2)
 
 
-# The reflect padding around the geometric resampling (pixels, each side): NVIDIA's rule caps the margin that the
-# transformed corners need at the image size minus one; a fixed margin at that cap needs no read of the random
+# The reflect padding around the geometric resampling (pixels: x0, x1, y0, y1): NVIDIA's rule caps the margin that
+# the transformed corners need at the image size minus one; a fixed margin at that cap needs no read of the random
 # transforms (a host sync on a GPU) and covers everything the capped rule covers. Sample points beyond it read
 # zeros, as there.
 def geometric_margin(h: int, w: int) -> tuple:
-    return w - 1, h - 1
+    return w - 1, w - 1, h - 1, h - 1
+
+
+# The margin (x0, x1, y0, y1) that the matrices G actually need: where the extreme output points land in the input,
+# plus the up-filter and bilinear support, capped as geometric_margin. Reads G back (for the CPU path, where that is
+# free): the same images as the fixed margin, on a smaller padded image.
+def needed_margin(G: torch.Tensor, h: int, w: int, taps: int, delay: float) -> tuple:
+    q = taps // 2 - 1
+    x0, x1 = -q / 2 - 0.25 - delay / 2 - (w - 1) / 2, (2 * w + q - 1) / 2 - 0.25 - delay / 2 - (w - 1) / 2
+    y0, y1 = -q / 2 - 0.25 - delay / 2 - (h - 1) / 2, (2 * h + q - 1) / 2 - 0.25 - delay / 2 - (h - 1) / 2
+    corners = torch.tensor([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], dtype=torch.float64)
+    pc = torch.einsum("nij,kj->nki", G[:, :2, :].detach().to("cpu", torch.float64), corners)  # [N, 4, 2]
+    lo = (pc.amin(dim=(0, 1)) + torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)).tolist()
+    hi = (pc.amax(dim=(0, 1)) + torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)).tolist()
+    support = taps / 4 + 1
+    cap = geometric_margin(h, w)
+    need = (support - lo[0], hi[0] + support - (w - 1), support - lo[1], hi[1] + support - (h - 1))
+    return tuple(min(max(0, math.ceil(m)), c) for m, c in zip(need, cap))
 
 
 # Apply the inverse affine matrices G [N, 3, 3] (output -> input, pixel units, origin at the image centre, x right,
-# y down) to x [N, C, H, W]: reflect-pad by `margin` (x, y; default geometric_margin), upsample 2x with the wavelet
+# y down) to x [N, C, H, W]: reflect-pad by `margin` (x0, x1, y0, y1; default geometric_margin), upsample 2x with the wavelet
 # low-pass `hz` (1-D, even length), sample bilinearly on a 2x output grid, low-pass + downsample 2x with the
 # time-reversed filter (an orthonormal wavelet makes up -> down an exact identity), output H x W (app. B). `delay`
 # is filter_delay(hz) (computed once by the caller, so that nothing here reads the filter back from the device).
@@ -115,7 +132,7 @@ def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, marg
     taps = hz.numel()
     if delay is None:
         delay = filter_delay(hz.detach().cpu().numpy())
-    mx, my = margin if margin is not None else geometric_margin(h, w)
+    px0, px1, py0, py1 = margin if margin is not None else geometric_margin(h, w)
     q = taps // 2 - 1  # extra 2x samples each side so that the 'valid' downsampling returns exactly H x W
     G = G.to(torch.float64)
     # Output 2x grid in centred low-res pixel units; sample k sits at k/2 - 1/4, shifted by the filter delay.
@@ -123,13 +140,13 @@ def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, marg
     ky = torch.arange(-q, 2 * h + q, device=x.device, dtype=torch.float64)
     ux = kx / 2 - 0.25 - delay / 2 - (w - 1) / 2
     uy = ky / 2 - 0.25 - delay / 2 - (h - 1) / 2
-    xp = reflect_pad(x, mx, mx, my, my)
+    xp = reflect_pad(x, px0, px1, py0, py1)
     up = upfirdn2d.upsample2d(xp, hz.to(x.dtype))
     # Input position P (centred) -> padded low-res index -> 2x index (inverse of the up-filter delay) -> [-1, 1].
     pts = torch.stack(torch.broadcast_tensors(ux[None, :], uy[:, None], torch.ones_like(uy)[:, None]), dim=-1)
     pos = torch.einsum("nij,hwj->nhwi", G[:, :2, :], pts)
-    kin_x = 2 * (pos[..., 0] + (w - 1) / 2 + mx) + 0.5 + delay
-    kin_y = 2 * (pos[..., 1] + (h - 1) / 2 + my) + 0.5 + delay
+    kin_x = 2 * (pos[..., 0] + (w - 1) / 2 + px0) + 0.5 + delay
+    kin_y = 2 * (pos[..., 1] + (h - 1) / 2 + py0) + 0.5 + delay
     grid = torch.stack([(2 * kin_x + 1) / up.shape[3] - 1, (2 * kin_y + 1) / up.shape[2] - 1], dim=-1)
     y = grid_sample(up, grid.to(x.dtype))
     return upfirdn2d.upfirdn2d(y, hz.to(x.dtype), down=2, flip_filter=True)
