@@ -51,8 +51,7 @@ def main(argv=None):
     if args.worker:
         row = count(args.p, args.aug)
         Path(f"{args.worker}.rank{os.environ.get('RANK', '0')}").write_text(json.dumps(row))
-        dist.shutdown()
-        return 0
+        dist.end_process(0)
     torch.set_num_threads(1)
     rows = []
     for procs in args.processes:

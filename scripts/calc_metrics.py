@@ -88,6 +88,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         status = main()
-    finally:
-        dist.shutdown()
-    sys.exit(status)
+    except SystemExit as e:
+        status = e.code
+    dist.end_process(status)

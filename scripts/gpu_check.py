@@ -215,7 +215,8 @@ def markdown(report: dict) -> str:
         out += ["", "## Host syncs per minibatch (every phase due, ADA p = 0.5)", "",
                 f"- Python-level: {syncs.get('reads')} reads, {syncs.get('copies')} host-to-tensor copies "
                 f"(target {syncs.get('target')}): {'ok' if syncs.get('ok') else 'FAIL'}",
-                f"- CUDA sync debug mode: {syncs.get('cuda_syncs')} synchronizing calls"]
+                "- CUDA sync debug mode: " + (f"{syncs['cuda_syncs']} synchronizing calls"
+                                               if syncs.get("cuda_syncs") is not None else "not on this device")]
         out += [f"  - {m}" for m in syncs.get("cuda_messages", [])]
     errors = {k: v["error"] for k, v in report.items() if isinstance(v, dict) and "error" in v}
     if errors:
@@ -294,6 +295,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    dist.shutdown()
-    sys.exit(status)
+    dist.end_process(main())

@@ -263,5 +263,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    finally:
-        dist.shutdown()
+    except SystemExit as e:
+        dist.end_process(e.code)
+    dist.end_process(0)

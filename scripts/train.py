@@ -87,11 +87,13 @@ def main(cfg: DictConfig) -> None:
         if dist.is_main():  # The same error on every rank: said once.
             print(f"Error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    finally:
-        dist.shutdown()
 
 
 if __name__ == "__main__":
     register_configs()
     sys.argv = [sys.argv[0]] + rewrite_data_shorthand(sys.argv[1:])
-    main()
+    try:
+        main()
+    except SystemExit as e:  # Hydra reports an error in main and exits with 1
+        dist.end_process(e.code)
+    dist.end_process(0)

@@ -90,7 +90,7 @@ def main():
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.barrier()
-    dist.shutdown()
+    dist.end_process(0)
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ def _worker(out_dir):
         ada.step(batch_idx)
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"p": ada.p, "r_t": ada.r_t, "pipe_p": float(pipe.p)}, f)
-    dist.shutdown()  # a gloo rank left in its group can abort at exit ("terminate called without ...")
+    dist.end_process(0)  # a gloo rank can abort in the interpreter's teardown ("terminate called without ...")
 
 
 # Two gloo processes under `accelerate launch`: p and r_t are identical on both ranks and use the global statistic.
