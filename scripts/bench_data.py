@@ -14,10 +14,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from training.dataset import ImageDataset  # noqa: E402
-from training.loader import default_num_workers, make_loader  # noqa: E402
-from training.sampler import InfiniteSampler  # noqa: E402
-from training.synthetic import SyntheticDataset  # noqa: E402
+from training.data.dataset import ImageDataset  # noqa: E402
+from training.data.loader import default_num_workers, make_loader  # noqa: E402
+from training.data.sampler import InfiniteSampler  # noqa: E402
+from training.data.synthetic import SyntheticDataset  # noqa: E402
 
 # Images/s one GPU consumes: (source, resolution) -> rate. NVIDIA's published StyleGAN2-ADA timings on 8 A100s
 # (paper256: 2.47 s/kimg, i.e. 19.8 s/kimg = 50.6 img/s per GPU; stylegan2 at 1024 px: 14.57 s/kimg, i.e.

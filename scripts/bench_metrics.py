@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from training.inception import Detector, FIDInceptionV3  # noqa: E402
+from training.eval.inception import Detector, FIDInceptionV3  # noqa: E402
 
 
 # Best images/s of each case over `rounds` interleaved timed calls (after one warm-up call each); interleaving

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from networks.generator import Generator  # noqa: E402
-from training.lpips import Perceptual, VGG16LPIPS  # noqa: E402
-from training.projector import compute_w_stats, project  # noqa: E402
+from training.eval.lpips import Perceptual, VGG16LPIPS  # noqa: E402
+from training.eval.projector import compute_w_stats, project  # noqa: E402
 
 
 # A random G with the `tiny` preset's shape (z = w = 64, 2 mapping layers, channel_base 2048, channel_max 128).

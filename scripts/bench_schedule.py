@@ -20,7 +20,7 @@ from ops import dispatch  # noqa: E402
 from training.config import ModelConfig, TrainConfig  # noqa: E402
 from training.loop import check_batch, make_phases, update_ema  # noqa: E402
 from training.loss import StyleGAN2Loss  # noqa: E402
-from training.networks_factory import apply_auto, build_networks  # noqa: E402
+from networks.factory import apply_auto, build_networks  # noqa: E402
 from training.schedule import stage_reals  # noqa: E402
 
 

@@ -45,8 +45,8 @@ def snapshot_kimg(snap: dict, path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.inception import DetectorNotFound, load_detector
-    from training.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
+    from training.eval.inception import DetectorNotFound, load_detector
+    from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
     for name in names:
         parse_metric(name)  # fail on a bad name before any heavy work
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     except DetectorNotFound as e:
         dist.print0(str(e))
         return 2
-    from training.checkpoint import load_snapshot
-    from training.dataset import open_dataset
+    from training.io.checkpoint import load_snapshot
+    from training.data.dataset import open_dataset
     snap = load_snapshot(args.network, device=dist.device())
     G = snap.get("G_ema")
     if G is None:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling script
 from ops import _build, _fused, dispatch  # noqa: E402
 from ops.bias_act import activation_funcs, bias_act  # noqa: E402
 from ops.upfirdn2d import setup_filter, upfirdn2d  # noqa: E402
-from training.augment_ops import SYM6  # noqa: E402
+from training.data.augment_ops import SYM6  # noqa: E402
 
 # The tolerance rule (see `compare`): errors are measured against a float64 truth computed from the same rounded
 # inputs, in units of the dtype's eps times each element's magnitude ("eps units": 1 is one to two ulps there).

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training import official  # noqa: E402
+from training.io import official  # noqa: E402
 
 
 # Command-line entry point: returns 0 on success, 1 (with a one-line reason on stderr) on a refused/invalid file.

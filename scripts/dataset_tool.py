@@ -14,8 +14,8 @@ import PIL.ImageOps
 
 # Make `training` importable when run as `python scripts/dataset_tool.py` from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.dataset import DatasetError, _FileSource  # noqa: E402
-from training.synthetic import SyntheticDataset  # noqa: E402
+from training.data.dataset import DatasetError, _FileSource  # noqa: E402
+from training.data.synthetic import SyntheticDataset  # noqa: E402
 
 # Resampling filters selectable with --filter.
 FILTERS = {"box": PIL.Image.Resampling.BOX, "lanczos": PIL.Image.Resampling.LANCZOS}
@@ -24,7 +24,7 @@ FILTERS = {"box": PIL.Image.Resampling.BOX, "lanczos": PIL.Image.Resampling.LANC
 DESCRIPTION = """\
 Writes square RGB PNGs as 00000/img00000000.png, 00000/img00000001.png, ... (1000 per folder) plus a
 dataset.json with {"labels": [[name, class], ...]} or {"labels": null}; this is the format
-training/dataset.py's ImageDataset reads. Every image is converted to 8-bit RGB: grayscale is replicated,
+training/data/dataset.py's ImageDataset reads. Every image is converted to 8-bit RGB: grayscale is replicated,
 16-bit is scaled down, and images with transparency (RGBA, LA, palette) are composited over black.
 JPEG EXIF orientation is applied. Unreadable files are skipped with a warning.
 

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from training.checkpoint import load_snapshot  # noqa: E402
-from training.images import make_grid, save_png, to_uint8  # noqa: E402
+from training.io.checkpoint import load_snapshot  # noqa: E402
+from training.io.images import make_grid, save_png, to_uint8  # noqa: E402
 
 
 # "0-3,7" -> [0, 1, 2, 3, 7].

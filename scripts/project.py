@@ -15,10 +15,10 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from training import dist  # noqa: E402
-from training.checkpoint import atomic_write, load_snapshot  # noqa: E402
-from training.images import save_png, to_uint8  # noqa: E402
-from training.lpips import PerceptualWeightsNotFound, load_lpips  # noqa: E402
-from training.projector import (FALLBACK_LABEL, check_full_resolution, compute_w_stats, lpips_input,  # noqa: E402
+from training.io.checkpoint import atomic_write, load_snapshot  # noqa: E402
+from training.io.images import save_png, to_uint8  # noqa: E402
+from training.eval.lpips import PerceptualWeightsNotFound, load_lpips  # noqa: E402
+from training.eval.projector import (FALLBACK_LABEL, check_full_resolution, compute_w_stats, lpips_input,  # noqa: E402
                                 project, psnr, ssim)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

@@ -70,7 +70,7 @@ def choose_run_dir(cfg: dict) -> Path:
 # full, too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0.
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from training.checkpoint import CheckpointError, CheckpointWriteError
+    from training.io.checkpoint import CheckpointError, CheckpointWriteError
     from training.preempt import NonFiniteError
     from training.state import ResumeError
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)

@@ -62,8 +62,8 @@ def make_images(n: int, res: int = 16, seed: int = 1) -> np.ndarray:
 # FID and KID of TinyG against 31 array images with the detector at `det_path` (uneven shares over 2 ranks,
 # several batches, a last partial batch); also how many images each rank ran through the detector.
 def run_metrics(det_path: str) -> dict:
-    from training.inception import load_detector
-    from training.metrics import calc_metric
+    from training.eval.inception import load_detector
+    from training.eval.metrics import calc_metric
     detector = load_detector(det_path, allow_download=False)
     calls = [0]
     inner = detector.features

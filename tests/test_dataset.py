@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-import training.dataset as dataset_mod
-from training.dataset import DatasetError, ImageDataset, open_dataset
-from training.synthetic import SyntheticDataset
+import training.data.dataset as dataset_mod
+from training.data.dataset import DatasetError, ImageDataset, open_dataset
+from training.data.synthetic import SyntheticDataset
 
 # Load scripts/dataset_tool.py by path (scripts/ is not a package).
 _spec = importlib.util.spec_from_file_location(

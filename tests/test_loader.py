@@ -13,11 +13,11 @@ import PIL.Image
 import pytest
 import torch
 
-from training import loader as loader_mod
-from training.dataset import ImageDataset
-from training.loader import default_num_workers, make_loader
-from training.sampler import InfiniteSampler
-from training.synthetic import SHAPES, SyntheticDataset, _inside, render, scene
+from training.data import loader as loader_mod
+from training.data.dataset import ImageDataset
+from training.data.loader import default_num_workers, make_loader
+from training.data.sampler import InfiniteSampler
+from training.data.synthetic import SHAPES, SyntheticDataset, _inside, render, scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -94,7 +94,7 @@ def test_render_matches_reference(res, count):
 # The reused, reseeded RandomState behind scene() draws exactly what a fresh RandomState([seed, index]) draws,
 # whatever was drawn before (the dataset's scenes did not change with it).
 def test_reseeded_rng_draws_like_a_fresh_one():
-    from training.synthetic import _rng
+    from training.data.synthetic import _rng
     for seed, index in ((0, 0), (3, 17), (2**32 - 2, 5), (0, 0)):
         _rng([seed + 1, index]).random_sample(7)  # something else drawn first
         assert np.array_equal(_rng([seed, index]).random_sample(12),
@@ -151,7 +151,7 @@ def test_workers_one_thread_and_shut_down_on_drop():
 # Workers do not outlive a killed training process: they watch their parent and exit within ~5 s.
 def test_workers_exit_when_parent_is_killed():
     code = ("import os, sys, time, torch\n"
-            "from training.loader import make_loader\nfrom training.sampler import InfiniteSampler\n"
+            "from training.data.loader import make_loader\nfrom training.data.sampler import InfiniteSampler\n"
             "from tests.test_loader import _ProbeDataset\n"
             "it = make_loader(_ProbeDataset(), InfiniteSampler(1000), 4, 2, torch.device('cpu'), 0)\n"
             "pids = {int(p) for _ in range(4) for p in next(it)[1][:, 0].tolist()}\n"

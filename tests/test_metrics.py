@@ -17,8 +17,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import _metrics_dist_worker as W  # noqa: E402
-from training import inception, metrics  # noqa: E402
-from training.inception import DetectorNotFound, load_detector  # noqa: E402
+from training.eval import inception, metrics  # noqa: E402
+from training.eval.inception import DetectorNotFound, load_detector  # noqa: E402
 
 # The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -397,7 +397,7 @@ def test_same_fid_and_kid_from_one_and_two_processes(tmp_path):
 # With the project's ImageDataset: mirrored halves (xflip=True) are ignored, and another max_size subset of the
 # same files is another cache key.
 def test_image_dataset_keys_and_unmirrored_items(tmp_path):
-    from training.dataset import ImageDataset
+    from training.data.dataset import ImageDataset
     folder = tmp_path / "data"
     _write_pngs(folder, 9, seed=5)
     det = load_detector(_save_tiny_detector(tmp_path, dim=16), device="cpu")
@@ -419,8 +419,8 @@ def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys, request):
     import importlib
     from networks.generator import Generator
     from training import dist
-    from training.checkpoint import load_snapshot, save_snapshot
-    from training.dataset import open_dataset
+    from training.io.checkpoint import load_snapshot, save_snapshot
+    from training.data.dataset import open_dataset
     monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     calc_metrics = importlib.import_module("calc_metrics")
     monkeypatch.setattr(dist, "init", lambda **kw: None)  # no Accelerator in the test process

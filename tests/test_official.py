@@ -1,4 +1,4 @@
-"""Tests for the safe importer of official StyleGAN2-ADA / StyleGAN3 network pickles (training/official.py)."""
+"""Tests for the safe importer of official StyleGAN2-ADA / StyleGAN3 network pickles (training/io/official.py)."""
 import builtins
 import collections
 import json
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests import official_builder as ob
-from training import official
-from training.official import OfficialFormatError, UnsafePickleError, UnsupportedNetworkError
+from training.io import official
+from training.io.official import OfficialFormatError, UnsafePickleError, UnsupportedNetworkError
 
 # The shared official-format snapshot with reference outputs (kept outside the repository).
 DATA = Path(__file__).resolve().parents[2] / 'shared/testdata/official-stylegan2-ada'
@@ -281,7 +281,7 @@ def test_parity_with_reference_outputs(real, output):
 @needs_data
 def test_convert_script_roundtrip(tmp_path, capsys):
     from scripts.convert_official import main
-    from training.checkpoint import load_snapshot
+    from training.io.checkpoint import load_snapshot
     out = tmp_path / 'network-snapshot-000000.safetensors'
     assert main([str(PKL), str(out)]) == 0
     assert 'renamed keys: none' in capsys.readouterr().out

@@ -17,10 +17,10 @@ sys.path.insert(0, ROOT)
 
 from networks.discriminator import Discriminator  # noqa: E402
 from networks.generator import Generator  # noqa: E402
-from training import lpips as L  # noqa: E402
-from training.checkpoint import save_snapshot  # noqa: E402
-from training.images import to_uint8  # noqa: E402
-from training.projector import (FALLBACK_LABEL, compute_w_stats, const_noise_maps, latent_noise_scale,  # noqa: E402
+from training.eval import lpips as L  # noqa: E402
+from training.io.checkpoint import save_snapshot  # noqa: E402
+from training.io.images import to_uint8  # noqa: E402
+from training.eval.projector import (FALLBACK_LABEL, compute_w_stats, const_noise_maps, latent_noise_scale,  # noqa: E402
                                 learning_rate, noise_layers, noise_regularization, project, psnr, ssim,
                                 synthesis_with_noise)
 
@@ -167,7 +167,7 @@ def test_batched_equals_single():
 # --- LPIPS --------------------------------------------------------------------------------------------------
 
 # The test's own stand-in for NVIDIA's vgg16.pt: the same calling convention, written separately from
-# training/lpips.py: per tapped layer, channel-normalized features * sqrt(w / (H*W)), flattened and concatenated.
+# training/eval/lpips.py: per tapped layer, channel-normalized features * sqrt(w / (H*W)), flattened and concatenated.
 class ScriptedVGG(nn.Module):
     def __init__(self, features: nn.Sequential, lins):
         super().__init__()

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training import checkpoint as ckpt
+from training.io import checkpoint as ckpt
 from training.state import check_config, config_changes, ResumeError
 
 ROOT = Path(__file__).resolve().parents[1]

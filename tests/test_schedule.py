@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from networks.discriminator import Discriminator
 from networks.generator import Generator
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
-from training.checkpoint import load_snapshot, save_snapshot
+from training.io.checkpoint import load_snapshot, save_snapshot
 from training.schedule import Schedule, make_schedule, stage_meta, stage_reals
 
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")

@@ -10,9 +10,9 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator, SynthesisLayer, ToRGBLayer
 from networks.layers import Conv2dLayer, FullyConnectedLayer
 from networks.sn import sn_weight
-from training.checkpoint import load_snapshot, save_snapshot
+from training.io.checkpoint import load_snapshot, save_snapshot
 from training.loss import StyleGAN2Loss
-from training.networks_factory import build_networks
+from networks.factory import build_networks
 
 
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")

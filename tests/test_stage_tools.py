@@ -19,10 +19,10 @@ sys.path.insert(0, ROOT)
 import _metrics_dist_worker as W  # noqa: E402
 from test_metrics import _count_calls, _isolated, _save_tiny_detector  # noqa: E402,F401 (_isolated: autouse)
 from networks.generator import Generator  # noqa: E402
-from training import metrics  # noqa: E402
-from training.checkpoint import save_snapshot  # noqa: E402
-from training.images import to_uint8  # noqa: E402
-from training.inception import load_detector  # noqa: E402
+from training.eval import metrics  # noqa: E402
+from training.io.checkpoint import save_snapshot  # noqa: E402
+from training.io.images import to_uint8  # noqa: E402
+from training.eval.inception import load_detector  # noqa: E402
 from training.schedule import stage_meta  # noqa: E402
 
 # The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
@@ -228,7 +228,7 @@ def test_calc_metrics_script_on_stage_snapshot(tmp_path, monkeypatch, capsys):
 # snapshot, its stage and what to use instead.
 def test_projector_refuses_stage_generator(tmp_path, monkeypatch):
     from scripts import project as proj_script
-    from training.projector import project
+    from training.eval.projector import project
     G = make_G()
     for stage in ((8, 1.0), (16, 0.5)):
         G.set_stage(*stage)

@@ -14,7 +14,7 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator
 from ops import dispatch
 from training import dist
-from training.augment import AugmentPipe, presets
+from training.data.augment import AugmentPipe, presets
 from training.hostsync import HostSyncCounter
 from training.loop import optimizer_step, update_ema
 from training.loss import StyleGAN2Loss
@@ -225,7 +225,7 @@ def test_bf16_training_tick(tmp_path):
 
 # The networks of a run before its first step: the loop's seed and constructor arguments (32 px synthetic data).
 def tiny_nets_like(state):
-    from training.networks_factory import build_networks
+    from networks.factory import build_networks
     cfg = json.loads(state["config"])
     torch.manual_seed(cfg["train"]["seed"])
     G, D, _ = build_networks(cfg["model"], 32, 3, 0)

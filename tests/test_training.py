@@ -52,9 +52,9 @@ def test_two_tick_run_writes_snapshot_grids_and_stats(two_tick_run):
 
 
 def test_snapshot_regenerates_the_same_grid(two_tick_run):
-    from training.checkpoint import load_snapshot
-    from training.dataset import open_dataset
-    from training.images import make_grid, to_uint8
+    from training.io.checkpoint import load_snapshot
+    from training.data.dataset import open_dataset
+    from training.io.images import make_grid, to_uint8
     from training.loop import generate_grid, grid_setup
     run_dir, _ = two_tick_run
     snap = load_snapshot(run_dir / "network-snapshot-000000.safetensors")

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from training.augment import AugConfig
+from training.data.augment import AugConfig
 from training.schedule import ScheduleConfig
 
 

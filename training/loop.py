@@ -11,15 +11,15 @@ import numpy as np
 import torch
 
 from ops import dispatch
-from training import checkpoint as ckpt
+from training.io import checkpoint as ckpt
 from training import dist
-from training.images import save_image_grid, to_uint8, make_grid, save_png
-from training.loader import default_num_workers, local_process_count, make_loader
+from training.io.images import save_image_grid, to_uint8, make_grid, save_png
+from training.data.loader import default_num_workers, local_process_count, make_loader
 from training.loss import StyleGAN2Loss
-from training.networks_factory import apply_auto, build_networks
+from networks.factory import apply_auto, build_networks
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.report import TickStats, evaluate_metrics, init_wandb, peak_memory_gb, write_report
-from training.sampler import InfiniteSampler
+from training.data.sampler import InfiniteSampler
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import (KeepRNG, check_config, load_weights, reseed, resolve_resume_all, restore_state,
                             save_checkpoint, truncate_stats, write_config_files)
@@ -135,7 +135,7 @@ def training_loop(cfg: dict, run_dir, probe=None) -> dict:
 
 
 def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
-    from training.dataset import open_dataset
+    from training.data.dataset import open_dataset
     requested = copy.deepcopy(cfg)  # The config as asked for (before 'auto'), compared on resume.
     t, m, d = cfg["train"], cfg["model"], cfg["data"]
     accelerator = dist.init(mixed_precision=t["mixed_precision"])
@@ -199,7 +199,7 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
 
     # Adaptive discriminator augmentation: every image D sees goes through the pipe (the loss applies it), and
     # the sign of D on augmented reals drives p (ADA, Karras et al. 2020, sec. 3).
-    from training.augment import make_adaptive_p, make_augment_pipe
+    from training.data.augment import make_adaptive_p, make_augment_pipe
     augment_pipe = make_augment_pipe(cfg["aug"])
     if augment_pipe is not None:
         augment_pipe = augment_pipe.to(device)
@@ -282,8 +282,8 @@ def _train(cfg: dict, run_dir: Path, stop: StopRequest, probe) -> dict:
     # Metrics: the detector is loaded once; when its file is missing, metrics are off and we say so once.
     metric_names, detector = list(cfg["metrics"]["names"]), None
     if metric_names:
-        from training import inception
-        from training.metrics import parse_metric
+        from training.eval import inception
+        from training.eval.metrics import parse_metric
         for name in metric_names:
             parse_metric(name)  # An unknown metric name is an error now, not after hours of training.
         try:

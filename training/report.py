@@ -72,7 +72,7 @@ def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) ->
 # At a progressive stage below full resolution the metric is labelled with it (fid50k_full@16px) in the printout
 # and the wandb key (Metrics/fid50k_full@16px), so stage values never share a curve with full-resolution ones.
 def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
-    from training.metrics import evaluate_snapshot, metric_label
+    from training.eval.metrics import evaluate_snapshot, metric_label
     kimg = cur_nimg // 1000
     records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
                                 f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import checkpoint as ckpt
+from training.io import checkpoint as ckpt
 from training import dist
 
 STATE_FORMAT = "ganforge-training-state"

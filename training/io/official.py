@@ -485,10 +485,10 @@ def build_networks(path, device='cpu'):
     return out
 
 
-# Convert an official pickle into a ganforge snapshot at `out_path` (via training.checkpoint.save_snapshot);
+# Convert an official pickle into a ganforge snapshot at `out_path` (via training.io.checkpoint.save_snapshot);
 # returns the build_networks() result so callers can report the config and any renamed keys.
 def convert(in_pkl, out_path):
-    from training.checkpoint import save_snapshot
+    from training.io.checkpoint import save_snapshot
     nets = build_networks(in_pkl)
     # The snapshot stores the config as JSON: numpy arrays (e.g. in training_set_kwargs) become lists.
     config = json.loads(json.dumps(nets['config'], default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import dist
-from training.weights import (cache_root, download as _download, file_sha256,  # noqa: F401
+from training.io.weights import (cache_root, download as _download, file_sha256,  # noqa: F401
                               is_torchscript as _is_torchscript, offline_env)
 
 # The two weight files users have, and where they are published.

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ops import upfirdn2d
-from training import augment_ops as ops
+from training.data import augment_ops as ops
 from training import dist
 
 

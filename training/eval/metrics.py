@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from training import dist
-from training.inception import cache_root, full_fp32
+from training.eval.inception import cache_root, full_fp32
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
 STATS_VERSION = 1

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from training import dist
-from training.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
+from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
 
 # The weight files users have, and where they are published.
 NVIDIA_FILE = "vgg16.pt"

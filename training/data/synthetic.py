@@ -212,7 +212,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def has_labels(self) -> bool:
         return self.label_dim != 0
 
-    # A short string that changes whenever the images would (used by training/metrics.py as a cache key).
+    # A short string that changes whenever the images would (used by training/eval/metrics.py as a cache key).
     @property
     def content_hash(self) -> str:
         return (f"synthetic-v{RENDER_VERSION}-seed{self.seed}-res{self._res}-cls{self.num_classes}"

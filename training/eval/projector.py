@@ -253,7 +253,7 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
 
     if loss == "lpips":
         if perceptual is None:
-            from training.lpips import load_lpips
+            from training.eval.lpips import load_lpips
             perceptual = load_lpips(device=device)
         crit = perceptual
         to_input = lambda img_m1_1: lpips_input((img_m1_1 + 1) * 127.5)  # noqa: E731

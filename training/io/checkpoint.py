@@ -89,7 +89,7 @@ def load_snapshot(path, device="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"snapshot not found: {path}")
     if path.suffix == ".pkl":
-        from training import official
+        from training.io import official
         return official.build_networks(path, device=device)
     from safetensors import safe_open
     from networks.discriminator import Discriminator

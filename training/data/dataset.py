@@ -351,7 +351,7 @@ def open_dataset(path: str | None, **kwargs):
     """
     spec = None if path is None else os.fspath(path)
     if spec is None or spec == "synthetic" or spec.startswith("synthetic:"):
-        from training.synthetic import SyntheticDataset
+        from training.data.synthetic import SyntheticDataset
         kwargs.pop("random_seed", None)
         if spec is not None and ":" in spec:
             text = spec.split(":", 1)[1]

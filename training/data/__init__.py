@@ -1,0 +1,1 @@
+"""Training data: datasets, the embedded synthetic set, the sampler and loader, and ADA augmentation."""

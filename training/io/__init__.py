@@ -1,0 +1,1 @@
+"""Files: checkpoints and snapshots, official pickles, downloaded weight files, image grids."""
