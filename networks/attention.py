@@ -18,12 +18,13 @@ def _sdpa_context():
     return sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
-# SAGAN self-attention (sec. 3, eq. 1-3) on feature maps x [N, C, H, W] with positions i, j = 1..HW:
-#   s_ij = f(x_i)^T g(x_j),  beta_{j,i} = softmax_i(s_ij),  o_j = v(sum_i beta_{j,i} h(x_i)),  y = gamma * o + x,
-# f, g: 1x1 convs to C/8 channels, h: 1x1 conv to C/2 channels and v: 1x1 conv back to C (as SAGAN's released
-# code), gamma a learned scalar gate initialized at 0 so that the block starts as the identity. The attention is
-# unscaled as in eq. 1 (SDPA scale=1). The convs are equalized-LR Conv2dLayers, spectrally normalized with `sn`.
 class SelfAttention(nn.Module):
+    """SAGAN self-attention (sec. 3, eq. 1-3) on feature maps x [N, C, H, W] with positions i, j = 1..HW:
+        s_ij = f(x_i)^T g(x_j),  beta_{j,i} = softmax_i(s_ij),  o_j = v(sum_i beta_{j,i} h(x_i)),  y = gamma * o + x,
+    f, g: 1x1 convs to C/8 channels, h: 1x1 conv to C/2 channels and v: 1x1 conv back to C (as SAGAN's released
+    code), gamma a learned scalar gate initialized at 0 so that the block starts as the identity. The attention is
+    unscaled as in eq. 1 (SDPA scale=1). The convs are equalized-LR Conv2dLayers, spectrally normalized with `sn`."""
+
     def __init__(self, channels: int, sn: bool = False, key_divisor: int = 8, value_divisor: int = 2):
         super().__init__()
         self.channels = channels
@@ -36,6 +37,7 @@ class SelfAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros([]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x + gamma * o for x [N, C, H, W] (same shape)."""
         n, c, height, width = x.shape
         keys = self.f(x).flatten(2).transpose(1, 2).unsqueeze(1)     # f(x_i): [N, 1, HW, C/8]
         queries = self.g(x).flatten(2).transpose(1, 2).unsqueeze(1)  # g(x_j): [N, 1, HW, C/8]

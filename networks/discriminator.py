@@ -5,19 +5,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from networks import layers
 from networks.attention import SelfAttention
-from networks.generator import block_dtype, block_memory_format, channels_at, check_stage
 from networks.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from ops.upfirdn2d import downsample2d, setup_filter
 
 
-# One resolution of D: [fromRGB] -> conv0 -> conv1 (down 2), with a residual 1x1 skip (resnet) or image
-# downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7). `attention`: SAGAN self-attention
-# (Zhang et al. 2018, eq. 1-3) on the block's input features at its own resolution (after fromRGB, before conv0 and
-# the resnet skip); `sn`: spectral normalization of every conv (Miyato et al. 2018); `grow`: a fromRGB whatever the
-# architecture, so that the block can take images as the entry block of a progressive stage. A block applies its
-# fromRGB when it gets no features (x None: the entry block) or, with `skip`, always.
 class DiscriminatorBlock(nn.Module):
+    """One resolution of D: [fromRGB] -> conv0 -> conv1 (down 2), with a residual 1x1 skip (resnet) or image
+    downsampling into the next block's fromRGB (skip) (StyleGAN2 fig. 7). `attention`: SAGAN self-attention (Zhang et
+    al. 2018, eq. 1-3) on the block's input features at its own resolution (after fromRGB, before conv0 and the resnet
+    skip); `sn`: spectral normalization of every conv (Miyato et al. 2018); `grow`: a fromRGB whatever the architecture,
+    so that the block can take images as the entry block of a progressive stage. A block applies its fromRGB when it
+    gets no features (x None: the entry block) or, with `skip`, always."""
+
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
                  conv_clamp: Optional[float] = None, use_fp16: bool = False, sn: bool = False,
@@ -45,8 +46,10 @@ class DiscriminatorBlock(nn.Module):
                                     resample_filter=resample_filter, sn=sn)
 
     def forward(self, x, img, force_fp32: bool = False):
-        dtype = block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
-        fmt = block_memory_format(dtype)
+        """Features x (None for the entry block) and images img at the block's resolution -> (features at half
+        the resolution, images downsampled for the next block's fromRGB with `skip`, else None)."""
+        dtype = layers.block_dtype(self.use_fp16, img if img is not None else x, force_fp32)
+        fmt = layers.block_memory_format(dtype)
         if x is not None:
             x = x.to(dtype=dtype, memory_format=fmt)
         if x is None or self.architecture == "skip":
@@ -65,15 +68,17 @@ class DiscriminatorBlock(nn.Module):
         return x, img
 
 
-# Minibatch standard deviation (Karras et al. 2018, sec. 3): the std over groups of `group_size` samples,
-# averaged over channels and pixels within `num_channels` splits, appended as extra feature maps.
 class MinibatchStdLayer(nn.Module):
+    """Minibatch standard deviation (Karras et al. 2018, sec. 3): the std over groups of `group_size` samples, averaged
+    over channels and pixels within `num_channels` splits, appended as extra feature maps."""
+
     def __init__(self, group_size: int, num_channels: int = 1):
         super().__init__()
         self.group_size = group_size
         self.num_channels = num_channels
 
     def forward(self, x):
+        """x [N, C, H, W] -> [N, C + num_channels, H, W]."""
         n, c, h, w = x.shape
         g = min(self.group_size, n) if self.group_size is not None else n
         if n % g != 0:
@@ -90,10 +95,11 @@ class MinibatchStdLayer(nn.Module):
         return f"group_size={self.group_size}, num_channels={self.num_channels}"
 
 
-# The 4x4 head of D: [fromRGB] -> minibatch std -> conv -> fc -> out, with projection onto the label embedding
-# (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim). `sn`: spectrally
-# normalized conv and FC layers (Miyato et al. 2018); `grow`: a fromRGB for a progressive stage at 4 px.
 class DiscriminatorEpilogue(nn.Module):
+    """The 4x4 head of D: [fromRGB] -> minibatch std -> conv -> fc -> out, with projection onto the label embedding
+    (Miyato & Koyama 2018) when conditional: D(x, c) = <out(x), cmap(c)> / sqrt(cmap_dim). `sn`: spectrally normalized
+    conv and FC layers (Miyato et al. 2018); `grow`: a fromRGB for a progressive stage at 4 px."""
+
     def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
                  architecture: str = "resnet", mbstd_group_size: Optional[int] = 4, mbstd_num_channels: int = 1,
                  activation: str = "lrelu", conv_clamp: Optional[float] = None, sn: bool = False,
@@ -111,6 +117,8 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim, sn=sn)
 
     def forward(self, x, img, cmap, force_fp32: bool = False):
+        """Features x at 4 px (None: the images img enter here), images img and the label embedding cmap ->
+        logits [N, 1]."""
         if x is None:  # A progressive stage at 4 px: the images enter here.
             x = self.fromrgb(img.to(torch.float32))
         else:
@@ -127,12 +135,13 @@ class DiscriminatorEpilogue(nn.Module):
         return x
 
 
-# The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots
-# (`sn` and `attention` only when set, so that default networks record exactly the Foundation's arguments).
-# `sn`: spectral normalization of every layer, label mapping included (Miyato et al. 2018); `attention`: the
-# block resolutions with SAGAN self-attention (Zhang et al. 2018); `grow`: fromRGB layers at every resolution, for
-# the progressive schedule (set_stage: see forward).
 class Discriminator(nn.Module):
+    """The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots (`sn`
+    and `attention` only when set, so that default networks record exactly the Foundation's arguments). `sn`: spectral
+    normalization of every layer, label mapping included (Miyato et al. 2018); `attention`: the block resolutions with
+    SAGAN self-attention (Zhang et al. 2018); `grow`: fromRGB layers at every resolution, for the progressive schedule
+    (set_stage: see forward)."""
+
     def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: Optional[float] = None, cmap_dim: Optional[int] = None,
@@ -166,7 +175,7 @@ class Discriminator(nn.Module):
         if not set(attention) <= set(self.block_resolutions):
             raise ValueError(f"D attention resolutions {attention} must be among the block resolutions "
                              f"{self.block_resolutions}")
-        channels = {res: channels_at(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
+        channels = {res: layers.channels_at(res, channel_base, channel_max) for res in self.block_resolutions + [4]}
         fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
         if cmap_dim is None:
             cmap_dim = channels[4]
@@ -187,9 +196,10 @@ class Discriminator(nn.Module):
                                         mbstd_num_channels=mbstd_num_channels, conv_clamp=conv_clamp, sn=sn,
                                         grow=grow)
 
-    # Take images of `resolution` px, fading the stage's block in with weight `alpha` (plain attributes, like G's).
     def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
-        res, alpha = check_stage(resolution, alpha, self.block_resolutions + [4], "D")
+        """Take images of `resolution` px, fading the stage's block in with weight `alpha` (plain attributes, like
+        G's)."""
+        res, alpha = layers.check_stage(resolution, alpha, self.block_resolutions + [4], "D")
         needed = [res] + ([res // 2] if alpha < 1 and res > 4 else [])
         lacking = [r for r in needed if r < self.img_resolution and not hasattr(getattr(self, f"b{r}"), "fromrgb")]
         if lacking:
@@ -199,12 +209,13 @@ class Discriminator(nn.Module):
 
     @property
     def stage(self) -> tuple:
+        """(resolution, alpha) of the stage D takes."""
         return self.stage_res, self.stage_alpha
 
-    # Logits for images at the stage resolution. During a fade (Karras et al. 2018, fig. 2) the stage's new block
-    # output is blended with the images downsampled into the previous stage's entry: x = lerp(fromRGB(down(img)),
-    # block(img), alpha) (skip: the new block's output scaled by alpha, beside the skip fromRGB of down(img)).
     def forward(self, img, c, update_emas: bool = False, force_fp32: bool = False):
+        """Logits for images at the stage resolution. During a fade (Karras et al. 2018, fig. 2) the stage's new block
+        output is blended with the images downsampled into the previous stage's entry: x = lerp(fromRGB(down(img)),
+        block(img), alpha) (skip: the new block's output scaled by alpha, beside the skip fromRGB of down(img))."""
         res_in, alpha = self.stage_res, self.stage_alpha
         if img.ndim != 4 or img.shape[1:] != (self.img_channels, res_in, res_in):
             stage = "" if res_in == self.img_resolution else f" (progressive stage {res_in} px)"

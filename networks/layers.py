@@ -1,4 +1,4 @@
-"""Building blocks shared by G and D: equalized-LR fully connected and conv layers, and the mapping network."""
+"""Building blocks shared by G and D: equalized-LR FC and conv layers, the mapping network, per-block helpers."""
 import math
 from typing import Optional
 
@@ -6,21 +6,52 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from networks.sn import register_sn_buffers, sn_weight
 from ops.bias_act import activation_funcs, bias_act
 from ops.conv2d_resample import conv2d_resample
 from ops.upfirdn2d import setup_filter
-from networks.sn import register_sn_buffers, sn_weight
 
 
-# Scale by the inverse root-mean-square over `dim` (the "pixel norm" applied to z and embedded labels).
+def check_stage(resolution, alpha, block_resolutions, who: str) -> tuple:
+    """Check a progressive-growing stage (Karras et al. 2018, sec. 3) of network `who` ('G' or 'D'): a block
+    resolution among `block_resolutions` and a fade-in weight in [0, 1]; returns them as (int, float)."""
+    if int(resolution) not in block_resolutions:
+        raise ValueError(f"{who}: stage resolution must be one of {block_resolutions}, got {resolution}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{who}: stage fade alpha must be in [0, 1], got {alpha}")
+    return int(resolution), float(alpha)
+
+
+def channels_at(res: int, channel_base: int, channel_max: int) -> int:
+    """Feature channels at resolution `res` (StyleGAN2-ADA's rule): min(channel_base / res, channel_max)."""
+    return min(channel_base // res, channel_max)
+
+
+def block_dtype(use_fp16: bool, x: Optional[torch.Tensor], force_fp32: bool) -> torch.dtype:
+    """The dtype a G or D block computes in: float16 for the highest `num_fp16_res` resolutions (`use_fp16`),
+    on CUDA only and unless `force_fp32`; float32 otherwise."""
+    if use_fp16 and not force_fp32 and x is not None and x.device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+def block_memory_format(dtype: torch.dtype) -> torch.memory_format:
+    """The memory format of a block's activations: channels-last where it computes in float16 (as NVIDIA's fp16
+    layers: cuDNN's tensor-core convolutions work on NHWC and would otherwise transpose every activation), else
+    the default layout. G's and D's blocks look it up here at call time (`layers.block_memory_format`)."""
+    return torch.channels_last if dtype == torch.float16 else torch.contiguous_format
+
+
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Scale by the inverse root-mean-square over `dim` (the "pixel norm" applied to z and embedded labels)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
-# Fully connected layer with equalized learning rate (Karras et al. 2018, sec. 4.1): weights stored as
-# N(0, 1/lr_multiplier^2) and scaled at run time by lr_multiplier / sqrt(fan_in). With `sn`, spectral
-# normalization (Miyato et al. 2018, eq. 8) replaces that scaling: W_SN = W / sigma(W).
 class FullyConnectedLayer(nn.Module):
+    """Fully connected layer with equalized learning rate (Karras et al. 2018, sec. 4.1): weights stored as
+    N(0, 1/lr_multiplier^2) and scaled at run time by lr_multiplier / sqrt(fan_in). With `sn`, spectral
+    normalization (Miyato et al. 2018, eq. 8) replaces that scaling: W_SN = W / sigma(W)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "linear",
                  lr_multiplier: float = 1.0, bias_init: float = 0.0, sn: bool = False):
         super().__init__()
@@ -36,6 +67,7 @@ class FullyConnectedLayer(nn.Module):
             register_sn_buffers(self, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, in_features] -> [N, out_features]."""
         if self.sn:
             w = sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training).to(x.dtype)
         else:
@@ -55,9 +87,11 @@ class FullyConnectedLayer(nn.Module):
                 + (", sn=True" if self.sn else ""))
 
 
-# Convolution with equalized learning rate, optional FIR up/downsampling, activation and output clamp. With `sn`,
-# W_SN = W / sigma(W) (Miyato et al. 2018, eq. 8; W as [out, in*k*k]) replaces the 1/sqrt(fan_in) scaling.
 class Conv2dLayer(nn.Module):
+    """Convolution with equalized learning rate, optional FIR up/downsampling, activation and output clamp. With
+    `sn`, W_SN = W / sigma(W) (Miyato et al. 2018, eq. 8; W as [out, in*k*k]) replaces the 1/sqrt(fan_in)
+    scaling."""
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
                  activation: str = "linear", up: int = 1, down: int = 1, resample_filter=(1, 3, 3, 1),
                  conv_clamp: Optional[float] = None, channels_last: bool = False, sn: bool = False):
@@ -81,6 +115,8 @@ class Conv2dLayer(nn.Module):
             register_sn_buffers(self, self.weight)
 
     def forward(self, x: torch.Tensor, gain: float = 1) -> torch.Tensor:
+        """x [N, in_channels, H, W] -> [N, out_channels, H * up / down, W * up / down]; `gain` scales the
+        activation's gain and clamp."""
         if self.sn:
             w = sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training).to(x.dtype)
         else:
@@ -98,10 +134,11 @@ class Conv2dLayer(nn.Module):
                 f"up={self.up}, down={self.down}" + (", sn=True" if self.sn else ""))
 
 
-# Mapping network f: Z -> W (StyleGAN, sec. 2): normalized z, optionally concatenated with an embedded label,
-# through `num_layers` FC layers with lr multiplier 0.01; tracks w_avg for the truncation trick. `sn`: spectrally
-# normalized FC layers (Miyato et al. 2018).
 class MappingNetwork(nn.Module):
+    """Mapping network f: Z -> W (StyleGAN, sec. 2): normalized z, optionally concatenated with an embedded label,
+    through `num_layers` FC layers with lr multiplier 0.01; tracks w_avg for the truncation trick. `sn`:
+    spectrally normalized FC layers (Miyato et al. 2018)."""
+
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: Optional[int], num_layers: int = 8,
                  embed_features: Optional[int] = None, layer_features: Optional[int] = None,
                  activation: str = "lrelu", lr_multiplier: float = 0.01, w_avg_beta: Optional[float] = 0.995,
@@ -131,6 +168,8 @@ class MappingNetwork(nn.Module):
 
     def forward(self, z, c, truncation_psi: float = 1, truncation_cutoff: Optional[int] = None,
                 update_emas: bool = False) -> torch.Tensor:
+        """w [N, w_dim], or ws [N, num_ws, w_dim] when num_ws is set, from z [N, z_dim] and labels c [N, c_dim];
+        `update_emas` updates w_avg, `truncation_psi` / `truncation_cutoff` apply the truncation trick."""
         x = None
         if self.z_dim > 0:
             if z is None or z.shape[1] != self.z_dim:
@@ -165,6 +204,7 @@ class MappingNetwork(nn.Module):
         return f"z_dim={self.z_dim}, c_dim={self.c_dim}, w_dim={self.w_dim}, num_ws={self.num_ws}"
 
 
-# Number of trainable parameters in a module (buffers excluded), for reports and parity with published counts.
 def count_params(module: nn.Module) -> int:
+    """Number of trainable parameters in a module (buffers excluded), for reports and parity with published
+    counts."""
     return int(sum(np.prod(p.shape) for p in module.parameters()))

@@ -14,13 +14,13 @@ SN_CHOICES = ("none", "d", "g", "both")
 # lr 0.0025 would be ~12%), and the mapping network's lr multiplier 0.01 still slows it 100x.
 
 
-# The power-iteration vectors of a weight [out, in, ...] as buffers (saved in checkpoints): sn_u in R^out and
-# sn_v in R^(in*kh*kw). Miyato et al. (Algorithm 1) start u at random and let one iteration per step converge over
-# training (torch's parametrization runs 15 iterations first); from a random start the estimate of a small,
-# nearly square matrix can still be several % low after 100 iterations, so here u and v start at the exact top
-# singular vectors of the initial W (one SVD per layer at construction, without randomness), and one iteration
-# per training step then tracks them as W changes.
 def register_sn_buffers(module: nn.Module, weight: torch.Tensor) -> None:
+    """The power-iteration vectors of a weight [out, in, ...] as buffers (saved in checkpoints): sn_u in R^out and sn_v
+    in R^(in*kh*kw). Miyato et al. (Algorithm 1) start u at random and let one iteration per step converge over training
+    (torch's parametrization runs 15 iterations first); from a random start the estimate of a small, nearly square
+    matrix can still be several % low after 100 iterations, so here u and v start at the exact top singular vectors of
+    the initial W (one SVD per layer at construction, without randomness), and one iteration per training step then
+    tracks them as W changes."""
     with torch.no_grad():
         mat = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
         left, _, right_t = torch.linalg.svd(mat, full_matrices=False)
@@ -28,12 +28,12 @@ def register_sn_buffers(module: nn.Module, weight: torch.Tensor) -> None:
     module.register_buffer("sn_v", right_t[0].contiguous())
 
 
-# W_SN = W / sigma(W) (Miyato et al. 2018, eq. 8) with W reshaped to [out, in*kh*kw]. With `update` (training mode),
-# one power iteration first (Algorithm 1): v <- W^T u / ||W^T u||, u <- W v / ||W v||, written into the buffers; in
-# eval mode the stored vectors are used as they are. sigma = u^T W v with u and v constants, as in
-# torch.nn.utils.spectral_norm: gradients (and R1's second-order gradients) flow through W only. Computed in at
-# least float32 with autocast off, so that mixed precision never runs the iteration in half precision.
 def sn_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, update: bool) -> torch.Tensor:
+    """W_SN = W / sigma(W) (Miyato et al. 2018, eq. 8) with W reshaped to [out, in*kh*kw]. With `update` (training
+    mode), one power iteration first (Algorithm 1): v <- W^T u / ||W^T u||, u <- W v / ||W v||, written into the
+    buffers; in eval mode the stored vectors are used as they are. sigma = u^T W v with u and v constants, as in
+    torch.nn.utils.spectral_norm: gradients (and R1's second-order gradients) flow through W only. Computed in at least
+    float32 with autocast off, so that mixed precision never runs the iteration in half precision."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.autocast(device_type=weight.device.type, enabled=False):
         w = weight.to(dtype)

@@ -11,6 +11,16 @@ from pathlib import Path
 
 import torch
 
+# torch.utils.cpp_extension, imported without its "No CUDA runtime is found" log line (find_cuda_home finds the
+# toolkit itself).
+_logger = logging.getLogger("torch.utils.cpp_extension")
+_level = _logger.level
+_logger.setLevel(logging.ERROR)
+try:
+    from torch.utils import cpp_extension
+finally:
+    _logger.setLevel(_level)
+
 # Directory of the op sources (ops/*.cpp, *.cu, *.h).
 SRC_DIR = Path(__file__).resolve().parent
 
@@ -24,19 +34,18 @@ _modules = {}
 _failures = {}
 
 
-# A build that could not happen or failed; the message says why (and where the log is).
 class BuildError(RuntimeError):
-    pass
+    """A build that could not happen or failed; the message says why (and where the log is)."""
 
 
-# Where builds are cached: $GANFORGE_OPS_CACHE or ~/.cache/ganforge/ops.
 def cache_root() -> Path:
+    """Where builds are cached: $GANFORGE_OPS_CACHE or ~/.cache/ganforge/ops."""
     root = os.environ.get("GANFORGE_OPS_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "ganforge" / "ops"
 
 
-# Forget loaded modules and failures (tests use it to rebuild or to re-trigger a failure).
 def reset_cache() -> None:
+    """Forget loaded modules and failures (tests use it to rebuild or to re-trigger a failure)."""
     _modules.clear()
     _failures.clear()
 
@@ -49,9 +58,9 @@ def _forced_failure(name: str) -> bool:
     return value in ("1", "all") or name in [v.strip() for v in value.split(",")]
 
 
-# The CUDA toolkit root that has a real nvcc and headers, or None. PyTorch's own guess takes the parent of the
-# first `nvcc` on PATH, which is wrong for wrapper scripts (e.g. /usr/local/bin/nvcc -> /usr/local).
 def find_cuda_home():
+    """The CUDA toolkit root that has a real nvcc and headers, or None. PyTorch's own guess takes the parent of
+    the first `nvcc` on PATH, which is wrong for wrapper scripts (e.g. /usr/local/bin/nvcc -> /usr/local)."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -101,9 +110,9 @@ def _first_error(text: str) -> str:
     return lines[-1][:300] if lines else "unknown error"
 
 
-# Build (or load from the cache) extension `name` from `sources` (paths relative to ops/ or absolute); with
-# `cuda`, the .cu sources are compiled by nvcc for the GPU present or $TORCH_CUDA_ARCH_LIST. Raises BuildError.
 def load_extension(name: str, sources, cuda: bool):
+    """Build (or load from the cache) extension `name` from `sources` (paths relative to ops/ or absolute); with
+    `cuda`, the .cu sources are compiled by nvcc for the GPU present or $TORCH_CUDA_ARCH_LIST. Raises BuildError."""
     key = (name, bool(cuda))
     module = _modules.get(key)
     if module is not None:  # the per-call fast path
@@ -121,22 +130,8 @@ def load_extension(name: str, sources, cuda: bool):
     return module
 
 
-# torch.utils.cpp_extension, imported without its "No CUDA runtime is found" log line (we find CUDA_HOME ourselves).
-def _cpp_extension():
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
 # The uncached build: checks the toolchain, then torch.utils.cpp_extension.load under a file lock.
 def _build(name, sources, cuda):
-    cpp_extension = _cpp_extension()
-
     _ensure_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise BuildError("ninja is not installed or not on PATH (pip install ninja)")

@@ -1,4 +1,4 @@
-"""bias_act: add a bias, apply an activation, scale by a gain and clamp, with a reference PyTorch path."""
+"""bias_act: add a bias, apply an activation, scale by a gain and clamp; a reference path and a fused kernel."""
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -6,10 +6,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ops import _fused, dispatch
+from ops._fused import dense, empty, like, sum_except
 
-# One activation: its function, the default alpha (for lrelu), and the gain that keeps unit variance (He et al.).
+# Sources of the extension: the CPU-only build, and the CUDA build (its .cpp also holds the CPU kernel).
+SOURCES = {"cpu": ["bias_act.cpp"], "cuda": ["bias_act.cpp", "bias_act.cu"]}
+
+
 @dataclass(frozen=True)
 class Activation:
+    """One activation: its function, the default alpha (for lrelu), and the gain that keeps unit variance."""
     func: Callable
     def_alpha: float
     def_gain: float
@@ -28,24 +34,29 @@ activation_funcs = {
     "swish": Activation(lambda x, a: torch.sigmoid(x) * x, 0.0, math.sqrt(2)),
 }
 
+# Activation ids as in bias_act.h (GfAct), and the kernel modes (GfBiasActMode).
+ACT_IDS = {n: i for i, n in enumerate(["linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus",
+                                       "swish"])}
+_FWD, _GRAD_X, _GRAD2_X, _GRAD_Y = 0, 1, 2, 3
 
-# y = clamp(act(x + b) * gain, -clamp, clamp), with b broadcast along `dim`; impl is 'auto', 'fused' or 'ref'.
+
 def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, act: str = "linear",
              alpha: Optional[float] = None, gain: Optional[float] = None, clamp: Optional[float] = None,
              impl: Optional[str] = None) -> torch.Tensor:
+    """y = clamp(act(x + b) * gain, -clamp, clamp), with b broadcast along `dim`; impl is 'auto', 'fused' or 'ref'
+    (None: ops.dispatch's default)."""
     if act not in activation_funcs:
         raise ValueError(f"bias_act: unknown activation {act!r}; expected one of {sorted(activation_funcs)}")
     if clamp is not None and clamp < 0:
         raise ValueError(f"bias_act: clamp must be None or >= 0, got {clamp}")
-    from ops import dispatch
-    fused = dispatch.get_fused("bias_act", x, impl)
+    fused = dispatch.get_fused("bias_act", x, impl, load_fused)
     if fused is not None:
         return fused(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
     return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
 
 
-# The reference path: plain PyTorch ops, differentiable to any order.
 def bias_act_ref(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
+    """The reference path of bias_act: plain PyTorch ops, differentiable to any order."""
     spec = activation_funcs[act]
     alpha = float(alpha if alpha is not None else spec.def_alpha)
     gain = float(gain if gain is not None else spec.def_gain)
@@ -60,3 +71,92 @@ def bias_act_ref(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=No
     if clamp >= 0:
         x = x.clamp(-clamp, clamp)
     return x
+
+
+def load(device_type: str):
+    """The bias_act extension for 'cpu' or 'cuda', built on first use; raises _build.BuildError saying why not."""
+    return _fused.extension("bias_act", SOURCES, device_type)
+
+
+def load_fused(x):
+    """bias_act_fused bound to the extension for x's device (ops.dispatch's loader); raises dispatch.Unavailable."""
+    return _fused.bind(load, bias_act_fused, x)
+
+
+# One bias_act kernel call on the dense tensor v (b and g may be None); returns (out, per-channel sum of out or
+# None). g is brought to v's layout.
+def _kernel(ext, v, b, g, mode, dim, act, alpha, gain, clamp, bias_grad=False):
+    e = empty(v)
+    b = e if b is None or b.numel() == 0 else b.contiguous()
+    g = e if g is None else like(g, v)
+    out, gb = ext.bias_act(v, b, g, ACT_IDS[act], mode, alpha, gain, clamp, max(v.stride(dim), 1), v.shape[dim],
+                           bias_grad)
+    return out, gb
+
+
+# y = clamp(act(x + b) * gain): one kernel pass forward; saves y when the derivative follows from it (linear, relu,
+# lrelu with gain > 0), else x.
+class _BiasAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b, ext, dim, act, alpha, gain, clamp):
+        x = dense(x)
+        y, _ = _kernel(ext, x, b, None, _FWD, dim, act, alpha, gain, clamp)
+        from_y = act == "linear" or (act in ("relu", "lrelu") and gain > 0 and alpha >= 0)
+        ctx.save_for_backward(y if from_y else x, b.contiguous() if b is not None else empty(x))
+        ctx.args = (ext, from_y, dim, act, alpha, gain, clamp)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved, b = ctx.saved_tensors
+        ext, from_y, dim, act, alpha, gain, clamp = ctx.args
+        if torch.is_grad_enabled():  # create_graph: keep the gradient differentiable
+            gz = _BiasActGrad.apply(gy, saved, b, *ctx.args)
+            gb = sum_except(gz, dim) if ctx.needs_input_grad[1] else None
+        else:  # one kernel pass gives gz and, summed on the fly, the bias gradient
+            gz, gb = _kernel(ext, saved, b, gy, _GRAD_Y if from_y else _GRAD_X, dim, act, alpha, gain, clamp,
+                             bias_grad=ctx.needs_input_grad[1])
+        return gz if ctx.needs_input_grad[0] else None, gb, None, None, None, None, None, None
+
+
+# gz = gy * dy/dz from the saved x (or y) as an autograd Function; its own backward uses the same kernel (first
+# derivative, w.r.t. gy) and the second-derivative kernel (w.r.t. x and b), so gradients of second order are fused.
+class _BiasActGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gy, saved, b, ext, from_y, dim, act, alpha, gain, clamp):
+        gy = like(gy, saved)
+        gz, _ = _kernel(ext, saved, b, gy, _GRAD_Y if from_y else _GRAD_X, dim, act, alpha, gain, clamp)
+        ctx.save_for_backward(gy, saved, b)
+        ctx.args = (ext, from_y, dim, act, alpha, gain, clamp)
+        return gz
+
+    @staticmethod
+    def backward(ctx, ggz):
+        gy, saved, b = ctx.saved_tensors
+        ext, from_y, dim, act, alpha, gain, clamp = ctx.args
+        d_gy = _BiasActGrad.apply(ggz, saved, b, *ctx.args) if ctx.needs_input_grad[0] else None
+        d_x = d_b = None
+        # With the output saved (piecewise-linear activations) dy/dz is piecewise constant: no second derivative.
+        if not from_y and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            want_b = ctx.needs_input_grad[2] and b.numel() > 0
+            g2, d_b = _kernel(ext, saved, b, like(ggz, saved) * gy, _GRAD2_X, dim, act, alpha, gain, clamp,
+                              bias_grad=want_b)
+            d_x = g2 if ctx.needs_input_grad[1] else None
+        return d_gy, d_x, d_b, None, None, None, None, None, None, None
+
+
+def bias_act_fused(ext, x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
+    """bias_act by the kernels of extension `ext`, with the reference signature after it; arguments the kernel does
+    not take go to the reference (which validates them)."""
+    spec = activation_funcs[act]
+    alpha = float(alpha if alpha is not None else spec.def_alpha)
+    gain = float(gain if gain is not None else spec.def_gain)
+    clamp = float(clamp if clamp is not None else -1)
+    ok = act in ACT_IDS and x.numel() > 0 and 0 <= dim < x.ndim
+    if b is not None:
+        ok = ok and b.ndim == 1 and b.shape[0] == x.shape[dim] and b.dtype == x.dtype and b.device == x.device
+    if not ok:
+        return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+    if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+        return _BiasAct.apply(dense(x), None if b is None else b.contiguous(), ext, dim, act, alpha, gain, clamp)
+    return _kernel(ext, dense(x), b, None, _FWD, dim, act, alpha, gain, clamp)[0]  # no autograd needed

@@ -29,11 +29,12 @@ def _filter_padding(padding, f, up: int, down: int):
     return px0, px1, py0, py1
 
 
-# Convolve x [N, C, H, W] with w [O, C/groups, kh, kw], upsampling by `up` before and/or downsampling by `down`
-# after, with FIR filter f. The result equals: upfirdn2d(x, f, up, padding) -> conv -> upfirdn2d(f, down), with the
-# filter's own padding added so that a k x k convolution with padding k//2 maps H to H*up/down.
 def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] = None, up: int = 1, down: int = 1,
                     padding=0, groups: int = 1, flip_weight: bool = True, flip_filter: bool = False) -> torch.Tensor:
+    """Convolve x [N, C, H, W] with w [O, C/groups, kh, kw], upsampling by `up` before and/or downsampling by
+    `down` after, with FIR filter f. The result equals: upfirdn2d(x, f, up, padding) -> conv ->
+    upfirdn2d(f, down), with the filter's own padding added so that a k x k convolution with padding k//2 maps H
+    to H*up/down."""
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d_resample: expected 4-D x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     if up > 1 or down > 1:
@@ -84,10 +85,10 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] 
                                filter_padded=True)
 
 
-# The general (slow) order: upsample with padding, convolve, then filter and downsample. `filter_padded` means the
-# filter's own padding is already included in `padding`.
 def conv2d_resample_ref(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True, flip_filter=False,
                         filter_padded=False):
+    """The general (slow) order: upsample with padding, convolve, then filter and downsample. `filter_padded`
+    means the filter's own padding is already included in `padding`."""
     px0, px1, py0, py1 = _parse_padding(padding) if filter_padded else _filter_padding(padding, f, up, down)
     x = upfirdn2d(x, f if up > 1 else None, up=up, padding=[px0, px1, py0, py1], gain=up ** 2,
                   flip_filter=flip_filter)

@@ -7,11 +7,11 @@ _ZEROS = 0
 _ALIGN_CORNERS = False
 
 
-# Sample `input` [N, C, H, W] at `grid` [N, Ho, Wo, 2] (x, y in [-1, 1], pixel centres, zeros outside).
-# Second derivatives are supported for everything that flows through the input image, which is all that R1
-# through ADA needs (ADA's grid is built from random numbers and never requires grad). First-order gradients
-# w.r.t. the grid also work; a second derivative that involves the grid raises NotImplementedError.
 def grid_sample(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Sample `input` [N, C, H, W] at `grid` [N, Ho, Wo, 2] (x, y in [-1, 1], pixel centres, zeros outside).
+    Second derivatives are supported for everything that flows through the input image, which is all that R1
+    through ADA needs (ADA's grid is built from random numbers and never requires grad). First-order gradients
+    w.r.t. the grid also work; a second derivative that involves the grid raises NotImplementedError."""
     return _GridSample2d.apply(input, grid)
 
 

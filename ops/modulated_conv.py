@@ -7,12 +7,12 @@ from ops.conv2d_resample import conv2d_resample
 from ops.fma import fma
 
 
-# Convolve each sample with w'_{ijk} = s_i * w_{ijk} (eq. 1), demodulated by 1/sqrt(sum_{i,k} w'^2 + eps) (eq. 3),
-# plus optional noise. `fused_modconv` folds the batch into groups of one grouped convolution; otherwise the
-# styles scale the activations and demodulation scales the output, which gives the same result.
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, noise: Optional[torch.Tensor] = None,
                      up: int = 1, down: int = 1, padding: int = 0, resample_filter: Optional[torch.Tensor] = None,
                      demodulate: bool = True, flip_weight: bool = True, fused_modconv: bool = True) -> torch.Tensor:
+    """Convolve each sample with w'_{ijk} = s_i * w_{ijk} (eq. 1), demodulated by 1/sqrt(sum_{i,k} w'^2 + eps)
+    (eq. 3), plus optional noise. `fused_modconv` folds the batch into groups of one grouped convolution;
+    otherwise the styles scale the activations and demodulation scales the output, which gives the same result."""
     batch_size = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
     if styles.shape != (batch_size, in_channels):

@@ -1,11 +1,19 @@
-"""upfirdn2d: upsample by zero insertion, pad, FIR-filter and downsample an image batch, with a reference path."""
+"""upfirdn2d: upsample by zero insertion, pad, FIR-filter and downsample an image batch; reference and fused."""
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ops import _fused, dispatch
+
 Padding = Union[int, Sequence[int]]
+
+# Sources of the extension: the CPU-only build, and the CUDA build (its .cpp also holds the CPU kernel).
+SOURCES = {"cpu": ["upfirdn2d.cpp"], "cuda": ["upfirdn2d.cpp", "upfirdn2d.cu"]}
+
+# CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = per-output (the CUDA code path); tests set it.
+upfirdn2d_cpu_path = 0
 
 
 # Normalize `padding` to [px0, px1, py0, py1] (int: the same on every side; two values: x and y).
@@ -31,8 +39,8 @@ def _parse_scaling(s):
     return sx, sy
 
 
-# Filter size (width, height) of a 1-D (separable) or 2-D filter; None means the identity filter [1].
 def filter_size(f: Optional[torch.Tensor]):
+    """Filter size (width, height) of a 1-D (separable) or 2-D filter; None means the identity filter [1]."""
     if f is None:
         return 1, 1
     if f.ndim == 1:
@@ -40,9 +48,9 @@ def filter_size(f: Optional[torch.Tensor]):
     return f.shape[1], f.shape[0]
 
 
-# Build a filter tensor from taps: normalized to unit sum, optionally flipped, scaled by gain**(ndim/2); 1-D taps
-# become the 2-D outer product unless `separable` (default: separable only for 8 taps or more).
 def setup_filter(f=None, device=torch.device("cpu"), normalize=True, flip_filter=False, gain=1, separable=None):
+    """Build a filter tensor from taps: normalized to unit sum, optionally flipped, scaled by gain**(ndim/2); 1-D
+    taps become the 2-D outer product unless `separable` (default: separable only for 8 taps or more)."""
     if f is None:
         f = 1
     f = torch.as_tensor(f, dtype=torch.float32)
@@ -62,9 +70,9 @@ def setup_filter(f=None, device=torch.device("cpu"), normalize=True, flip_filter
     return f.to(device=device)
 
 
-# Pad/crop, filter and downsample; up/down are ints or (x, y); `f` true-convolves unless `flip_filter`.
 def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding: Padding = 0,
               flip_filter: bool = False, gain: float = 1, impl: Optional[str] = None) -> torch.Tensor:
+    """Pad/crop, filter and downsample; up/down are ints or (x, y); `f` true-convolves unless `flip_filter`."""
     if x.ndim != 4:
         raise ValueError(f"upfirdn2d: expected x of shape [N, C, H, W], got {tuple(x.shape)}")
     upx, upy = _parse_scaling(up)
@@ -78,15 +86,14 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
     if out_w < 1 or out_h < 1:
         raise ValueError(f"upfirdn2d: output would be empty for input {tuple(x.shape)}, filter {tuple(f.shape)}, "
                          f"up {up}, down {down}, padding {padding}")
-    from ops import dispatch
-    fused = dispatch.get_fused("upfirdn2d", x, impl)
+    fused = dispatch.get_fused("upfirdn2d", x, impl, load_fused)
     if fused is not None:
         return fused(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
     return upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
 
 
-# The reference path: zero insertion by reshape, pad (negative = crop), depthwise conv2d, strided slice.
 def upfirdn2d_ref(x, f, up, down, padding, flip_filter=False, gain=1):
+    """The reference path: zero insertion by reshape, pad (negative = crop), depthwise conv2d, strided slice."""
     (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
     n, c, h, w = x.shape
     if upx > 1 or upy > 1:
@@ -107,16 +114,16 @@ def upfirdn2d_ref(x, f, up, down, padding, flip_filter=False, gain=1):
     return x[:, :, ::downy, ::downx]
 
 
-# Filter without resampling; the padding keeps the size by default ("same" for odd and even taps alike).
 def filter2d(x, f, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    """Filter without resampling; the padding keeps the size by default ("same" for odd and even taps alike)."""
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = filter_size(f)
     p = [px0 + fw // 2, px1 + (fw - 1) // 2, py0 + fh // 2, py1 + (fh - 1) // 2]
     return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
 
 
-# Upsample by `up` with filter f; output size in*up (+ padding); gain up**2 keeps the mean brightness.
 def upsample2d(x, f, up=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    """Upsample by `up` with filter f; output size in*up (+ padding); gain up**2 keeps the mean brightness."""
     upx, upy = _parse_scaling(up)
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = filter_size(f)
@@ -124,10 +131,67 @@ def upsample2d(x, f, up=2, padding: Padding = 0, flip_filter=False, gain=1, impl
     return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
 
 
-# Downsample by `down` with filter f; output size in/down (+ padding).
 def downsample2d(x, f, down=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
+    """Downsample by `down` with filter f; output size in/down (+ padding)."""
     downx, downy = _parse_scaling(down)
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = filter_size(f)
     p = [px0 + (fw - downx + 1) // 2, px1 + (fw - downx) // 2, py0 + (fh - downy + 1) // 2, py1 + (fh - downy) // 2]
     return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+def load(device_type: str):
+    """The upfirdn2d extension for 'cpu' or 'cuda', built on first use; raises _build.BuildError saying why not."""
+    return _fused.extension("upfirdn2d", SOURCES, device_type)
+
+
+def load_fused(x):
+    """upfirdn2d_fused bound to the extension for x's device (ops.dispatch's loader); raises dispatch.Unavailable."""
+    return _fused.bind(load, upfirdn2d_fused, x)
+
+
+# One kernel call; a channels-last input gives a channels-last output, as with the reference.
+def _upfirdn2d_call(ext, x, f, up, down, padding, flip, gain):
+    (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
+    y = ext.upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip, gain,
+                      upfirdn2d_cpu_path if x.device.type == "cpu" else 0)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+# upfirdn2d in one kernel pass; the backward is the same op with up/down swapped, the filter flipped and the
+# padding mirrored, so it is differentiable to any order.
+class _UpFirDn2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, ext, up, down, padding, flip, gain):
+        y = _upfirdn2d_call(ext, x, f, up, down, padding, flip, gain)
+        ctx.save_for_backward(f)
+        ctx.args = (ext, up, down, padding, flip, gain, x.shape[2], x.shape[3])
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (f,) = ctx.saved_tensors
+        ext, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip, gain, h, w = ctx.args
+        fw, fh = filter_size(f)
+        oh, ow = gy.shape[2], gy.shape[3]
+        padding = (fw - 1 - px0, w * upx - ow * downx + px0 - upx + 1,
+                   fh - 1 - py0, h * upy - oh * downy + py0 - upy + 1)
+        args = ((downx, downy), (upx, upy), padding, not flip, gain)
+        if torch.is_grad_enabled():  # create_graph: keep the gradient differentiable
+            gx = _UpFirDn2d.apply(gy, f, ext, *args)
+        else:
+            gx = _upfirdn2d_call(ext, gy, f, *args)
+        return gx, None, None, None, None, None, None, None
+
+
+def upfirdn2d_fused(ext, x, f, up, down, padding, flip_filter=False, gain=1):
+    """upfirdn2d by the kernel of extension `ext`, with the reference signature after it (parsed up, down and
+    padding); a filter that needs a gradient goes to the reference."""
+    if (f.requires_grad and torch.is_grad_enabled()) or x.numel() == 0 or f.device != x.device:
+        return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
+    args = (tuple(up), tuple(down), tuple(padding), bool(flip_filter), float(gain))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _UpFirDn2d.apply(x, f, ext, *args)
+    return _upfirdn2d_call(ext, x, f, *args)  # nothing to differentiate: skip the autograd Function

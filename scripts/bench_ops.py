@@ -10,9 +10,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from check_ops import kernel_calls  # noqa: E402
-from ops import _build, _fused  # noqa: E402
+from ops import _build, fused_ops  # noqa: E402
 from ops.bias_act import bias_act  # noqa: E402
+from ops.fused_ops import kernel_calls  # noqa: E402
 from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
 
 # Peak DRAM bandwidth (bytes/s) of known GPUs, by a substring of the device name (checked in order); others get a
@@ -22,15 +22,17 @@ PEAK_BANDWIDTH = [("H200", 4.8e12, "H200 HBM3e"), ("H100 80GB HBM3", 3.35e12, "H
                   ("A100 80GB", 2.0e12, "A100 80GB")]
 
 
-# Feature maps at resolution `res` (StyleGAN2: min(cbase / res, 512); cbase 16384 at 256 px, 32768 at 1024 px).
 def channels(res: int, max_res: int) -> int:
+    """Feature maps at resolution `res` (StyleGAN2: min(cbase / res, 512); cbase 16384 at 256 px, 32768 at
+    1024 px)."""
     cbase = 16384 if max_res <= 256 else 32768
     return min(cbase // res, 512)
 
 
-# The op calls of one model: (label, shape, fn(x, impl, b), bias channels or 0) per distinct shape, per resolution
-# (G and D blocks); f is the [1,3,3,1] filter in the benchmark's dtype, b the case's bias (same dtype).
 def cases(max_res: int, batch: int, f, min_res: int):
+    """The op calls of one model: (label, shape, fn(x, impl, b), bias channels or 0) per distinct shape, per
+    resolution (G and D blocks); f is the [1,3,3,1] filter in the benchmark's dtype, b the case's bias (same
+    dtype)."""
     out = []
     res = max_res
     while res >= min_res:
@@ -60,9 +62,9 @@ def cases(max_res: int, batch: int, f, min_res: int):
     return out
 
 
-# Best wall time in ms of fn() over enough repeats (at least `min_reps`, about `budget` seconds): the minimum is
-# the least disturbed by other processes on a shared machine.
 def timeit(fn, device, budget=0.25, min_reps=3):
+    """Best wall time in ms of fn() over enough repeats (at least `min_reps`, about `budget` seconds): the
+    minimum is the least disturbed by other processes on a shared machine."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
@@ -76,9 +78,9 @@ def timeit(fn, device, budget=0.25, min_reps=3):
     return min(times) * 1e3
 
 
-# The device's peak memory bandwidth in bytes/s and where it came from: the known table, else the bandwidth of a
-# ~1 GiB device-to-device copy (read + write) as the practical peak; (None, why) on CPU.
 def peak_bandwidth(device):
+    """The device's peak memory bandwidth in bytes/s and where it came from: the known table, else the bandwidth
+    of a ~1 GiB device-to-device copy (read + write) as the practical peak; (None, why) on CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return None, "no peak on CPU"
@@ -93,20 +95,21 @@ def peak_bandwidth(device):
     return bw, f"{name}: measured 1 GiB device copy {bw / 1e12:.2f} TB/s (not in the table)"
 
 
-# Minimal DRAM traffic in bytes of one case (each tensor read or written once): bias_act forward reads x and the
-# bias and writes y, its backward reads gy and the saved tensor and writes gx and the bias gradient; upfirdn2d
-# reads its input and writes its output, forward and backward alike.
 def traffic(op, n_in, n_out, nbias, elem):
+    """Minimal DRAM traffic in bytes of one case (each tensor read or written once): bias_act forward reads x and
+    the bias and writes y, its backward reads gy and the saved tensor and writes gx and the bias gradient;
+    upfirdn2d reads its input and writes its output, forward and backward alike."""
     if op == "bias_act":
         fwd = (2 * n_in + nbias) * elem
         return fwd, fwd + (3 * n_in + nbias) * elem
     return (n_in + n_out) * elem, 2 * (n_in + n_out) * elem
 
 
-# Time one case (fwd with no grad, and fwd+bwd with x and the bias requiring grad) for 'ref' and 'fused'. impl='fused'
-# raises when the kernel is unavailable; a probe also checks that the kernel really ran forward and backward, so a
-# silent fall-back to the reference is refused instead of timed. Returns the row fields or raises RuntimeError.
 def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
+    """Time one case (fwd with no grad, and fwd+bwd with x and the bias requiring grad) for 'ref' and 'fused'.
+    impl='fused' raises when the kernel is unavailable; a probe also checks that the kernel really ran forward
+    and backward, so a silent fall-back to the reference is refused instead of timed. Returns the row fields or
+    raises RuntimeError."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device, dtype=dtype)
     b = torch.randn(nbias, generator=g, device=device, dtype=dtype) if nbias else None
@@ -137,27 +140,27 @@ def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
     return row
 
 
-# Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor of a
-# case, bias and filter included) within `budget_s` seconds (the rest is marked skipped). Rows: device, dtype,
-# case, op, shape, ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
-# bytes_fwd_bwd, gbps_fwd and gbps_fwd_bwd (fused), gbps_ref_fwd, gbps_ref_fwd_bwd, pct_peak_fwd and
-# pct_peak_fwd_bwd (fused, CUDA only), peak_gbps, peak_source, skipped (None or the reason), ok (True: timed;
-# False: the fused op is unavailable or fell back to the reference; None: out of time or memory).
 def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_s: float = 600.0, min_res: int = 8,
               rep_budget: float = None) -> list:
+    """Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor
+    of a case, bias and filter included) within `budget_s` seconds (the rest is marked skipped). Rows: device,
+    dtype, case, op, shape, ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
+    bytes_fwd_bwd, gbps_fwd and gbps_fwd_bwd (fused), gbps_ref_fwd, gbps_ref_fwd_bwd, pct_peak_fwd and
+    pct_peak_fwd_bwd (fused, CUDA only), peak_gbps, peak_source, skipped (None or the reason), ok (True: timed;
+    False: the fused op is unavailable or fell back to the reference; None: out of time or memory)."""
     device = torch.device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     cpu = device.type == "cpu"
     resolutions = resolutions or ([256] if cpu else [256, 1024])
     batch = batch or (2 if cpu else 8)
     deadline = time.perf_counter() + budget_s
-    _fused.load_all(device.type)  # build both ops at once if not cached (part of the budget)
+    fused_ops.load_all(device.type)  # build both ops at once if not cached (part of the budget)
     f = setup_filter([1, 3, 3, 1], device=device).to(dtype)
     todo = [(max_res, c) for max_res in resolutions for c in cases(max_res, batch, f, min_res)]
     if rep_budget is None:  # seconds per timing loop: 0.25 on CPU, 0.1 on CUDA, less when the budget is short
         rep_budget = min(0.25 if cpu else 0.1, budget_s / (8 * max(len(todo), 1)))
     peak, peak_source = peak_bandwidth(device)
-    why_not = {op: _fused.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+    why_not = {op: fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
                for op in ("bias_act", "upfirdn2d")}
     rows = []
     for _, (label, shape, fn, nbias) in todo:
@@ -196,14 +199,14 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     return rows
 
 
-# Whether a skipped row means the fused op could not be timed (unavailable, fell back, kernel error), not that time
-# or memory ran out.
 def is_failure(row):
+    """Whether a skipped row means the fused op could not be timed (unavailable, fell back, kernel error), not
+    that time or memory ran out."""
     return row["skipped"] is not None and not row["skipped"].startswith(("time budget", "out of memory"))
 
 
-# Print rows as a table (ms, ratio = ref / fused, fused GB/s and, on CUDA, % of peak) with per-model totals.
 def print_table(rows):
+    """Print rows as a table (ms, ratio = ref / fused, fused GB/s and, on CUDA, % of peak) with per-model totals."""
     cuda = any(r["pct_peak_fwd"] is not None for r in rows)
     pk = f" {'%pk':>5s} {'%pk':>5s}" if cuda else ""
     head = (f"{'case':40s} {'shape':>19s} | {'fwd ref':>8s} {'fused':>8s} {'ratio':>6s} | {'f+b ref':>8s} "
@@ -233,6 +236,7 @@ def print_table(rows):
 
 
 def main(argv=None):
+    """Time and print every case (the command line); 0 when every fused op could be timed."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--res", type=int, nargs="+", default=None,

@@ -2,36 +2,30 @@
 import argparse
 import collections
 import copy
-import dataclasses
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from networks.discriminator import Discriminator  # noqa: E402
-from networks.generator import Generator  # noqa: E402
-from ops import dispatch  # noqa: E402
-from training.config import ModelConfig, TrainConfig  # noqa: E402
-from training.loop import check_batch, make_phases, update_ema  # noqa: E402
-from training.loss import StyleGAN2Loss  # noqa: E402
-from networks.factory import apply_auto, build_networks  # noqa: E402
-from training.schedule import stage_reals  # noqa: E402
+from networks.discriminator import Discriminator
+from networks.factory import build_networks
+from networks.generator import Generator
+from ops import dispatch
+from training.config import CONF_DIR, Config, ModelConfig, TrainConfig, apply_auto
+from training.loss import StyleGAN2Loss
+from training.phases import check_batch, make_phases, update_ema
+from training.schedule import stage_reals
 
 
 # The model and train settings of conf/model/<name>.yaml over the schema defaults ('auto' rules applied at `res`).
 def load_preset(name, res):
-    with open(os.path.join(ROOT, "conf", "model", f"{name}.yaml")) as f:
+    with open(CONF_DIR / "model" / f"{name}.yaml") as f:
         preset = yaml.safe_load(f) or {}
-    cfg = {"model": {**dataclasses.asdict(ModelConfig()), **(preset.get("model") or {})},
-           "train": {**dataclasses.asdict(TrainConfig()), **(preset.get("train") or {})}}
-    apply_auto(cfg, res, 1)
-    return cfg["model"], cfg["train"]
+    cfg = Config(model=ModelConfig(**(preset.get("model") or {})), train=TrainConfig(**(preset.get("train") or {})))
+    cfg = apply_auto(cfg, res, 1)
+    return cfg.model, cfg.train
 
 
 # G, D and G_ema from the factory (same seed for both pairs); `grow` rebuilds a non-skip G or D with the
@@ -39,11 +33,11 @@ def load_preset(name, res):
 def networks(m, res, grow, device):
     torch.manual_seed(0)
     G, D, _ = build_networks(m, res, 3, 0)
-    if grow and m["g_arch"] != "skip":
+    if grow and m.g_arch != "skip":
         kwargs = copy.deepcopy(G.init_kwargs)
         kwargs["synthesis_kwargs"]["grow"] = True
         G = Generator(**kwargs)
-    if grow and m["d_arch"] != "skip":
+    if grow and m.d_arch != "skip":
         D = Discriminator(**D.init_kwargs, grow=True)
     G, D = G.train().requires_grad_(False).to(device), D.train().requires_grad_(False).to(device)
     return G, D, copy.deepcopy(G).eval()
@@ -66,10 +60,10 @@ def timed(fn, device):
 # period of the intervals, so that weighting the kinds' times amortizes the lazy regularizers as training does.
 def trainer(nets, t, batch, device):
     G, D, G_ema = nets
-    loss = StyleGAN2Loss(G, D, r1_gamma=t["r1_gamma"], style_mixing_prob=t["style_mixing_prob"],
-                         pl_weight=t["pl_weight"], pl_batch_shrink=t["pl_batch_shrink"], pl_decay=t["pl_decay"],
-                         loss_type=t["loss"], wgan_lambda=t["wgan_lambda"], wgan_drift=t["wgan_drift"])
-    phases = make_phases(G, D, t, use_pl=t["pl_weight"] != 0, use_r1=loss.has_d_reg)
+    loss = StyleGAN2Loss(G, D, r1_gamma=t.r1_gamma, style_mixing_prob=t.style_mixing_prob,
+                         pl_weight=t.pl_weight, pl_batch_shrink=t.pl_batch_shrink, pl_decay=t.pl_decay,
+                         loss_type=t.loss, wgan_lambda=t.wgan_lambda, wgan_drift=t.wgan_drift)
+    phases = make_phases(G, D, t, use_pl=t.pl_weight != 0, use_r1=loss.has_d_reg)
     period = math.lcm(*(ph.interval for ph in phases))
     kinds = collections.Counter(tuple(i % ph.interval == 0 for ph in phases) for i in range(period))
     reals = torch.rand([batch, 3, G.img_resolution, G.img_resolution], device=device) * 2 - 1
@@ -91,7 +85,7 @@ def trainer(nets, t, batch, device):
             ph.module.requires_grad_(False)
             ph.opt.step()
         nimg[0] += batch
-        update_ema(G_ema, G, nimg[0], batch, t["ema_kimg"], t["ema_rampup"])
+        update_ema(G_ema, G, nimg[0], batch, t.ema_kimg, t.ema_rampup)
 
     return step, {due: n / period for due, n in kinds.items()}
 
@@ -111,7 +105,7 @@ def main():
     torch.set_num_threads(args.threads)
     dispatch.set_default_impl(args.impl)
     m, t = load_preset(args.model, args.res)
-    check_batch(args.batch, None, 1, m["mbstd_group"])
+    check_batch(args.batch, None, 1, m.mbstd_group)
     stages = [args.start_res * 2 ** i for i in range(int(math.log2(args.res // args.start_res)) + 1)]
     if stages[-1] != args.res:
         raise SystemExit(f"--start-res {args.start_res} must be a power of two <= --res {args.res}")
@@ -133,9 +127,9 @@ def main():
                     times[i, due].append(dt)
     sec = [sum(w * statistics.median(times[i, due]) for due, w in kinds.items()) for i in range(len(rows))]
 
-    print(f"Training step per stage, model={args.model} ({m['g_arch']} G, {m['d_arch']} D, cbase "
-          f"{m['channel_base']}, cmax {m['channel_max']}), {args.res} px, pl every {t['pl_interval']} "
-          f"(weight {t['pl_weight']:g}), R1 every {t['r1_interval']}, device={device}, "
+    print(f"Training step per stage, model={args.model} ({m.g_arch} G, {m.d_arch} D, cbase "
+          f"{m.channel_base}, cmax {m.channel_max}), {args.res} px, pl every {t.pl_interval} "
+          f"(weight {t.pl_weight:g}), R1 every {t.r1_interval}, device={device}, "
           f"threads={torch.get_num_threads()}, ops={args.impl}, {args.steps} timed minibatches per kind")
     print(f"{'stage px':<12}{'alpha':>7}{'batch':>7}{'sec/kimg':>11}{'x full':>9}")
     for (name, alpha, _, _), s in zip(rows, sec):

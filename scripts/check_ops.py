@@ -14,8 +14,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling scripts (bench_ops)
 
-from ops import _build, _fused, dispatch  # noqa: E402
+import bench_ops  # noqa: E402
+from ops import _build, dispatch, fused_ops  # noqa: E402
 from ops.bias_act import activation_funcs, bias_act  # noqa: E402
+from ops.fused_ops import kernel_calls  # noqa: E402
 from ops.upfirdn2d import setup_filter, upfirdn2d  # noqa: E402
 from training.data.augment_ops import SYM6  # noqa: E402
 
@@ -42,28 +44,10 @@ LARGE_SHAPE = (3718, 64, 95, 95)
 INDEX_LIMIT = 2 ** 31  # the int32 boundary whose neighbours are compared (tests make it small)
 
 
-# Counts calls into the compiled function of `op` while active, by wrapping the attribute of the loaded extension
-# module (restored on exit): proves that impl='fused' really ran the kernel and did not fall back to the reference.
-@contextlib.contextmanager
-def kernel_calls(op: str, device_type: str):
-    ext = _fused.load(op, device_type)  # raises _build.BuildError when it cannot build
-    orig = getattr(ext, op)
-    calls = [0]
-
-    def counted(*args):
-        calls[0] += 1
-        return orig(*args)
-    setattr(ext, op, counted)
-    try:
-        yield calls
-    finally:
-        setattr(ext, op, orig)
-
-
-# Max over elements of |out - truth| / (eps * max(|scale|, FLOOR * rms(scale))), in eps units (inf for NaN). The
-# floor: entries far below the tensor's typical size come from cancellation (x + b ~ 0, 1 - tanh^2, taps of both
-# signs), where only an absolute accuracy relative to the typical magnitude is meaningful.
 def ulp_error(out, truth, scale, dtype) -> float:
+    """Max over elements of |out - truth| / (eps * max(|scale|, FLOOR * rms(scale))), in eps units (inf for NaN).
+    The floor: entries far below the tensor's typical size come from cancellation (x + b ~ 0, 1 - tanh^2, taps of
+    both signs), where only an absolute accuracy relative to the typical magnitude is meaningful."""
     if truth.numel() == 0:
         return 0.0
     s = scale.double().abs()
@@ -72,15 +56,16 @@ def ulp_error(out, truth, scale, dtype) -> float:
     return math.inf if math.isnan(e) else e / torch.finfo(dtype).eps
 
 
-# The rule: ok when err(fused) <= max(K_REF * err(ref), ULPS). Why: the reference path in the same dtype shows the
-# accuracy that PyTorch itself reaches for this op and data (several roundings in half precision, cancellation in
-# some derivative formulas), and the fused kernel (math in float, one rounding) must be no worse than a small
-# multiple of it; ULPS eps units of the magnitude is the floor every correct kernel meets (a one-ulp difference
-# in float16 at |y| ~ 100 is 0.0625 absolute but under 1 eps unit), while a wrong tap, index or derivative is
-# off by O(1) relative, i.e. 10^3 (bfloat16) to 10^15 (float64) eps units. For float64 the reference would be
-# the truth itself, so its error is taken from a float32 run on the same (float32-representable) inputs, in
-# float32 eps units: rounding errors scale with the unit roundoff, with the same constants for the same formulas.
 def compare(fused, ref, truth, scale, dtype, ref_dtype=None) -> dict:
+    """The rule: ok when err(fused) <= max(K_REF * err(ref), ULPS). Why: the reference path in the same dtype
+    shows the accuracy that PyTorch itself reaches for this op and data (several roundings in half precision,
+    cancellation in some derivative formulas), and the fused kernel (math in float, one rounding) must be no
+    worse than a small multiple of it; ULPS eps units of the magnitude is the floor every correct kernel meets (a
+    one-ulp difference in float16 at |y| ~ 100 is 0.0625 absolute but under 1 eps unit), while a wrong tap, index
+    or derivative is off by O(1) relative, i.e. 10^3 (bfloat16) to 10^15 (float64) eps units. For float64 the
+    reference would be the truth itself, so its error is taken from a float32 run on the same
+    (float32-representable) inputs, in float32 eps units: rounding errors scale with the unit roundoff, with the
+    same constants for the same formulas."""
     err = ulp_error(fused, truth, scale, dtype)
     err_ref = ulp_error(ref, truth, scale, ref_dtype or dtype) if ref is not None else 0.0
     tol = max(K_REF * err_ref, ULPS.get(dtype, 8.0))
@@ -115,10 +100,11 @@ def _fir_case(name, filt, kw, shape=(2, 3, 24, 22)):
     return Case("upfirdn2d", name, shape, make)
 
 
-# Every activation (with its default gain and clamp 1), a large-magnitude case, no bias, dim 0; and upfirdn2d with
-# up 2, down 2, up/down with a 2-D filter, padding and crop, flip, gain, the [1,3,3,1] filter and ADA's 12-tap sym6
-# (1-D, i.e. separable, as ADA uses it: upsample2d, then down 2 with the flipped filter; and as a 12x12 2-D filter).
 def parity_cases():
+    """Every activation (with its default gain and clamp 1), a large-magnitude case, no bias, dim 0; and
+    upfirdn2d with up 2, down 2, up/down with a 2-D filter, padding and crop, flip, gain, the [1,3,3,1] filter
+    and ADA's 12-tap sym6 (1-D, i.e. separable, as ADA uses it: upsample2d, then down 2 with the flipped filter;
+    and as a 12x12 2-D filter)."""
     cases = [_bias_case(f"{a} clamp=1", dict(act=a, clamp=1.0)) for a in activation_funcs]
     cases += [_bias_case("lrelu alpha=0.3 gain=2 x*64 (|y|~100)", dict(act="lrelu", alpha=0.3, gain=2.0), x_scale=64),
               _bias_case("swish gain=0.7 no bias", dict(act="swish", gain=0.7), bias=False),
@@ -141,9 +127,10 @@ def parity_cases():
     return cases + [_fir_case(name, f, kw) for name, f, kw in fir]
 
 
-# t with the same values in another memory layout: a channels-last copy, every other element of a twice-as-wide
-# buffer (strided), or a view with the last two dims swapped from a contiguous buffer (transposed).
 def with_layout(t, layout):
+    """t with the same values in another memory layout: a channels-last copy, every other element of a
+    twice-as-wide buffer (strided), or a view with the last two dims swapped from a contiguous buffer
+    (transposed)."""
     if t is None or layout == "contiguous":
         return t if t is None else t.contiguous()
     if layout == "channels_last":
@@ -162,10 +149,10 @@ def _sum_except(t, dim):
     return t.sum(dim=[i for i in range(t.ndim) if i != dim])
 
 
-# Forward; first derivatives by a plain backward (as in training); and with create_graph (as R1 and path length
-# need) the first derivatives again plus the gradient of (dx . v) w.r.t. x, the bias and gy. Returns
-# {order: {name: tensor}} and, when `calls` counts kernel calls, how many ran in each phase.
 def derivatives(fn, x, b, gy, v, calls=None):
+    """Forward; first derivatives by a plain backward (as in training); and with create_graph (as R1 and path
+    length need) the first derivatives again plus the gradient of (dx . v) w.r.t. x, the bias and gy. Returns
+    {order: {name: tensor}} and, when `calls` counts kernel calls, how many ran in each phase."""
     leaf = lambda t: None if t is None else t.detach().requires_grad_(True)  # noqa: E731
     count = {}
 
@@ -231,15 +218,16 @@ def _row(device, case_op, case_name, dtype, layout, order, **kw):
                  "ref_dtype": None, "max_abs": None, "skipped": None, "detail": ""}, **kw)
 
 
-# Fused vs float64 truth for every case, dtype, layout and derivative order on `device` within `budget_s` seconds
-# (a first build included; the rest is marked skipped). Rows: device, op, case, dtype, layout, order ('fwd'|'grad'|
-# 'grad2'), err, err_ref, tol (eps units), ref_dtype, ok, wrt (worst tensor), max_abs, skipped (None|why), detail.
 def run_parity(device, dtypes=None, budget_s: float = 600.0, ops=None, layouts=LAYOUTS) -> list:
+    """Fused vs float64 truth for every case, dtype, layout and derivative order on `device` within `budget_s`
+    seconds (a first build included; the rest is marked skipped). Rows: device, op, case, dtype, layout, order
+    ('fwd'|'grad'|'grad2'), err, err_ref, tol (eps units), ref_dtype, ok, wrt (worst tensor), max_abs, skipped
+    (None|why), detail."""
     device = torch.device(device)
     dtypes = dtypes or DEFAULT_DTYPES.get(device.type, [torch.float32])
     dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]  # names accepted too
     deadline = time.perf_counter() + budget_s
-    _fused.load_all(device.type)  # build both ops at once (in parallel) if not cached; failures show in the rows
+    fused_ops.load_all(device.type)  # build both ops at once (in parallel) if not cached; failures show in the rows
     rows = []
     cases = [c for c in parity_cases() if ops is None or c.op in ops]
     threads = torch.get_num_threads()
@@ -257,10 +245,10 @@ def run_parity(device, dtypes=None, budget_s: float = 600.0, ops=None, layouts=L
 def _parity_dtype(device, dtype, cases, layouts, deadline, budget_s):
     rows, usable = [], {}
     for op in dict.fromkeys(c.op for c in cases):
-        why = _fused.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         usable[op] = why is None
         if why is not None:  # unsupported dtype: skipped; supported but not built: a failure
-            supported = dtype in _fused.SUPPORTED_DTYPES.get(device.type, ())
+            supported = dtype in fused_ops.SUPPORTED_DTYPES.get(device.type, ())
             rows.append(_row(device, op, "(all)", dtype, "(all)", "(all)", ok=False if supported else None,
                              skipped=None if supported else why, detail=why))
     for ci, case in enumerate(cases):
@@ -318,11 +306,11 @@ def _boundary_planes(plane, planes):
     return sorted(idx)
 
 
-# Fused ops on a tensor of more than 2^31 elements (LARGE_SHAPE, float16 on CUDA): bias_act forward and gradients
-# (x and bias) and upfirdn2d up 2 (output > 2^33 elements) and down 2, compared at the first and last planes and
-# those around each multiple of 2^31 with the reference run on those planes only. Rows as run_parity's, plus numel.
-# On CPU it is skipped (float32: about 48 GiB of memory) unless `force`.
 def check_large_tensor(device, budget_s: float = 300.0, force: bool = False) -> list:
+    """Fused ops on a tensor of more than 2^31 elements (LARGE_SHAPE, float16 on CUDA): bias_act forward and
+    gradients (x and bias) and upfirdn2d up 2 (output > 2^33 elements) and down 2, compared at the first and last
+    planes and those around each multiple of 2^31 with the reference run on those planes only. Rows as
+    run_parity's, plus numel. On CPU it is skipped (float32: about 48 GiB of memory) unless `force`."""
     device = torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     s = list(LARGE_SHAPE)
@@ -335,7 +323,7 @@ def check_large_tensor(device, budget_s: float = 300.0, force: bool = False) -> 
     if why:
         return rows
     deadline = time.perf_counter() + budget_s
-    _fused.load_all(device.type)
+    fused_ops.load_all(device.type)
     try:
         _large_checks(device, dtype, rows, deadline, budget_s)
     except Exception as e:  # noqa: BLE001 - out of memory: skipped; a kernel or build error: that row failed
@@ -416,8 +404,9 @@ def _large_checks(device, dtype, rows, deadline, budget_s):
             torch.cuda.empty_cache()
 
 
-# A readable summary of parity rows: the worst row per (op, dtype, order), every failure, and what was skipped.
 def print_parity(rows, verbose=False):
+    """A readable summary of parity rows: the worst row per (op, dtype, order), every failure, and what was
+    skipped."""
     fmt = lambda v: "-" if v is None else (f"{v:.2f}" if v < 1e4 else f"{v:.1e}")  # noqa: E731
     line = "{:4s} {:9s} {:8s} {:5s} {:>5s} {:>4s} | {:>9s} {:>9s} {:>7s} | {}"
     groups, reasons = {}, {}
@@ -441,7 +430,7 @@ def print_parity(rows, verbose=False):
 
 
 def main(argv=None):
-    import bench_ops  # its short benchmark (bench_ops imports this module: not at the top)
+    """Build every fused op, check parity (and > 2^31 elements) and time them per device; 0 when all passed."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cuda-build", action="store_true",
                         help="also compile the CUDA extensions when no GPU is present (compile check only)")
@@ -459,7 +448,7 @@ def main(argv=None):
     built = {}  # build (both ops of a device in parallel)
     for dev in devices + ([] if torch.cuda.is_available() or not args.cuda_build else [torch.device("cuda")]):
         t0 = time.time()
-        for op, result in _fused.load_all(dev.type).items():  # the ops of a device build in parallel
+        for op, result in fused_ops.load_all(dev.type).items():  # the ops of a device build in parallel
             built[op, dev.type] = not isinstance(result, Exception)
             if built[op, dev.type]:
                 print(f"[build] {op:9s} {dev.type:4s}: built/loaded ({time.time() - t0:.1f} s for all ops)")

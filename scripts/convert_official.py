@@ -1,15 +1,29 @@
 """Convert an official StyleGAN2-ADA / StyleGAN3 (StyleGAN2 networks) pickle into a ganforge snapshot, safely."""
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.io import official  # noqa: E402
+from training.io.checkpoint import save_snapshot  # noqa: E402
 
 
-# Command-line entry point: returns 0 on success, 1 (with a one-line reason on stderr) on a refused/invalid file.
+def convert(in_pkl, out_path) -> dict:
+    """Convert an official pickle into a ganforge snapshot at `out_path` (training.io.checkpoint.save_snapshot).
+
+    Returns official.build_networks()'s result, so that callers can report the config and any renamed keys.
+    """
+    nets = official.build_networks(in_pkl)
+    # The snapshot stores the config as JSON: numpy arrays (e.g. in training_set_kwargs) become lists.
+    config = json.loads(json.dumps(nets['config'], default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+    save_snapshot(out_path, nets['G'], nets['D'], nets['G_ema'], config)
+    return nets
+
+
 def main(argv=None):
+    """Command-line entry point: 0 on success, 1 (with a one-line reason on stderr) on a refused or invalid file."""
     parser = argparse.ArgumentParser(description='Convert an official network-snapshot-*.pkl into a ganforge '
                                                  'snapshot (.safetensors) without executing anything in the pickle.')
     parser.add_argument('in_pkl', help='official network pickle (stylegan2-ada-pytorch or stylegan3 StyleGAN2)')
@@ -19,7 +33,7 @@ def main(argv=None):
         print(f'error: input pickle not found: {args.in_pkl}', file=sys.stderr)
         return 1
     try:
-        nets = official.convert(args.in_pkl, args.out)
+        nets = convert(args.in_pkl, args.out)
     except (official.UnsafePickleError, official.UnsupportedNetworkError, official.OfficialFormatError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import PIL.ImageOps
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.data.dataset import DatasetError, _FileSource  # noqa: E402
 from training.data.synthetic import SyntheticDataset  # noqa: E402
+from training.io.files import atomic_open  # noqa: E402
 
 # Resampling filters selectable with --filter.
 FILTERS = {"box": PIL.Image.Resampling.BOX, "lanczos": PIL.Image.Resampling.LANCZOS}
@@ -139,33 +140,32 @@ def file_items(src: _FileSource, args, classes: dict):
             yield label, None, f"warning: skipping unreadable {src.where(name)} ({type(e).__name__}: {e})"
 
 
-# Give a staged file or folder the permissions a normal create would (mkstemp/mkdtemp make them private).
+# Give the staged folder the permissions a normal mkdir would (mkdtemp makes it private).
 def _chmod_default(path: str, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, mode & ~umask)
 
 
-# Zip destination (stored, since PNGs are already compressed): staged in a temporary file, then renamed.
+# Zip destination (stored, since PNGs are already compressed): built in an atomic file (training.io.files), which
+# appears at `dest` complete, or not at all.
 class _ZipWriter:
     def __init__(self, dest: str):
-        self.dest = dest
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=os.path.dirname(os.path.abspath(dest)))
-        os.close(fd)
-        self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        self.out = atomic_open(dest)
+        self.zf = zipfile.ZipFile(self.out.file, "w", compression=zipfile.ZIP_STORED)
 
     def write(self, name: str, data: bytes):
         self.zf.writestr(name, data)
 
     def commit(self):
-        self.zf.close()
-        _chmod_default(self.tmp, 0o666)
-        os.replace(self.tmp, self.dest)
+        self.zf.close()  # (writes the central directory; the file itself stays open for the commit)
+        self.out.commit()
 
     def abort(self):
-        self.zf.close()
-        os.unlink(self.tmp)
+        try:
+            self.zf.close()
+        finally:
+            self.out.discard()
 
 
 # Folder destination: staged in a hidden sibling folder, renamed into place at the end.

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import bench_ops  # noqa: E402  (a sibling script: scripts/ is on sys.path when a script runs)
 import check_ops  # noqa: E402
-from ops import _build, _fused, dispatch  # noqa: E402
+from ops import _build, dispatch, fused_ops  # noqa: E402
 from training import dist  # noqa: E402
 from training.config import compose_config  # noqa: E402
 from training.probes import CountMinibatch, TimeMinibatches, run_with_probe  # noqa: E402
@@ -61,7 +61,7 @@ def check_env(device: torch.device) -> dict:
                    driver=_command_version(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     t0 = time.time()
     builds = {}
-    for op, result in _fused.load_all(device.type).items():
+    for op, result in fused_ops.load_all(device.type).items():
         builds[op] = "built" if not isinstance(result, Exception) else f"NOT BUILT: {result}"
     env["op_builds"] = builds
     env["op_build_s"] = round(time.time() - t0, 1)

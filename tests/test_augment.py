@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 from ops import upfirdn2d  # noqa: E402
 from ops.grid_sample_gradfix import grid_sample  # noqa: E402
 from training.data import augment_ops  # noqa: E402
-from training.data.augment import (AdaptiveP, AugConfig, AugmentPipe, make_adaptive_p, make_augment_pipe,  # noqa: E402
+from training.config import AugConfig  # noqa: E402
+from training.data.augment import (AdaptiveP, AugmentPipe, make_adaptive_p, make_augment_pipe,  # noqa: E402
                               presets)
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.loop import make_phases, update_ema
+from training.config import TrainConfig
+from training.phases import make_phases, update_ema
 from training.loss import StyleGAN2Loss
 from stubs import QuadraticD
 
@@ -104,9 +105,11 @@ def test_style_mixing_draws_a_second_latent():
 
 def test_lazy_regularization_compensation():
     G, D = nn.Linear(2, 2), nn.Linear(2, 2)
-    t = dict(glr=0.002, dlr=0.003, beta1=0.5, beta2=0.99, eps=1e-8, pl_interval=4, r1_interval=16)
+    t = TrainConfig(glr=0.002, dlr=0.003, beta1=0.5, beta2=0.99, eps=1e-8, pl_interval=4, r1_interval=16)
     phases = {p.name: p for p in make_phases(G, D, t, use_pl=True, use_r1=True)}
     assert set(phases) == {"Gmain", "Greg", "Dmain", "Dreg"}
+    assert [(p.network, p.owns_opt) for p in phases.values()] == [("G", True), ("G", False), ("D", True), ("D", False)]
+    assert phases["Gmain"].opt is phases["Greg"].opt and phases["Dmain"].opt is phases["Dreg"].opt
     assert phases["Greg"].interval == 4 and phases["Dreg"].interval == 16
     g = phases["Gmain"].opt.param_groups[0]
     d = phases["Dmain"].opt.param_groups[0]

@@ -7,9 +7,12 @@ import warnings
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
-from ops import _build, _fused, dispatch
+import ops.upfirdn2d as upfirdn2d_module
+from ops import _build, dispatch, fused_ops
 from ops.bias_act import activation_funcs, bias_act
+from ops.modulated_conv import modulated_conv2d
 from ops.upfirdn2d import setup_filter, upfirdn2d
 
 FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
@@ -21,7 +24,7 @@ FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
 def exts():
     saved = os.environ.pop(FORCE, None)
     dispatch.reset()
-    modules = _fused.load_all("cpu")
+    modules = fused_ops.load_all("cpu")
     for op, m in modules.items():
         assert not isinstance(m, Exception), f"building the CPU {op} extension failed: {m}"
     yield modules
@@ -37,7 +40,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    _fused.upfirdn2d_cpu_path = 0
+    upfirdn2d_module.upfirdn2d_cpu_path = 0
 
 
 # Forward output and gradients (w.r.t. every input that requires grad) of fn for a fixed random output gradient.
@@ -65,7 +68,7 @@ def _assert_parity(fn, inputs, atol, msg=""):
 # negative padding, flip and gain; for each CPU kernel (fastest, direct 2-D, and the per-output CUDA code path).
 @pytest.mark.parametrize("path", [0, 1, 2])
 def test_upfirdn2d_matches_reference_grid(exts, path):
-    _fused.upfirdn2d_cpu_path = path
+    upfirdn2d_module.upfirdn2d_cpu_path = path
     g = torch.Generator().manual_seed(1)
     filters = [torch.randn(n, generator=g, dtype=torch.float64) for n in range(1, 7)]
     filters += [torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64),
@@ -245,7 +248,6 @@ def test_inference_fast_path(exts):
 # the modulated convolution match the reference in values and in first- and second-order gradients (R1's path).
 @pytest.mark.parametrize("up,down", [(2, 1), (1, 2)])
 def test_modulated_conv_with_fused_kernels(exts, up, down):
-    from ops.modulated_conv import modulated_conv2d
     torch.manual_seed(6)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
@@ -343,7 +345,6 @@ def test_impl_validation_and_unsupported_dtype(exts):
 # A compiler error names the first error line and the build log (which holds the full output); the failure is
 # remembered for the process until reset, and ninja or nvcc missing is reported as such.
 def test_build_errors_name_their_cause(exts, tmp_path, monkeypatch):
-    from torch.utils import cpp_extension
     monkeypatch.setenv("GANFORGE_OPS_CACHE", str(tmp_path))
     bad = tmp_path / "bad_op.cpp"
     bad.write_text("int broken( { return deliberately_undefined; }\n")
@@ -401,7 +402,7 @@ def test_cuda_sources_compile_and_import(exts, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", home if os.path.isfile(os.path.join(home, "bin", "nvcc")) else "/usr/local/cuda")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     monkeypatch.setenv("MAX_JOBS", "1")
-    for op, module in _fused.load_all("cuda").items():
+    for op, module in fused_ops.load_all("cuda").items():
         assert not isinstance(module, Exception), f"building the CUDA {op} extension failed: {module}"
         assert module.has_cuda()
         assert os.path.basename(module.__file__).startswith(f"gf_{op}_cuda_")

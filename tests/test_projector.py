@@ -11,18 +11,19 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
+from torchvision.models.vgg import cfgs, make_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from networks.discriminator import Discriminator  # noqa: E402
 from networks.generator import Generator  # noqa: E402
+from scripts import generate, project as proj_script  # noqa: E402
 from training.eval import lpips as L  # noqa: E402
+from training.eval.projector import (FALLBACK_LABEL, compute_w_stats, latent_noise_scale, learning_rate,  # noqa: E402
+                                     lpips_input, noise_regularization, project, psnr, ssim)
 from training.io.checkpoint import save_snapshot  # noqa: E402
 from training.io.images import to_uint8  # noqa: E402
-from training.eval.projector import (FALLBACK_LABEL, compute_w_stats, const_noise_maps, latent_noise_scale,  # noqa: E402
-                                learning_rate, noise_layers, noise_regularization, project, psnr, ssim,
-                                synthesis_with_noise)
 
 Z = 32
 
@@ -30,64 +31,112 @@ Z = 32
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 
 
-# A small random G (z = w = 32, 2 mapping layers, 32 channels). ToRGB weights are scaled by 1/4 so that, like a
-# trained G, its images stay mostly inside [-1, 1]; otherwise uint8 targets are clipped and not reachable.
-def make_G(res=16, seed=0, noise_strength=0.0, arch="skip"):
+def make_G(res=16, seed=0, noise_strength=0.0, arch="skip", **synthesis_kwargs):
+    """A small random G (z = w = 32, 2 mapping layers, 32 channels). ToRGB weights are scaled by 1/4 so that, like a
+    trained G, its images stay mostly inside [-1, 1]; otherwise uint8 targets are clipped and not reachable."""
     torch.manual_seed(seed)
-    G = Generator(Z, 0, Z, res, 3, mapping_kwargs=dict(num_layers=2),
-                  synthesis_kwargs=dict(channel_base=512, channel_max=32, architecture=arch)).eval()
+    sn = synthesis_kwargs.get("sn", False)
+    G = Generator(Z, 0, Z, res, 3, mapping_kwargs=dict(num_layers=2, **(dict(sn=True) if sn else {})),
+                  synthesis_kwargs=dict(channel_base=512, channel_max=32, architecture=arch,
+                                        **synthesis_kwargs)).eval()
     for name, m in G.named_modules():
         if name.endswith("torgb"):
             m.weight.data *= 0.25
-    for _, layer in noise_layers(G):
+    for _, layer in G.synthesis.noise_layers():
         layer.noise_strength.data.fill_(noise_strength)
     return G.requires_grad_(False)
 
 
-# uint8 [N, 3, H, W] images of G at ws (constant noise).
 def render(G, ws):
+    """uint8 [N, 3, H, W] images of G at ws (constant noise)."""
     return torch.from_numpy(to_uint8(G.synthesis(ws, noise_mode="const")).transpose(0, 3, 1, 2).copy())
 
 
-# ws [N, num_ws, w_dim] halfway between w_avg and mapped z (close to w_avg, where real images project).
 def known_ws(G, w_avg, n, seed):
+    """ws [N, num_ws, w_dim] halfway between w_avg and mapped z (close to w_avg, where real images project)."""
     z = torch.from_numpy(np.random.RandomState(seed).randn(n, Z)).float()
     w = G.mapping(z, torch.zeros(n, 0))
     return w_avg + 0.5 * (w - w_avg)
 
 
-# With G's constant noise as per-sample maps, the explicit-noise walk equals G.synthesis(noise_mode='const'),
-# for all three architectures; and a noise map only changes its own sample.
-@pytest.mark.parametrize("arch", ["skip", "resnet", "orig"])
-def test_synthesis_with_noise_matches_const(arch):
-    G = make_G(arch=arch, noise_strength=0.3)
-    ws = G.mapping(torch.randn(3, Z), torch.zeros(3, 0))
-    ref = G.synthesis(ws, noise_mode="const")
-    for fused in (None, False):
-        out = synthesis_with_noise(G, ws, const_noise_maps(G, 3), fused_modconv=fused)
-        assert (out - ref).abs().max() <= 1e-6
-    maps = {k: v.clone() for k, v in const_noise_maps(G, 3).items()}
-    maps["b16.conv1"][1] = torch.randn(1, 16, 16)
-    out = synthesis_with_noise(G, ws, maps)
-    assert (out[[0, 2]] - ref[[0, 2]]).abs().max() <= 1e-6
-    assert (out[1] - ref[1]).abs().max() > 1e-3
+class RecordingLoss:
+    """LPIPS's stand-in for the projector tests: records every image it is given (the targets first, then each step's
+    rendering) and compares them by mean squared difference."""
+
+    def __init__(self):
+        self.seen = []
+
+    def features(self, img):
+        """Record img; its features are the image itself."""
+        self.seen.append(img.detach().clone())
+        return img
+
+    def distance(self, a, b):
+        """Mean squared difference per sample [N]."""
+        return (a - b).square().mean(dim=[1, 2, 3])
 
 
-# The explicit-noise walk runs G's self-attention blocks too (model.attention_g), with an open gate.
-def test_synthesis_with_noise_runs_attention():
-    torch.manual_seed(0)
-    G = Generator(Z, 0, Z, 16, 3, mapping_kwargs=dict(num_layers=2),
-                  synthesis_kwargs=dict(channel_base=512, channel_max=32, attention=[8])).eval()
-    G.synthesis.b8.attn.gamma.data.fill_(0.5)
-    ws = G.mapping(torch.randn(2, Z), torch.zeros(2, 0))
-    ref = G.synthesis(ws, noise_mode="const")
-    out = synthesis_with_noise(G, ws, const_noise_maps(G, 2))
-    assert (out - ref).abs().max() <= 1e-6
+def first_step_inputs(G, n, seed, w_stats):
+    """The ws [N, num_ws, w_dim] and noise maps {name: [N, 1, res, res]} that project() renders at its first step, drawn
+    as it draws them: per target, a torch.Generator seeded by seed + index gives first the initial noise maps (layer by
+    layer) and then the step's latent noise (W mode: one w, broadcast to all layers)."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    noise = {name: torch.stack([torch.randn([1, layer.resolution, layer.resolution], generator=g) for g in gens])
+             for name, layer in G.synthesis.noise_layers()}
+    w_avg, w_std = w_stats
+    w_opt = w_avg.reshape(1, 1, -1).repeat(n, 1, 1)
+    w_noise = torch.stack([torch.randn(w_opt.shape[1:], generator=g) for g in gens]) * latent_noise_scale(0, w_std)
+    return (w_opt + w_noise).expand(n, G.num_ws, -1), noise
 
 
-# The published schedule: lr ramps up linearly over 5%, down by a cosine over the last 25%; latent noise fades
-# quadratically to zero at 75%.
+@pytest.mark.parametrize("arch,extra", [("skip", {}), ("resnet", {}), ("orig", {}), ("skip", dict(attention=[8])),
+                                        ("resnet", dict(sn=True, attention=[8]))])
+def test_projector_renders_g_synthesis(arch, extra):
+    """The image the projector optimizes is G.synthesis(ws, noise=maps) for its ws and per-sample noise maps,
+    exactly, for every architecture, with self-attention (open gate) and with spectral norm (model.sn=g: SN mapping
+    and synthesis). Before the projector called G.synthesis, its own copy of the walk used the raw conv weights W
+    instead of W / sigma(W), which demodulation almost cancels: the SN case differed by about 1e-6."""
+    G = make_G(arch=arch, noise_strength=0.3, **extra)
+    if "attention" in extra:
+        G.synthesis.b8.attn.gamma.data.fill_(0.5)
+    stats = compute_w_stats(G, 500)
+    targets = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    rec = RecordingLoss()
+    project(G, targets, num_steps=1, loss="lpips", perceptual=rec, w_stats=stats, seed=4)
+    assert len(rec.seen) == 2  # the targets, then the one step's rendering
+    ws, noise = first_step_inputs(G, 2, 4, stats)
+    with torch.no_grad():
+        img = G.synthesis(ws, noise=noise, noise_mode="none", fused_modconv=False)
+    assert torch.equal(rec.seen[1], lpips_input((img + 1) * 127.5))
+
+
+def test_projector_noise_maps_get_gradients_through_g_synthesis():
+    """The projector's noise maps are the tensors G.synthesis gets as `noise` (every noise layer, one map per target),
+    and they receive gradients through it: after the last step a layer's map has a nonzero gradient exactly when the
+    layer's noise_strength is nonzero."""
+    G = make_G(noise_strength=0.5)
+    G.synthesis.b8.conv0.noise_strength.data.zero_()
+    calls = []
+    hook = G.synthesis.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["noise"]),
+                                                 with_kwargs=True)
+    try:
+        r = project(G, torch.zeros(2, 3, 16, 16, dtype=torch.uint8), num_steps=3, loss="fallback",
+                    w_stats=compute_w_stats(G, 500), regularize_noise_weight=0)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and all(noise is calls[0] for noise in calls)
+    names = [name for name, _ in G.synthesis.noise_layers()]
+    assert list(calls[0]) == names == list(r["noise"])
+    for name, layer in G.synthesis.noise_layers():
+        v = calls[0][name]
+        assert v.shape == (2, 1, layer.resolution, layer.resolution) and v.is_leaf and v.requires_grad
+        assert torch.equal(v.detach(), r["noise"][name])
+        assert (v.grad.abs().sum() > 0) == (name != "b8.conv0"), name
+
+
 def test_schedule():
+    """The published schedule: lr ramps up linearly over 5%, down by a cosine over the last 25%; latent noise fades
+    quadratically to zero at 75%."""
     assert learning_rate(0.0) == 0
     assert learning_rate(0.025) == pytest.approx(0.05)
     assert learning_rate(0.5) == pytest.approx(0.1)
@@ -98,11 +147,11 @@ def test_schedule():
     assert latent_noise_scale(0.8, 2.0) == 0
 
 
-# An image generated from a known w (W mode) is projected back. Threshold: the w_avg image reaches 24-28 dB on
-# these targets and 8-bit quantization caps an exact match near 59 dB (80 steps reach 57-59 dB); we ask for
-# 40 dB and 15 dB above w_avg's image, i.e. the optimization found the target rather than a blur of it, and for
-# a w 4x closer to the true one than w_avg is (80 steps give 20-50x).
 def test_project_recovers_known_w():
+    """An image generated from a known w (W mode) is projected back. Threshold: the w_avg image reaches 24-28 dB on
+    these targets and 8-bit quantization caps an exact match near 59 dB (80 steps reach 57-59 dB); we ask for 40 dB and
+    15 dB above w_avg's image, i.e. the optimization found the target rather than a blur of it, and for a w 4x closer to
+    the true one than w_avg is (80 steps give 20-50x)."""
     G = make_G()
     w_avg, w_std = stats = compute_w_stats(G, 2000)
     ws = known_ws(G, w_avg, 3, seed=1)
@@ -118,9 +167,9 @@ def test_project_recovers_known_w():
     assert (err < 0.25 * err_avg).all(), (err, err_avg)
 
 
-# Targets made with a different w for every layer are outside W: W+ fits them clearly better (at 50 steps its
-# loss is about half of W's; we ask for below 3/4).
 def test_w_plus_reaches_lower_loss_than_w():
+    """Targets made with a different w for every layer are outside W: W+ fits them clearly better (at 50 steps its loss
+    is about half of W's; we ask for below 3/4)."""
     G = make_G(seed=1)
     stats = compute_w_stats(G, 2000)
     mixed = torch.stack([known_ws(G, stats[0], G.num_ws, seed=10 + i)[:, 0] for i in range(2)])
@@ -131,9 +180,9 @@ def test_w_plus_reaches_lower_loss_than_w():
     assert not torch.equal(rp["w"][:, 0], rp["w"][:, -1])
 
 
-# With noise that matters (strength 1), the image loss pushes structure into the noise maps; the regularization
-# keeps their autocorrelation (measured over the same pyramid) lower. Same seed, so the same starting maps.
 def test_noise_regularization_lowers_autocorrelation():
+    """With noise that matters (strength 1), the image loss pushes structure into the noise maps; the regularization
+    keeps their autocorrelation (measured over the same pyramid) lower. Same seed, so the same starting maps."""
     G = make_G(seed=2, noise_strength=1.0)
     stats = compute_w_stats(G, 2000)
     targets = render(G, known_ws(G, stats[0], 2, seed=4)).flip(3)  # mirrored: not reachable by w alone
@@ -147,8 +196,8 @@ def test_noise_regularization_lowers_autocorrelation():
         assert (v.square().mean(dim=[1, 2, 3]) - 1).abs().max() < 1e-4
 
 
-# Four targets in one batch give the same result as four single projections with the same per-target seeds.
 def test_batched_equals_single():
+    """Four targets in one batch give the same result as four single projections with the same per-target seeds."""
     G = make_G(seed=3, noise_strength=0.2)
     stats = compute_w_stats(G, 1000)
     targets = render(G, known_ws(G, stats[0], 4, seed=6))
@@ -166,9 +215,11 @@ def test_batched_equals_single():
 
 # --- LPIPS --------------------------------------------------------------------------------------------------
 
-# The test's own stand-in for NVIDIA's vgg16.pt: the same calling convention, written separately from
-# training/eval/lpips.py: per tapped layer, channel-normalized features * sqrt(w / (H*W)), flattened and concatenated.
 class ScriptedVGG(nn.Module):
+    """The test's own stand-in for NVIDIA's vgg16.pt: the same calling convention, written separately from
+    training/eval/lpips.py: per tapped layer, channel-normalized features * sqrt(w / (H*W)), flattened and
+    concatenated."""
+
     def __init__(self, features: nn.Sequential, lins):
         super().__init__()
         self.features = features
@@ -178,6 +229,7 @@ class ScriptedVGG(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
 
     def forward(self, img: torch.Tensor, resize_images: bool = True, return_lpips: bool = False) -> torch.Tensor:
+        """Concatenated, weighted and normalized VGG features of images in [0, 255] (NVIDIA's calling convention)."""
         x = (img / 127.5 - 1.0 - self.shift) / self.scale
         taps = []
         for i, layer in enumerate(self.features):
@@ -192,10 +244,9 @@ class ScriptedVGG(nn.Module):
         return torch.cat(out, dim=1)
 
 
-# Random VGG16 weights written three ways: a TorchScript file, a torchvision-style state dict, the lin layers.
 @pytest.fixture(scope="module")
 def vgg_files(tmp_path_factory):
-    from torchvision.models.vgg import cfgs, make_layers
+    """Random VGG16 weights written three ways: a TorchScript file, a torchvision-style state dict, the lin layers."""
     d = tmp_path_factory.mktemp("vgg")
     torch.manual_seed(0)
     features = make_layers(cfgs["D"], batch_norm=False)[:30]
@@ -223,9 +274,9 @@ def _pairs():
     return a, b
 
 
-# The same LPIPS from the TorchScript file and from the state dict + lin layers; equal too to the formula written
-# as in the paper (normalize, squared difference, linear weights, spatial mean, sum).
 def test_lpips_torchscript_equals_state_dict(vgg_files):
+    """The same LPIPS from the TorchScript file and from the state dict + lin layers; equal too to the formula written
+    as in the paper (normalize, squared difference, linear weights, spatial mean, sum)."""
     ts = L.load_files("torchscript", str(vgg_files / "vgg16.pt"))
     sd = L.load_files("state_dict", str(vgg_files / L.TV_FILE), str(vgg_files / L.LIN_FILE))
     a, b = _pairs()
@@ -237,8 +288,8 @@ def test_lpips_torchscript_equals_state_dict(vgg_files):
     assert torch.allclose(sd(a, a), torch.zeros(3), atol=1e-8)
 
 
-# Resolution order: explicit path -> environment -> cache dir -> (download) -> a clear error offline.
 def test_lpips_weight_resolution(vgg_files, tmp_path, monkeypatch):
+    """Resolution order: explicit path -> environment -> cache dir -> (download) -> a clear error offline."""
     for k in ("GANFORGE_VGG16", "GANFORGE_LPIPS_LIN"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("GANFORGE_OFFLINE", "1")
@@ -274,8 +325,8 @@ def test_lpips_weight_resolution(vgg_files, tmp_path, monkeypatch):
     assert L.resolve_weights() == ("torchscript", str(cache / L.NVIDIA_FILE), None)
 
 
-# A lin-layers file with a wrong key or negative weights is refused with the file's name.
 def test_lpips_bad_lin_file(vgg_files, tmp_path):
+    """A lin-layers file with a wrong key or negative weights is refused with the file's name."""
     bad = tmp_path / "bad.pth"
     torch.save({"lin0.weight": torch.ones(1, 64, 1, 1)}, bad)
     with pytest.raises(ValueError, match="bad.pth.*lin0.model.1.weight"):
@@ -305,8 +356,8 @@ def _ssim_explicit(a, b):
     return float(np.mean(vals))
 
 
-# Our SSIM and PSNR against explicit computations; identical images give SSIM 1.
 def test_ssim_psnr_explicit():
+    """Our SSIM and PSNR against explicit computations; identical images give SSIM 1."""
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (2, 3, 16, 20), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
@@ -318,8 +369,8 @@ def test_ssim_psnr_explicit():
     assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / mse))
 
 
-# Against scikit-image when it is installed.
 def test_ssim_matches_skimage():
+    """Against scikit-image when it is installed."""
     metrics = pytest.importorskip("skimage.metrics")
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
@@ -355,10 +406,9 @@ def _env():
                 GANFORGE_CACHE="/nonexistent-ganforge-cache")
 
 
-# The script end to end: outputs per target, projection.json, the .npz rendering to the same PNG through
-# generate.py, and a resumed run redoing only the interrupted target.
 def test_project_script_outputs_generate_and_resume(tmp_path, monkeypatch):
-    from scripts import generate, project as proj_script
+    """The script end to end: outputs per target, projection.json, the .npz rendering to the same PNG through
+    generate.py, and a resumed run redoing only the interrupted target."""
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
     snap, folder = _setup(tmp_path, 3)
@@ -396,10 +446,9 @@ def test_project_script_outputs_generate_and_resume(tmp_path, monkeypatch):
         assert r1["psnr"] == pytest.approx(r0["psnr"]) and r1["loss"] == pytest.approx(r0["loss"], rel=1e-4)
 
 
-# --loss lpips with weights from --vgg16/--lpips-lin files projects and reports LPIPS; without weights offline the
-# script stops with the error that says where to get them.
 def test_project_script_lpips(tmp_path, monkeypatch, vgg_files):
-    from scripts import project as proj_script
+    """--loss lpips with weights from --vgg16/--lpips-lin files projects and reports LPIPS; without weights offline the
+    script stops with the error that says where to get them."""
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
     snap, folder = _setup(tmp_path, 1)
@@ -420,11 +469,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# Two processes share a folder of 4 targets: each target is projected exactly once (2 per rank), and the results
-# equal a single-process run (per-target seeds do not depend on the process count).
 @pytest.mark.slow
 def test_project_two_processes(tmp_path, monkeypatch):
-    from scripts import project as proj_script
+    """Two processes share a folder of 4 targets: each target is projected exactly once (2 per rank), and the results
+    equal a single-process run (per-target seeds do not depend on the process count)."""
     snap, folder = _setup(tmp_path, 4)
     args = ["--network", str(snap), "--target", str(folder), "--steps", "10", "--batch", "2", "--loss",
             "fallback", "--w-avg-samples", "1000"]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from training.io import checkpoint as ckpt
-from training.state import check_config, config_changes, ResumeError
+from training.resume import check_config, config_changes
+from training.state import ResumeError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -153,11 +154,11 @@ def test_config_change_and_resume_none_are_refused(reference, tmp_path):
     assert "run/training-state-000000.pt: the config differs" in proc.stderr
     assert "train.glr: 0.0025 → 0.001" in proc.stderr and "model.map_layers: 2 → 3" in proc.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # A refused run writes nothing.
-    from training.state import resolve_resume
+    from training.resume import resolve_resume
     with pytest.raises(ResumeError, match=r"run already holds checkpoints \(training-state-000000\.pt, "
                                           r"network-snapshot-000000\.safetensors\); resume=none refuses"):
-        resolve_resume({"resume": "none"}, run_dir)
-    assert resolve_resume({"resume": "none"}, tmp_path / "new") == {"kind": "fresh"}
+        resolve_resume("none", run_dir)
+    assert resolve_resume("none", tmp_path / "new") == {"kind": "fresh"}
 
 
 def test_weights_only_resume_from_snapshot(reference, tmp_path):
@@ -215,7 +216,7 @@ def test_disk_full_keeps_previous_checkpoint_and_stops(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     state_file = tmp_path / "run/training-state-000000.pt"
     assert "run/training-state-000000.pt: disk full" in proc.stderr and "intact" in proc.stderr
-    assert ckpt.load_state(state_file)["counters"]["cur_nimg"] == 8
+    assert ckpt.read_state_file(state_file)["counters"]["cur_nimg"] == 8
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
     assert not (tmp_path / "run/DONE").exists()
 
@@ -275,8 +276,8 @@ def small_state(value: float) -> dict:
 
 
 def test_checksum_detects_a_flipped_byte_and_the_previous_state_is_used(tmp_path, capsys):
-    ckpt.save_state(tmp_path / "training-state-000001.pt", small_state(1.0))
-    ckpt.save_state(tmp_path / "training-state-000002.pt", small_state(2.0))
+    ckpt.write_state_file(tmp_path / "training-state-000001.pt", small_state(1.0))
+    ckpt.write_state_file(tmp_path / "training-state-000002.pt", small_state(2.0))
     newest = tmp_path / "training-state-000002.pt"
     data = bytearray(newest.read_bytes())
     pattern = torch.full([4, 4], 2.0).numpy().tobytes()
@@ -284,7 +285,7 @@ def test_checksum_detects_a_flipped_byte_and_the_previous_state_is_used(tmp_path
     data[at + 5] ^= 0x10  # Inside the tensor's bytes: the zip and pickle still load, only the checksum can tell.
     newest.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match=r"training-state-000002\.pt: checksum mismatch"):
-        ckpt.load_state(newest)
+        ckpt.read_state_file(newest)
     messages = []
     path, state = ckpt.newest_intact_state(tmp_path, log=messages.append)
     assert path.name == "training-state-000001.pt" and state["counters"]["cur_nimg"] == 1
@@ -309,22 +310,22 @@ def test_state_with_code_is_refused_and_code_does_not_run(tmp_path):
     bad = tmp_path / "training-state-000002.pt"
     torch.save({"G": {"w": torch.zeros(2)}, "counters": _Evil(marker)}, bad)
     with pytest.raises(ckpt.CheckpointError, match=r"training-state-000002\.pt: refused to load.*could run code"):
-        ckpt.load_state(bad)
+        ckpt.read_state_file(bad)
     assert not marker.exists()
     # Auto-resume skips it with a warning and takes the previous one; resume=<that file> is an error.
-    ckpt.save_state(tmp_path / "training-state-000001.pt", small_state(1.0))
+    ckpt.write_state_file(tmp_path / "training-state-000001.pt", small_state(1.0))
     messages = []
     path, _ = ckpt.newest_intact_state(tmp_path, log=messages.append)
     assert path.name == "training-state-000001.pt" and "refused" in messages[0]
-    from training.state import resolve_resume
+    from training.resume import resolve_resume
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
-        resolve_resume({"resume": str(bad)}, tmp_path / "new_run")
+        resolve_resume(str(bad), tmp_path / "new_run")
     assert not marker.exists()
 
 
 def test_keep_prunes_old_states_but_not_the_best(tmp_path):
     for kimg in range(1, 7):
-        ckpt.save_state(tmp_path / f"training-state-{kimg:06d}.pt", small_state(float(kimg)))
+        ckpt.write_state_file(tmp_path / f"training-state-{kimg:06d}.pt", small_state(float(kimg)))
     (tmp_path / "metric-fid50k_full-best.json").write_text(json.dumps(
         {"metric": "fid50k_full", "value": 3.2, "snapshot": "network-snapshot-000002.safetensors", "kimg": 2.0}))
     ckpt.prune_states(tmp_path, keep=3, protect=ckpt.best_kimgs(tmp_path))
@@ -336,14 +337,14 @@ def test_keep_prunes_old_states_but_not_the_best(tmp_path):
 
 def test_disk_full_in_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "training-state-000001.pt"
-    ckpt.save_state(path, small_state(1.0))
+    ckpt.write_state_file(path, small_state(1.0))
     before = path.read_bytes()
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(ckpt.CheckpointWriteError, match=r"training-state-000001\.pt: disk full.*intact"):
-        ckpt.save_state(path, small_state(2.0))
+        ckpt.write_state_file(path, small_state(2.0))
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 

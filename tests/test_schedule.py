@@ -7,6 +7,7 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
 from training.io.checkpoint import load_snapshot, save_snapshot
+from training.config import ScheduleConfig, TrainConfig
 from training.schedule import Schedule, make_schedule, stage_meta, stage_reals
 
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
@@ -124,16 +125,16 @@ def test_stage_needs_grow():
 
 # Stage boundaries, fade weights and per-stage settings from the config; bad configs name the key.
 def test_schedule_stages():
-    train = dict(batch_size=32, batch_gpu=None, glr=0.002, dlr=0.002)
-    s = Schedule(dict(start_res=8, stable_kimg=2, fade_kimg=1, boundaries_kimg=[], batch_size=[64, 32, 16]), 32,
-                 train)
+    train = TrainConfig(batch_size=32, batch_gpu=None, glr=0.002, dlr=0.002)
+    s = Schedule(ScheduleConfig(start_res=8, stable_kimg=2, fade_kimg=1, boundaries_kimg=[], batch_size=[64, 32, 16]),
+                 32, train)
     assert s.resolutions == [8, 16, 32] and s.starts == [0, 2000, 5000]
     assert s.at(0) == s.at(1999) and s.at(1999).resolution == 8 and s.at(1999).alpha == 1.0
     st = s.at(2500)
     assert (st.index, st.resolution, st.alpha, st.batch_size, st.glr) == (1, 16, 0.5, 32, 0.002)
     assert s.at(3000).alpha == 1.0 and s.at(4999).resolution == 16
     assert (s.at(5250).resolution, s.at(5250).alpha, s.at(10 ** 9).alpha) == (32, 0.25, 1.0)
-    s = Schedule(dict(start_res=4, stable_kimg=0, fade_kimg=0, boundaries_kimg=[1, 1.5, 4]), 32, train)
+    s = Schedule(ScheduleConfig(start_res=4, stable_kimg=0, fade_kimg=0, boundaries_kimg=[1, 1.5, 4]), 32, train)
     assert [s.at(n).resolution for n in (999, 1000, 1499, 1500, 4000)] == [4, 8, 8, 16, 32]
     assert s.at(1000).alpha == 1.0  # No fade.
     bad = [(dict(start_res=12), "start_res"), (dict(start_res=64), "start_res"),
@@ -142,8 +143,8 @@ def test_schedule_stages():
     for override, msg in bad:
         cfg = {**dict(start_res=8, stable_kimg=2, fade_kimg=1, boundaries_kimg=[]), **override}
         with pytest.raises(ValueError, match=msg):
-            Schedule(cfg, 32, train)
-    assert make_schedule(dict(schedule=dict(enabled=False), train=train), 32) is None
+            Schedule(ScheduleConfig(**cfg), 32, train)
+    assert make_schedule(ScheduleConfig(enabled=False), 32, train) is None
 
 
 # Reals at a stage: the box average of the dataset image, blended like the fakes during a fade.
@@ -172,10 +173,10 @@ def test_snapshot_records_stage(tmp_path):
 
 # A stage's learning rates reach every optimizer, times the lazy-regularization ratio k/(k+1) of its phases.
 def test_stage_learning_rates_with_lazy_ratio():
-    from training.loop import make_phases
+    from training.phases import make_phases
     from training.schedule import Stage, set_stage
     G, D = nets()
-    t = dict(glr=0.002, dlr=0.002, beta1=0.0, beta2=0.99, eps=1e-8, pl_interval=4, r1_interval=16)
+    t = TrainConfig(glr=0.002, dlr=0.002, beta1=0.0, beta2=0.99, eps=1e-8, pl_interval=4, r1_interval=16)
     phases = make_phases(G, D, t, use_pl=True, use_r1=True)
     set_stage([G, D], phases, Stage(1, 16, 0.25, 0, 8, None, glr=0.01, dlr=0.03))
     lrs = {ph.name: ph.opt.param_groups[0]["lr"] for ph in phases}

@@ -13,13 +13,15 @@ from networks.sn import sn_weight
 from training.io.checkpoint import load_snapshot, save_snapshot
 from training.loss import StyleGAN2Loss
 from networks.factory import build_networks
+from training.config import ModelConfig
 
 
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 
 
-# Tiny conditional G and D at 16 px (16 channels); `sn` / `attention` only passed when given, as the factory does.
 def tiny_nets(seed=0, sn=False, attention_g=(), attention_d=()):
+    """Tiny conditional G and D at 16 px (16 channels); `sn` / `attention` only passed when given, as the factory
+    does."""
     torch.manual_seed(seed)
     mapping_kwargs, synthesis_kwargs, d_kwargs = dict(num_layers=2), dict(channel_base=256, channel_max=16,
                                                                           architecture="resnet"), {}
@@ -37,14 +39,17 @@ def tiny_nets(seed=0, sn=False, attention_g=(), attention_d=()):
 
 
 def sn_modules(net):
+    """(name, module) of every spectrally normalized module of `net`."""
     return [(name, m) for name, m in net.named_modules() if hasattr(m, "sn_u")]
 
 
 def spectral_norm_of(weight):
+    """The largest singular value of a weight reshaped to [out, in*k*k]."""
     return torch.linalg.matrix_norm(weight.detach().reshape(weight.shape[0], -1).double(), ord=2).item()
 
 
 def keys_digest(net):
+    """SHA-1 of the state dict's keys and shapes."""
     return hashlib.sha1("\n".join(f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items()).encode()).hexdigest()
 
 
@@ -60,9 +65,10 @@ FOUNDATION_D_LOGITS = [0.22581768035888672, 0.049793146550655365]
 
 
 def test_options_off_match_the_foundation_networks():
-    model = dict(z_dim=16, w_dim=16, map_layers=2, map_lr_mult=0.01, channel_base=256, channel_max=16,
-                 g_arch="resnet", d_arch="resnet", mbstd_group=2, mbstd_channels=1, conv_clamp=None,
-                 num_fp16_res=0, sn="none", attention_g=[], attention_d=[])
+    """With SN and attention off, the factory and the constructors build the Foundation networks (see above)."""
+    model = ModelConfig(z_dim=16, w_dim=16, map_layers=2, map_lr_mult=0.01, channel_base=256, channel_max=16,
+                        g_arch="resnet", d_arch="resnet", mbstd_group=2, mbstd_channels=1, conv_clamp=None,
+                        num_fp16_res=0, sn="none", attention_g=[], attention_d=[])
     g = torch.Generator().manual_seed(1)
     z, c = torch.randn(2, 16, generator=g), torch.eye(3)[[0, 2]]
     x = torch.randn(2, 3, 16, 16, generator=g)
@@ -82,10 +88,10 @@ def test_options_off_match_the_foundation_networks():
         assert torch.allclose(logits.flatten(), torch.tensor(FOUNDATION_D_LOGITS), rtol=0, atol=1e-5)
 
 
-# A weight with a known spectrum (sigma_1 = 3, sigma_2 = 2): from random u, v, power iteration (one per
-# training-mode forward) converges to sigma_1; eval mode leaves u, v alone; the layer computes with W / sigma_1
-# and no equalized-LR gain.
 def test_power_iteration_converges_and_layers_use_w_over_sigma():
+    """A weight with a known spectrum (sigma_1 = 3, sigma_2 = 2): from random u, v, power iteration (one per
+    training-mode forward) converges to sigma_1; eval mode leaves u, v alone; the layer computes with W / sigma_1 and no
+    equalized-LR gain."""
     torch.manual_seed(0)
     conv = Conv2dLayer(6, 8, kernel_size=3, sn=True)
     left, _ = torch.linalg.qr(torch.randn(8, 8))
@@ -115,9 +121,9 @@ def test_power_iteration_converges_and_layers_use_w_over_sigma():
     assert torch.allclose(fc(x), x @ (fc.weight / spectral_norm_of(fc.weight)).t() + fc.bias, atol=1e-6)
 
 
-# Gradients and second-order gradients (as R1 takes them) treat u and v as constants, exactly like
-# torch.nn.utils.parametrizations.spectral_norm given the same vectors.
 def test_sn_double_backward_matches_torch_spectral_norm():
+    """Gradients and second-order gradients (as R1 takes them) treat u and v as constants, exactly like
+    torch.nn.utils.parametrizations.spectral_norm given the same vectors."""
     torch.manual_seed(1)
     ours = FullyConnectedLayer(7, 5, sn=True).double().eval()
     ref = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(7, 5).double()).eval()
@@ -139,12 +145,12 @@ def test_sn_double_backward_matches_torch_spectral_norm():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-# G and D with SN on every layer (mapping, affine, modulated, ToRGB, skip, attention, epilogue), after the weights
-# moved away from those the vectors were computed for (10% random change, so the stored vectors are stale): 30
-# training-mode forward passes (one power iteration each) bring the largest singular value of every normalized
-# weight within 1% of 1. (During training, one iteration per step tracks sigma as W changes slowly; when the top
-# two singular values cross, the estimate lags for some steps, as in Miyato et al. and torch's spectral_norm.)
 def test_sn_singular_values_after_power_iterations():
+    """G and D with SN on every layer (mapping, affine, modulated, ToRGB, skip, attention, epilogue), after the weights
+    moved away from those the vectors were computed for (10% random change, so the stored vectors are stale): 30
+    training-mode forward passes (one power iteration each) bring the largest singular value of every normalized weight
+    within 1% of 1. (During training, one iteration per step tracks sigma as W changes slowly; when the top two singular
+    values cross, the estimate lags for some steps, as in Miyato et al. and torch's spectral_norm.)"""
     G, D = tiny_nets(seed=2, sn=True, attention_g=[8], attention_d=[16])
     G.train(), D.train()
     modules = [m for net in (G, D) for _, m in sn_modules(net)]
@@ -166,9 +172,10 @@ def test_sn_singular_values_after_power_iterations():
 
 
 def test_sn_buffers_are_saved_and_round_trip_through_snapshots(tmp_path):
-    model = dict(z_dim=16, w_dim=16, map_layers=2, map_lr_mult=0.01, channel_base=256, channel_max=16,
-                 g_arch="skip", d_arch="resnet", mbstd_group=2, mbstd_channels=1, conv_clamp=256,
-                 num_fp16_res=0, sn="both", attention_g=[8], attention_d=[16])
+    """SN vectors and attention weights are saved in snapshots and load back bit for bit, outputs included."""
+    model = ModelConfig(z_dim=16, w_dim=16, map_layers=2, map_lr_mult=0.01, channel_base=256, channel_max=16,
+                        g_arch="skip", d_arch="resnet", mbstd_group=2, mbstd_channels=1, conv_clamp=256,
+                        num_fp16_res=0, sn="both", attention_g=[8], attention_d=[16])
     torch.manual_seed(0)
     G, D, G_ema = build_networks(model, resolution=16, channels=3, c_dim=0)
     assert G.init_kwargs["synthesis_kwargs"]["sn"] and G.init_kwargs["synthesis_kwargs"]["attention"] == [8]
@@ -199,6 +206,7 @@ def test_sn_buffers_are_saved_and_round_trip_through_snapshots(tmp_path):
 
 
 def test_attention_matches_sagan_equations_and_zero_gate_is_identity():
+    """Self-attention equals SAGAN eq. 1-3 written with einsum; with gamma 0 it returns its input."""
     torch.manual_seed(0)
     attn = SelfAttention(16)
     assert (attn.key_channels, attn.value_channels) == (2, 8) and attn.gamma.item() == 0
@@ -215,6 +223,7 @@ def test_attention_matches_sagan_equations_and_zero_gate_is_identity():
 
 
 def test_attention_gradgradcheck():
+    """Self-attention (with SN) passes gradcheck and gradgradcheck (R1 differentiates it twice)."""
     torch.manual_seed(0)
     attn = SelfAttention(8, sn=True).double()
     with torch.no_grad():
@@ -224,8 +233,8 @@ def test_attention_gradgradcheck():
     assert torch.autograd.gradgradcheck(attn, (x,))
 
 
-# Attention blocks with gate 0 leave G and D unchanged: the same weights give the same outputs bit for bit.
 def test_attention_blocks_start_as_identity_in_g_and_d():
+    """Attention blocks with gate 0 leave G and D unchanged: the same weights give the same outputs bit for bit."""
     G0, D0 = tiny_nets(seed=0)
     G1, D1 = tiny_nets(seed=5, attention_g=[4, 16], attention_d=[16, 8])
     for plain, with_attn in ((G0, G1), (D0, D1)):
@@ -240,9 +249,9 @@ def test_attention_blocks_start_as_identity_in_g_and_d():
         tiny_nets(attention_d=[4])
 
 
-# G and D with attention and SN: shapes, a finite R1 penalty through double backward (also through the loss with
-# the hinge loss), and the same under CPU autocast (bfloat16).
 def test_sn_attention_networks_r1_and_autocast():
+    """G and D with attention and SN: shapes, a finite R1 penalty through double backward (also through the loss with
+    the hinge loss), and the same under CPU autocast (bfloat16)."""
     G, D = tiny_nets(seed=3, sn=True, attention_g=[8, 16], attention_d=[16, 8])
     G.train(), D.train()
     z, c = torch.randn(4, 16), torch.eye(3)[[0, 1, 2, 0]]

@@ -19,10 +19,14 @@ sys.path.insert(0, ROOT)
 import _metrics_dist_worker as W  # noqa: E402
 from test_metrics import _count_calls, _isolated, _save_tiny_detector  # noqa: E402,F401 (_isolated: autouse)
 from networks.generator import Generator  # noqa: E402
+from scripts import project as proj_script  # noqa: E402
+from training import dist, report  # noqa: E402
+from training.config import MetricsConfig  # noqa: E402
 from training.eval import metrics  # noqa: E402
+from training.eval.inception import load_detector  # noqa: E402
+from training.eval.projector import project  # noqa: E402
 from training.io.checkpoint import save_snapshot  # noqa: E402
 from training.io.images import to_uint8  # noqa: E402
-from training.eval.inception import load_detector  # noqa: E402
 from training.schedule import stage_meta  # noqa: E402
 
 # The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
@@ -143,7 +147,6 @@ def test_update_best_resolution_rules(tmp_path):
 # evaluate_metrics (the training loop's call) labels a stage metric with its resolution in the printout and the
 # wandb key, and keeps the plain key at full resolution.
 def test_evaluate_metrics_labels_stage(tmp_path, monkeypatch, capsys):
-    from training import report
     det = load_detector(_save_tiny_detector(tmp_path, dim=8), device="cpu")
     dataset = W.ArrayDataset(W.make_images(12, res=16))
     logged = []
@@ -153,7 +156,7 @@ def test_evaluate_metrics_labels_stage(tmp_path, monkeypatch, capsys):
             logged.append((data, step))
     G = make_G()
     G.set_stage(8, 0.5)
-    cfg = {"metrics": {"batch": 6}}
+    cfg = MetricsConfig(batch=6)
     report.evaluate_metrics(G, dataset, det, ["fid10"], tmp_path, 3000, cfg, None, Run(), 7)
     out = capsys.readouterr().out
     assert out.startswith("fid10@8px ") and "fade 0.50" in out
@@ -210,7 +213,6 @@ def test_generate_script_on_stage_snapshot(tmp_path, monkeypatch, capsys):
 
 # scripts/calc_metrics.py on a stage snapshot says which resolution it evaluated and logs the stage record.
 def test_calc_metrics_script_on_stage_snapshot(tmp_path, monkeypatch, capsys):
-    from training import dist
     monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     calc_metrics = importlib.import_module("calc_metrics")
     monkeypatch.setattr(dist, "init", lambda **kw: None)  # no Accelerator in the test process
@@ -227,8 +229,6 @@ def test_calc_metrics_script_on_stage_snapshot(tmp_path, monkeypatch, capsys):
 # The projector refuses a stage generator (below full resolution, or mid-fade) before any work, naming the
 # snapshot, its stage and what to use instead.
 def test_projector_refuses_stage_generator(tmp_path, monkeypatch):
-    from scripts import project as proj_script
-    from training.eval.projector import project
     G = make_G()
     for stage in ((8, 1.0), (16, 0.5)):
         G.set_stage(*stage)

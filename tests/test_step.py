@@ -16,7 +16,7 @@ from ops import dispatch
 from training import dist
 from training.data.augment import AugmentPipe, presets
 from training.hostsync import HostSyncCounter
-from training.loop import optimizer_step, update_ema
+from training.phases import optimizer_step, update_ema
 from training.loss import StyleGAN2Loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,9 +226,10 @@ def test_bf16_training_tick(tmp_path):
 # The networks of a run before its first step: the loop's seed and constructor arguments (32 px synthetic data).
 def tiny_nets_like(state):
     from networks.factory import build_networks
+    from training.config import ModelConfig
     cfg = json.loads(state["config"])
     torch.manual_seed(cfg["train"]["seed"])
-    G, D, _ = build_networks(cfg["model"], 32, 3, 0)
+    G, D, _ = build_networks(ModelConfig(**cfg["model"]), 32, 3, 0)
     return G, D
 
 

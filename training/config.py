@@ -1,12 +1,13 @@
 """Structured (dataclass) configs for Hydra: the schema and defaults of every config group, with units."""
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from training.data.augment import AugConfig
-from training.schedule import ScheduleConfig
 
 
 # Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs.
@@ -99,6 +100,38 @@ class MetricsConfig:
     batch: int = 32                    # images per process per feature-extraction batch
 
 
+# Hydra schema of the `aug` config group (conf/aug/*.yaml mirror these keys).
+@dataclass
+class AugConfig:
+    mode: str = "ada"              # 'ada' (p adapts), 'fixed' (p stays at `p`) or 'noaug' (no pipe at all)
+    preset: str = "bgc"            # multiplier preset, see PRESETS
+    p: float = 0.0                 # initial p for 'ada', the constant p for 'fixed' (probability, 0..1)
+    ada_target: float = 0.6        # target of r_t = E[sign(D(real))] (dimensionless, 0..1)
+    ada_interval: int = 4          # minibatches between p updates
+    ada_kimg: float = 500          # thousands of images for p to move 0 -> 1 at full speed
+    ada_kimg_resume: float = 100   # ada_kimg to use after resuming from a checkpoint (kimg)
+    sync_free: Optional[bool] = None  # never read values back (the GPU path); null = on GPUs only
+
+
+# The schedule config group (conf/schedule/): off by default; presets per target resolution. Stage i trains at
+# start_res * 2^i px; it starts at boundaries_kimg[i-1] (or, when that list is empty, after stable_kimg of the first
+# stage and then every fade_kimg + stable_kimg), fades its new blocks in linearly over fade_kimg, and lasts until
+# the next stage starts; the last stage (the dataset's resolution) lasts until train.kimg.
+@dataclass
+class ScheduleConfig:
+    name: str = "none"                 # preset name (none = no progressive growing)
+    enabled: bool = False              # grow progressively (false = the plain full-resolution networks)
+    target_res: Optional[int] = None   # dataset resolution the preset is made for (px); null = any
+    start_res: int = 8                 # resolution of the first stage (px, power of two >= 4)
+    stable_kimg: float = 600.0         # training at each stage's resolution after its fade (kimg)
+    fade_kimg: float = 600.0           # linear fade-in of each new resolution (kimg)
+    boundaries_kimg: List[float] = field(default_factory=list)  # start of each stage after the first (kimg); [] = from stable/fade
+    batch_size: List[int] = field(default_factory=list)   # total batch per stage (images), first stage first; [] = train.batch_size
+    batch_gpu: List[int] = field(default_factory=list)    # per-process batch per stage (images); [] = train.batch_gpu
+    glr: List[float] = field(default_factory=list)        # G learning rate per stage; [] = train.glr
+    dlr: List[float] = field(default_factory=list)        # D learning rate per stage; [] = train.dlr
+
+
 # The whole run.
 @dataclass
 class Config:
@@ -116,6 +149,7 @@ class Config:
 
 # Register the schema so that conf/config.yaml can extend it and unknown keys are refused.
 def register_configs() -> None:
+    """Store the structured schema as Hydra's `base_config` (conf/config.yaml builds on it)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
 
@@ -124,12 +158,41 @@ def register_configs() -> None:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-# The resolved config for `overrides` (Hydra syntax, as after scripts/train.py), composed in this process as the
-# script would compose it: for benchmarks, scripts/gpu_check.py and tests that run the loop in-process.
-def compose_config(overrides=()) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+# The resolved, typed config for `overrides` (Hydra syntax, as after scripts/train.py), composed in this process as
+# the script composes it: for benchmarks, scripts/gpu_check.py and tests that run the loop in-process.
+def compose_config(overrides=()) -> Config:
+    """Compose conf/ with Hydra overrides and return the typed Config (nested dataclasses)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_object(cfg)
+
+
+# A config as plain nested data (what checkpoints, config.json/yaml, wandb and resume diffs hold).
+def config_dict(cfg: Config) -> dict:
+    """The config as nested dicts and lists (JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+# The official 'auto' rules (StyleGAN2-ADA, train.py 'auto' spec) for a resolution and a process count: batch,
+# minibatch-std group, channel base, learning rate, R1 gamma and EMA half-life.
+def auto_settings(resolution: int, num_processes: int) -> dict:
+    """NVIDIA's 'auto' hyperparameters for a dataset resolution (px) and a number of processes."""
+    batch = max(min(num_processes * min(4096 // resolution, 32), 64), num_processes)
+    return dict(batch_size=batch, mbstd_group=min(batch // num_processes, 4),
+                channel_base=32768 if resolution >= 512 else 16384,
+                lr=0.002 if resolution >= 1024 else 0.0025, r1_gamma=0.0002 * resolution ** 2 / batch,
+                ema_kimg=batch * 10 / 32)
+
+
+# With model.auto, the config with the 'auto' settings for the dataset's resolution and the process count (a new
+# object; the given one is unchanged); without it, the config itself.
+def apply_auto(cfg: Config, resolution: int, num_processes: int) -> Config:
+    """Return `cfg` with NVIDIA's 'auto' rules applied when model.auto is set (a new Config)."""
+    if not cfg.model.auto:
+        return cfg
+    s = auto_settings(resolution, num_processes)
+    model = dataclasses.replace(cfg.model, mbstd_group=s["mbstd_group"], channel_base=s["channel_base"])
+    train = dataclasses.replace(cfg.train, batch_size=s["batch_size"], glr=s["lr"], dlr=s["lr"],
+                                r1_gamma=s["r1_gamma"], ema_kimg=s["ema_kimg"])
+    return dataclasses.replace(cfg, model=model, train=train)

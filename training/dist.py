@@ -1,5 +1,6 @@
 """Distributed concerns in one place: every other module talks to Accelerate through these helpers."""
 import os
+import pickle
 import sys
 
 import torch
@@ -179,6 +180,50 @@ def broadcast_object(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def rank0_decides(fn, *errors):
+    """Run `fn()` on rank 0 alone and give its outcome to every rank: its value, or the error it raised.
+
+    Every rank calls `rank0_decides(fn, SomeError, ...)` together. Rank 0 calls `fn()` (no arguments: bind them
+    with a lambda or functools.partial); its return value, which must be picklable plain data, is broadcast and
+    returned on every rank. If `fn` raises an exception of one of the types in `errors`, every rank raises it:
+    rank 0 the original, the others an exception of the same type made from the same arguments (so with the same
+    message). Any other exception is raised by rank 0 as it is and by the others as a RuntimeError that names
+    it, so that no rank waits for a broadcast that never comes. Without a process group (one process) this is
+    simply `fn()`: the same value, the same exception.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        return fn()
+    outcome, failure = None, None
+    if is_main():
+        try:
+            outcome = ("value", fn())
+        except BaseException as e:
+            failure = e
+            listed = [t for t in errors if isinstance(e, t)]
+            if not listed:
+                outcome = ("other", f"{type(e).__name__}: {e}")
+            else:
+                try:  # The exception's own type and arguments, if they pickle (a class at module level).
+                    pickle.loads(pickle.dumps((type(e), e.args)))
+                    outcome = ("error", (type(e), e.args, str(e)))
+                except Exception:  # Else the listed type it is an instance of, with its message.
+                    outcome = ("error", (listed[0], (str(e),), str(e)))
+    outcome = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    kind, payload = outcome
+    if kind == "value":
+        return payload
+    if kind == "other":
+        raise RuntimeError(f"rank 0 failed: {payload}")
+    cls, args, message = payload
+    try:
+        error = cls(*args)
+    except Exception:
+        error = cls(message)
+    raise error
 
 
 # Gather a picklable object from every rank into a list indexed by rank (plain data only).

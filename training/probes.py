@@ -19,7 +19,7 @@ class ProbeDone(Exception):
 # The process's Accelerator is forgotten afterwards, so that the next run in this process starts its own.
 def run_with_probe(cfg: dict, probe):
     try:
-        training_loop(cfg, cfg["run_dir"], probe=probe)
+        training_loop(cfg, cfg.run_dir, probe=probe)
     except ProbeDone:
         pass
     finally:
@@ -40,7 +40,7 @@ class CountMinibatch:
         self._caught = None
 
     def begin(self, counters: dict) -> None:
-        if counters["batch_idx"] != self.batch_idx:
+        if counters.batch_idx != self.batch_idx:
             return
         self.counter = HostSyncCounter()
         self.counter.__enter__()
@@ -83,9 +83,9 @@ class TimeMinibatches:
             torch.cuda.synchronize(self.device)
 
     def begin(self, counters: dict) -> None:
-        if counters["batch_idx"] == self.warmup and self._t0 is None:
+        if counters.batch_idx == self.warmup and self._t0 is None:
             self._sync()
-            self._t0, self._nimg0 = time.perf_counter(), counters["cur_nimg"]
+            self._t0, self._nimg0 = time.perf_counter(), counters.cur_nimg
 
     def end(self, counters: dict) -> None:
         over = time.perf_counter() - self.created > self.budget_s
@@ -95,11 +95,11 @@ class TimeMinibatches:
                                    peak_mem_gb=peak_memory_gb(self.device), startup_s=None)
                 raise ProbeDone()
             return
-        done = counters["batch_idx"] - self.warmup
+        done = counters.batch_idx - self.warmup
         if done >= self.count or over:
             self._sync()
             seconds = time.perf_counter() - self._t0
-            images = counters["cur_nimg"] - self._nimg0
+            images = counters.cur_nimg - self._nimg0
             self.result = dict(minibatches=done, images=images, seconds=seconds,
                                sec_per_kimg=seconds / (images / 1000), complete=done >= self.count,
                                peak_mem_gb=peak_memory_gb(self.device), startup_s=self._t0 - self.created)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from training import dist
+from training.eval.metrics import evaluate_snapshot, metric_label
+from training.io.images import make_grid, to_uint8
 
 
 # Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU).
@@ -68,15 +70,14 @@ def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) ->
                       step=int(stats["Progress/tick"]))
 
 
-# Compute the metrics for G_ema at `cur_nimg`, print them and log them (records are written by the metrics module).
-# At a progressive stage below full resolution the metric is labelled with it (fid50k_full@16px) in the printout
-# and the wandb key (Metrics/fid50k_full@16px), so stage values never share a curve with full-resolution ones.
-def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pbar, wandb_run, tick) -> None:
-    from training.eval.metrics import evaluate_snapshot, metric_label
+def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics, pbar, wandb_run, tick) -> None:
+    """Compute the metrics `names` for G_ema at `cur_nimg` (`metrics`: the MetricsConfig), print and log them (the
+    records are written by the metrics module). At a progressive stage below full resolution a metric is labelled
+    with it (fid50k_full@16px) in the printout and the wandb key, so stage values never share a curve with
+    full-resolution ones."""
     kimg = cur_nimg // 1000
     records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
-                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000,
-                                batch_size=cfg["metrics"]["batch"])
+                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000, batch_size=metrics.batch)
     for r in records:
         label = metric_label(r)
         fade = f", fade {r['stage_alpha']:.2f}" if r.get("stage_alpha", 1.0) < 1 else ""
@@ -88,13 +89,21 @@ def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, cfg, pb
             wandb_run.log({f"Metrics/{label}": r["value"]}, step=tick)
 
 
-# wandb run (rank 0) when log.wandb is 'offline' or 'online'; None when 'disabled'.
-def init_wandb(cfg: dict, run_dir: Path):
-    mode = cfg["log"]["wandb"]
-    if mode == "disabled":
+def init_wandb(log, config: dict, run_dir: Path):
+    """The wandb run (rank 0) when log.wandb is 'offline' or 'online' (`log`: the LogConfig; `config`: the whole
+    config as plain data, recorded with the run); None when 'disabled'."""
+    if log.wandb == "disabled":
         return None
-    if mode not in ("offline", "online"):
-        raise ValueError(f"log.wandb must be disabled, offline or online, got {mode!r}")
-    import wandb
-    return wandb.init(project=cfg["log"]["wandb_project"], dir=str(run_dir), mode=mode, config=cfg,
+    if log.wandb not in ("offline", "online"):
+        raise ValueError(f"log.wandb must be disabled, offline or online, got {log.wandb!r}")
+    import wandb  # optional and heavy: only when asked for
+    return wandb.init(project=log.wandb_project, dir=str(run_dir), mode=log.wandb, config=config,
                       name=run_dir.name, id=run_dir.name.replace("/", "-"), resume="allow")
+
+
+def log_grid(wandb_run, images, grid_size, tick: int) -> None:
+    """Log an image grid (float images in [-1, 1]) to wandb at `tick` (nothing without a wandb run)."""
+    if wandb_run is None:
+        return
+    import wandb  # optional and heavy: only when a run is logging to it
+    wandb_run.log({"fakes": wandb.Image(make_grid(to_uint8(images), *grid_size))}, step=tick)

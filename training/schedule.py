@@ -1,31 +1,12 @@
 """Progressive resolution schedule (Karras et al. 2018): stages in kimg, linear fade-in, per-stage batch and lr."""
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
-
-
-# The schedule config group (conf/schedule/): off by default; presets per target resolution. Stage i trains at
-# start_res * 2^i px; it starts at boundaries_kimg[i-1] (or, when that list is empty, after stable_kimg of the first
-# stage and then every fade_kimg + stable_kimg), fades its new blocks in linearly over fade_kimg, and lasts until
-# the next stage starts; the last stage (the dataset's resolution) lasts until train.kimg.
-@dataclass
-class ScheduleConfig:
-    name: str = "none"                 # preset name (none = no progressive growing)
-    enabled: bool = False              # grow progressively (false = the plain full-resolution networks)
-    target_res: Optional[int] = None   # dataset resolution the preset is made for (px); null = any
-    start_res: int = 8                 # resolution of the first stage (px, power of two >= 4)
-    stable_kimg: float = 600.0         # training at each stage's resolution after its fade (kimg)
-    fade_kimg: float = 600.0           # linear fade-in of each new resolution (kimg)
-    boundaries_kimg: List[float] = field(default_factory=list)  # start of each stage after the first (kimg); [] = from stable/fade
-    batch_size: List[int] = field(default_factory=list)   # total batch per stage (images), first stage first; [] = train.batch_size
-    batch_gpu: List[int] = field(default_factory=list)    # per-process batch per stage (images); [] = train.batch_gpu
-    glr: List[float] = field(default_factory=list)        # G learning rate per stage; [] = train.glr
-    dlr: List[float] = field(default_factory=list)        # D learning rate per stage; [] = train.dlr
 
 
 # One stage at a point of training: index, resolution (px), fade-in weight alpha in [0, 1], its start (images) and
@@ -45,11 +26,13 @@ class Stage:
 # The stages of one run, checked at start-up against the dataset resolution; a pure function of cur_nimg, so a
 # resumed run is at exactly the same stage and fade as the uninterrupted one.
 class Schedule:
-    def __init__(self, cfg: dict, resolution: int, train: dict):
-        name = cfg.get("name", "?")
-        start = int(cfg["start_res"])
-        if cfg.get("target_res") not in (None, resolution):
-            raise ValueError(f"schedule={name} is made for {cfg['target_res']} px, but the dataset is {resolution} "
+    def __init__(self, cfg, resolution: int, train):
+        """The stages for `cfg` (a ScheduleConfig) at a dataset of `resolution` px; `train` (a TrainConfig) gives
+        the batch sizes and learning rates of stages without their own."""
+        name = cfg.name
+        start = int(cfg.start_res)
+        if cfg.target_res not in (None, resolution):
+            raise ValueError(f"schedule={name} is made for {cfg.target_res} px, but the dataset is {resolution} "
                              f"px: choose the preset for {resolution} px (schedule=prog{resolution}) or set "
                              f"schedule.target_res=null")
         if start < 4 or 2 ** int(math.log2(start)) != start or start > resolution:
@@ -57,10 +40,10 @@ class Schedule:
                              f"resolution ({resolution} px)")
         self.resolutions = [start * 2 ** i for i in range(int(math.log2(resolution // start)) + 1)]
         n = len(self.resolutions)
-        fade, stable = float(cfg["fade_kimg"]), float(cfg["stable_kimg"])
+        fade, stable = float(cfg.fade_kimg), float(cfg.stable_kimg)
         if fade < 0 or stable < 0:
             raise ValueError(f"schedule.fade_kimg={fade} and schedule.stable_kimg={stable} must be >= 0")
-        bounds = [float(b) for b in cfg.get("boundaries_kimg") or []]
+        bounds = [float(b) for b in cfg.boundaries_kimg]
         if not bounds:
             bounds = [stable + i * (fade + stable) for i in range(n - 1)]
         if len(bounds) != n - 1:
@@ -74,17 +57,17 @@ class Schedule:
         self.fade_nimg = fade * 1000
 
         def per_stage(key, default, kind):
-            values = list(cfg.get(key) or [])
+            values = list(getattr(cfg, key))
             if not values:
                 return [default] * n
             if len(values) != n:
                 raise ValueError(f"schedule.{key} has {len(values)} entries; it needs one per stage "
                                  f"({n}: {self.resolutions} px) or none")
             return [None if v is None else kind(v) for v in values]
-        self.batch_size = per_stage("batch_size", int(train["batch_size"]), int)
-        self.batch_gpu = per_stage("batch_gpu", train.get("batch_gpu"), int)
-        self.glr = per_stage("glr", float(train["glr"]), float)
-        self.dlr = per_stage("dlr", float(train["dlr"]), float)
+        self.batch_size = per_stage("batch_size", int(train.batch_size), int)
+        self.batch_gpu = per_stage("batch_gpu", train.batch_gpu, int)
+        self.glr = per_stage("glr", float(train.glr), float)
+        self.dlr = per_stage("dlr", float(train.dlr), float)
 
     # The stage at `cur_nimg`.
     def at(self, cur_nimg: int) -> Stage:
@@ -97,12 +80,10 @@ class Schedule:
         return len(self.resolutions)
 
 
-# The schedule for a run (None when schedule.enabled is off or the group is absent).
-def make_schedule(cfg: dict, resolution: int) -> Optional[Schedule]:
-    sched = cfg.get("schedule") or {}
-    if not sched.get("enabled"):
-        return None
-    return Schedule(sched, resolution, cfg["train"])
+# The schedule for a run (None when schedule.enabled is off).
+def make_schedule(cfg, resolution: int, train) -> Optional[Schedule]:
+    """The Schedule for `cfg` (a ScheduleConfig) and `train` (a TrainConfig), or None when it is not enabled."""
+    return Schedule(cfg, resolution, train) if cfg.enabled else None
 
 
 # The reals for a stage (Karras et al. 2018, app. A.1): box-downsampled to the stage resolution and, during a fade,
@@ -135,7 +116,7 @@ def set_stage(nets, phases, stage: Stage) -> None:
     for net in nets:
         net.set_stage(stage.resolution, stage.alpha)
     for ph in phases:
-        lr = (stage.glr if ph.name.startswith("G") else stage.dlr) * ph.lr_ratio
+        lr = (stage.glr if ph.network == "G" else stage.dlr) * ph.lr_ratio
         for group in ph.opt.param_groups:
             group["lr"] = lr
 

@@ -1,5 +1,4 @@
 """Adaptive discriminator augmentation (Karras et al. 2020): the augmentation pipe, its presets and the p heuristic."""
-import dataclasses
 import math
 from typing import Optional
 
@@ -9,19 +8,6 @@ import torch
 from ops import upfirdn2d
 from training.data import augment_ops as ops
 from training import dist
-
-
-# Hydra schema of the `aug` config group (conf/aug/*.yaml mirror these keys).
-@dataclasses.dataclass
-class AugConfig:
-    mode: str = "ada"              # 'ada' (p adapts), 'fixed' (p stays at `p`) or 'noaug' (no pipe at all)
-    preset: str = "bgc"            # multiplier preset, see PRESETS
-    p: float = 0.0                 # initial p for 'ada', the constant p for 'fixed' (probability, 0..1)
-    ada_target: float = 0.6        # target of r_t = E[sign(D(real))] (dimensionless, 0..1)
-    ada_interval: int = 4          # minibatches between p updates
-    ada_kimg: float = 500          # thousands of images for p to move 0 -> 1 at full speed
-    ada_kimg_resume: float = 100   # ada_kimg to use after resuming from a checkpoint (kimg)
-    sync_free: Optional[bool] = None  # never read values back (the GPU path); null = on GPUs only
 
 
 # The published multiplier presets (paper §4 / app. B): blit, geometric, colour, filter, noise and cutout groups.
@@ -267,22 +253,15 @@ class AugmentPipe(torch.nn.Module):
         return x
 
 
-# Read a field from a dataclass, a dict or an OmegaConf node.
-def _get(cfg, key):
-    if isinstance(cfg, dict):
-        return cfg.get(key, getattr(AugConfig, key))
-    return getattr(cfg, key, getattr(AugConfig, key))
-
-
 # The pipe for an `aug` config, with pipe.p set to cfg.p; None for mode 'noaug' (then D sees raw images).
 def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
-    mode = _get(cfg, "mode")
+    mode = cfg.mode
     if mode not in ("ada", "fixed", "noaug"):
         raise ValueError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
     if mode == "noaug":
         return None
-    pipe = AugmentPipe(**presets(_get(cfg, "preset")), sync_free=_get(cfg, "sync_free"))
-    pipe.set_p(float(_get(cfg, "p")))
+    pipe = AugmentPipe(**presets(cfg.preset), sync_free=cfg.sync_free)
+    pipe.set_p(float(cfg.p))
     return pipe
 
 
@@ -367,8 +346,8 @@ class AdaptiveP:
 
 # The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume.
 def make_adaptive_p(cfg, pipe: Optional[AugmentPipe], batch_size: int, resumed: bool = False) -> Optional[AdaptiveP]:
-    if pipe is None or _get(cfg, "mode") != "ada":
+    if pipe is None or cfg.mode != "ada":
         return None
-    kimg = _get(cfg, "ada_kimg_resume") if resumed else _get(cfg, "ada_kimg")
-    return AdaptiveP(pipe, target=_get(cfg, "ada_target"), interval=_get(cfg, "ada_interval"), ada_kimg=kimg,
+    kimg = cfg.ada_kimg_resume if resumed else cfg.ada_kimg
+    return AdaptiveP(pipe, target=cfg.ada_target, interval=cfg.ada_interval, ada_kimg=kimg,
                      batch_size=batch_size)

@@ -1,14 +1,15 @@
 """Image datasets read from a folder or a zip of images, with optional labels from dataset.json."""
 import io
 import json
-import operator
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
-import torch
+
+from training.data.base import BaseDataset
+from training.data.synthetic import SyntheticDataset
 
 # File name endings (lower case) that are treated as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -132,7 +133,7 @@ def _subset(n: int, max_size, seed: int) -> np.ndarray:
 
 
 # A dataset of square power-of-two images stored in a folder (searched recursively) or a zip archive.
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(BaseDataset):
     """Images from a folder or a .zip, returned as (uint8 [C,H,W] array, float32 [label_dim] label).
 
     Layout: image files (.png/.jpg/.jpeg/.bmp/.webp) anywhere below the root; an optional root
@@ -284,61 +285,28 @@ class ImageDataset(torch.utils.data.Dataset):
     def raw_size(self) -> int:
         return len(self._fnames)
 
-    def __len__(self) -> int:
-        return len(self._raw_idx) * (2 if self.xflip else 1)
+    def _num_items(self) -> int:
+        return len(self._raw_idx)
 
-    @property
-    def resolution(self) -> int:
-        return self._res
+    def _raw_index(self, i: int) -> int:
+        return self._raw_idx[i]
 
-    @property
-    def num_channels(self) -> int:
-        return self._num_channels
+    # Decode one file in full, with every check, as uint8 [C,R,R] in the dataset's channel count.
+    def _raw_image(self, raw: int) -> np.ndarray:
+        img, _ = self._open_checked(self._fnames[raw], self._num_channels)
+        if self._num_channels == 1:
+            return np.asarray(img.convert("L"))[None]
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB")).transpose(2, 0, 1)
 
-    @property
-    def image_shape(self) -> list[int]:
-        return [self._num_channels, self._res, self._res]
+    def _label_size(self) -> int:
+        return 0 if self._labels is None else int(self._labels.shape[1])
 
-    @property
-    def label_shape(self) -> list[int]:
-        return [0 if self._labels is None else int(self._labels.shape[1])]
-
-    @property
-    def label_dim(self) -> int:
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self) -> bool:
-        return self.label_dim != 0
-
-    # Map a dataset index (including the mirrored half) to a raw file index.
-    def _raw(self, idx) -> int:
-        idx = operator.index(idx)
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} images")
-        return int(self._raw_idx[(idx % len(self)) % len(self._raw_idx)])
-
-    # The label of item `idx` (float32 [label_dim]; shape [0] when unlabeled).
-    def get_label(self, idx) -> np.ndarray:
-        raw = self._raw(idx)
-        if self._labels is None:
-            return np.zeros([0], dtype=np.float32)
+    def _raw_label(self, raw: int) -> np.ndarray:
         return self._labels[raw].copy()
 
     # The relative file name behind item `idx`.
     def get_fname(self, idx) -> str:
         return self._fnames[self._raw(idx)]
-
-    def __getitem__(self, idx):
-        raw = self._raw(idx)
-        img, kind = self._open_checked(self._fnames[raw], self._num_channels)
-        if self._num_channels == 1:
-            arr = np.asarray(img.convert("L"))[None]
-        else:
-            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB")).transpose(2, 0, 1)
-        if operator.index(idx) % len(self) >= len(self._raw_idx):
-            arr = arr[:, :, ::-1]
-        return np.ascontiguousarray(arr, dtype=np.uint8), self.get_label(idx)
 
 
 # Open a dataset by name: None, 'synthetic' or 'synthetic:<resolution>' give the embedded SyntheticDataset,
@@ -351,7 +319,6 @@ def open_dataset(path: str | None, **kwargs):
     """
     spec = None if path is None else os.fspath(path)
     if spec is None or spec == "synthetic" or spec.startswith("synthetic:"):
-        from training.data.synthetic import SyntheticDataset
         kwargs.pop("random_seed", None)
         if spec is not None and ":" in spec:
             text = spec.split(":", 1)[1]

@@ -3,7 +3,8 @@ import operator
 import threading
 
 import numpy as np
-import torch
+
+from training.data.base import BaseDataset
 
 # Shape classes, in label order; the first `num_classes` are used.
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
@@ -147,7 +148,7 @@ def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> 
 
 
 # The synthetic dataset with the same interface as ImageDataset: one large anti-aliased shape per image.
-class SyntheticDataset(torch.utils.data.Dataset):
+class SyntheticDataset(BaseDataset):
     """Deterministic procedurally generated RGB images, meant to be easy for a tiny GAN to learn.
 
     Image i shows shape class `i % num_classes` (disk, square, triangle, ring, cross, diamond) in a random
@@ -172,6 +173,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise ValueError(f"SyntheticDataset: max_size must be a positive int or None, got {max_size}")
         self.name = "synthetic"
         self._res = resolution
+        self._num_channels = 3
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         self._raw_size = int(num_images)
@@ -185,32 +187,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def raw_size(self) -> int:
         return self._raw_size
 
-    def __len__(self) -> int:
-        return self._n * (2 if self.xflip else 1)
+    def _num_items(self) -> int:
+        return self._n
 
-    @property
-    def resolution(self) -> int:
-        return self._res
-
-    @property
-    def num_channels(self) -> int:
-        return 3
-
-    @property
-    def image_shape(self) -> list[int]:
-        return [3, self._res, self._res]
-
-    @property
-    def label_shape(self) -> list[int]:
-        return [self.num_classes if self.use_labels else 0]
-
-    @property
-    def label_dim(self) -> int:
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self) -> bool:
-        return self.label_dim != 0
+    def _label_size(self) -> int:
+        return self.num_classes if self.use_labels else 0
 
     # A short string that changes whenever the images would (used by training/eval/metrics.py as a cache key).
     @property
@@ -222,22 +203,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def validate(self) -> None:
         return None
 
-    # Map a dataset index (including the mirrored half) to an image index.
-    def _raw(self, idx) -> int:
-        idx = operator.index(idx)
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} images")
-        return (idx % len(self)) % self._n
-
     # The shape class of item `idx`.
     def get_class(self, idx) -> int:
         return self._raw(idx) % self.num_classes
 
-    # The label of item `idx` (one-hot float32 [num_classes], or shape [0] without labels).
-    def get_label(self, idx) -> np.ndarray:
-        label = np.zeros(self.label_shape, dtype=np.float32)
-        if self.use_labels:
-            label[self.get_class(idx)] = 1
+    # One-hot float32 [num_classes] of the image's shape class.
+    def _raw_label(self, raw: int) -> np.ndarray:
+        label = np.zeros([self.num_classes], dtype=np.float32)
+        label[raw % self.num_classes] = 1
         return label
 
     # Pickled (for spawned DataLoader workers) without the cached images, which each process re-renders cheaply.
@@ -247,14 +220,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
             state["_cache"] = [None] * len(state["_cache"])
         return state
 
-    def __getitem__(self, idx):
-        raw = self._raw(idx)
+    # The image (rendered once, then cached while the dataset is small enough); items are copies of it.
+    def _raw_image(self, raw: int) -> np.ndarray:
         img = None if self._cache is None else self._cache[raw]
         if img is None:
             img = render(raw, self._res, self.num_classes, self.seed)
             if self._cache is not None:
                 self._cache[raw] = img
-        # Always hand out a fresh array, so callers cannot modify the cache.
-        if operator.index(idx) % len(self) >= self._n:
-            return np.ascontiguousarray(img[:, :, ::-1]), self.get_label(idx)
-        return img.copy(), self.get_label(idx)
+        return img

@@ -318,19 +318,14 @@ def load_detector_file(path: str, device=None) -> Detector:
     return Detector(net, "state_dict", name, sha, device)
 
 
-# Resolve and load the detector (see resolve_detector_path for the order); raises DetectorNotFound.
-# In multi-process runs rank 0 resolves (and downloads) alone and tells the others, so all ranks agree.
 def load_detector(path_or_url=None, cache_dir=None, device=None, allow_download=None) -> Detector:
-    found = None
-    if dist.is_main():
-        try:
-            found = ("path", resolve_detector_path(path_or_url, cache_dir, allow_download))
-        except DetectorNotFound as e:
-            found = ("error", str(e))
-    found = dist.broadcast_object(found)
-    if found[0] == "error":
-        raise DetectorNotFound(found[1])
-    path = found[1]
+    """Resolve and load the detector (see resolve_detector_path for the order); raises DetectorNotFound.
+
+    In multi-process runs rank 0 resolves (and downloads) alone and tells the others (dist.rank0_decides), so
+    that all ranks agree, or all raise its DetectorNotFound.
+    """
+    path = dist.rank0_decides(lambda: resolve_detector_path(path_or_url, cache_dir, allow_download),
+                              DetectorNotFound)
     if not os.path.isfile(path):  # another node without a shared file system: use its own copy
         path = resolve_detector_path(path_or_url, cache_dir, allow_download=False)
     return load_detector_file(path, device)

@@ -230,19 +230,13 @@ def load_files(kind: str, vgg_path: str, lin_path=None, device="cpu") -> Percept
     return Perceptual(net, "state_dict", f"{vgg_path} + {lin_path}", device)
 
 
-# Resolve and load LPIPS (see resolve_weights for the order); raises PerceptualWeightsNotFound.
-# In multi-process runs rank 0 resolves (and downloads) alone and tells the others.
 def load_lpips(vgg16=None, lpips_lin=None, cache_dir=None, device="cpu", allow_download=None) -> Perceptual:
-    found = None
-    if dist.is_main():
-        try:
-            found = ("ok", resolve_weights(vgg16, lpips_lin, cache_dir, allow_download))
-        except PerceptualWeightsNotFound as e:
-            found = ("error", str(e))
-    found = dist.broadcast_object(found)
-    if found[0] == "error":
-        raise PerceptualWeightsNotFound(found[1])
-    kind, vgg_path, lin_path = found[1]
+    """Resolve and load LPIPS (see resolve_weights for the order); raises PerceptualWeightsNotFound.
+
+    In multi-process runs rank 0 resolves (and downloads) alone and tells the others (dist.rank0_decides).
+    """
+    kind, vgg_path, lin_path = dist.rank0_decides(
+        lambda: resolve_weights(vgg16, lpips_lin, cache_dir, allow_download), PerceptualWeightsNotFound)
     if not os.path.isfile(vgg_path) or (lin_path and not os.path.isfile(lin_path)):
         kind, vgg_path, lin_path = resolve_weights(vgg16, lpips_lin, cache_dir, allow_download=False)
     return load_files(kind, vgg_path, lin_path, device)

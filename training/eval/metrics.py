@@ -3,7 +3,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import zipfile
 
@@ -13,6 +12,7 @@ import torch
 
 from training import dist
 from training.eval.inception import cache_root, full_fp32
+from training.io.files import atomic_write
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
 STATS_VERSION = 1
@@ -78,9 +78,9 @@ def kid(feat_r, feat_g, num_subsets: int = 100, max_subset_size: int = 1000, see
     return float(total / num_subsets)
 
 
-# Running feature statistics: mean and (population, 1/n) covariance merged batch by batch in float64
-# (Chan et al. 1979 pairwise update, stabler than raw sums), and/or all features (float32) for KID.
 class FeatureStats:
+    """Running feature statistics: mean and (population, 1/n) covariance merged batch by batch in float64
+    (Chan et al. 1979 pairwise update, stabler than raw sums), and/or all features (float32) for KID."""
     def __init__(self, capture_all: bool = False, capture_mean_cov: bool = True):
         self.capture_all, self.capture_mean_cov = capture_all, capture_mean_cov
         self.num_items, self.num_features = 0, None
@@ -128,8 +128,8 @@ class FeatureStats:
             raise ValueError("FeatureStats: no items")
         return self._mean.cpu().numpy().copy(), (self._m2 / self.num_items).cpu().numpy()
 
-    # Write to `path` atomically (temp file in the same folder, then os.replace); `meta` is stored as JSON.
     def save(self, path: str, meta: dict) -> None:
+        """Write to `path` atomically (training.io.files.atomic_write); `meta` is stored as JSON."""
         arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), "num_items": np.array(self.num_items),
                   "num_features": np.array(self.num_features or 0),
                   "capture_all": np.array(self.capture_all), "capture_mean_cov": np.array(self.capture_mean_cov)}
@@ -138,18 +138,7 @@ class FeatureStats:
             arrays["m2"] = self._m2.cpu().numpy()
         if self.capture_all:
             arrays["features"] = self.get_all()
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     # Read a file written by `save`; returns (stats, meta).
     @classmethod
@@ -475,12 +464,12 @@ def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
     return record
 
 
-# Track the best (lowest; both FID and KID) record per metric in <run_dir>/metric-<name>-best.json,
-# written atomically. Values are compared only at the same resolution: a record at a higher resolution than the
-# best replaces it, one at a lower resolution (an earlier progressive stage) never does; at the same resolution,
-# a record from another detector replaces it (numbers are not comparable), else the lower value wins. A record
-# without a resolution compares as the same resolution. Returns True when `record` is the new best.
 def update_best(run_dir: str, record: dict) -> bool:
+    """Keep the best (lowest: FID, KID) record per metric in <run_dir>/metric-<name>-best.json; True if `record` is.
+
+    Compared only at the same resolution: a record at a higher resolution than the best replaces it, one at a lower
+    resolution (an earlier progressive stage) never does; at the same, one from another detector replaces it (the
+    numbers are not comparable), else the lower value wins. No resolution compares as the same. Atomic write."""
     path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
     best = None
     if os.path.isfile(path):
@@ -493,10 +482,7 @@ def update_best(run_dir: str, record: dict) -> bool:
                 return False
         elif best.get("detector_hash") == record.get("detector_hash") and best["value"] <= record["value"]:
             return False
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".best-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, sort_keys=True, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(record, f, sort_keys=True, indent=1), mode="w")
     return True
 
 

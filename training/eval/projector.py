@@ -6,10 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from networks.generator import block_dtype
-from ops.bias_act import bias_act
-from ops.modulated_conv import modulated_conv2d
-from ops.upfirdn2d import upsample2d
+from training.eval.lpips import load_lpips
 
 LOSS_KINDS = ("lpips", "fallback")
 W_SPACES = ("w", "w+")
@@ -19,91 +16,10 @@ FALLBACK_LABEL = "fallback (pixel+D features), not LPIPS"
 W_STATS_SEED = 123
 
 
-# The synthesis layers that take noise, in order, named 'b{res}.conv{0,1}' (their buffer is
-# 'synthesis.<name>.noise_const').
-def noise_layers(G) -> list:
-    out = []
-    for res in G.synthesis.block_resolutions:
-        block = getattr(G.synthesis, f"b{res}")
-        for conv in ("conv0", "conv1"):
-            layer = getattr(block, conv, None)
-            if layer is not None and layer.use_noise:
-                out.append((f"b{res}.{conv}", layer))
-    return out
-
-
-# G's own constant noise as per-sample maps [N, 1, res, res]: with these, synthesis_with_noise equals
-# G.synthesis(ws, noise_mode='const').
-def const_noise_maps(G, n: int) -> dict:
-    return {name: layer.noise_const.reshape(1, 1, *layer.noise_const.shape).expand(n, 1, -1, -1)
-            for name, layer in noise_layers(G)}
-
-
-# One SynthesisLayer with an explicit per-sample noise map (or none), the same computation as its forward.
-def _layer_forward(layer, x, w, noise_map, fused_modconv, gain=1):
-    styles = layer.affine(w)
-    noise = noise_map * layer.noise_strength if (layer.use_noise and noise_map is not None) else None
-    x = modulated_conv2d(x, layer.weight, styles, noise=noise, up=layer.up, padding=layer.padding,
-                         resample_filter=layer.resample_filter, flip_weight=(layer.up == 1),
-                         fused_modconv=fused_modconv)
-    act_clamp = layer.conv_clamp * gain if layer.conv_clamp is not None else None
-    return bias_act(x, layer.bias.to(x.dtype), act=layer.activation, gain=layer.act_gain * gain, clamp=act_clamp)
-
-
-# One SynthesisBlock with explicit noise maps, the same computation as its forward (orig/skip/resnet).
-def _block_forward(block, name, x, img, ws, noise_maps, fused_modconv):
-    w_iter = iter(ws.unbind(dim=1))
-    dtype = block_dtype(block.use_fp16, ws, False)
-    if fused_modconv is None:
-        fused_modconv = (not block.training) and (dtype == torch.float32 or ws.shape[0] == 1)
-    noise = lambda conv: noise_maps.get(f"{name}.{conv}")  # noqa: E731
-    if block.in_channels == 0:
-        x = block.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
-        x = _layer_forward(block.conv1, x, next(w_iter), noise("conv1"), fused_modconv)
-    elif block.architecture == "resnet":
-        x = x.to(dtype)
-        y = block.skip(x, gain=np.sqrt(0.5))
-        x = _layer_forward(block.conv0, x, next(w_iter), noise("conv0"), fused_modconv)
-        x = _layer_forward(block.conv1, x, next(w_iter), noise("conv1"), fused_modconv, gain=np.sqrt(0.5))
-        x = y + x
-    else:
-        x = x.to(dtype)
-        x = _layer_forward(block.conv0, x, next(w_iter), noise("conv0"), fused_modconv)
-        x = _layer_forward(block.conv1, x, next(w_iter), noise("conv1"), fused_modconv)
-    if hasattr(block, "attn"):  # Self-attention after conv1 (model.attention_g), as SynthesisBlock does.
-        x = block.attn(x)
-    if img is not None:
-        img = upsample2d(img, block.resample_filter)
-    if block.is_last or block.architecture == "skip":
-        y = block.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
-        img = img + y if img is not None else y
-    return x, img
-
-
-# G.synthesis(ws) with per-sample noise maps {name: [N, 1, res, res]} (names from noise_layers; a missing
-# name means no noise there). networks/ stays untouched: the block/layer walk is repeated here.
-def synthesis_with_noise(G, ws: torch.Tensor, noise_maps: Optional[dict] = None,
-                         fused_modconv: Optional[bool] = None) -> torch.Tensor:
-    syn = G.synthesis
-    if ws.ndim != 3 or ws.shape[1:] != (syn.num_ws, syn.w_dim):
-        raise ValueError(f"synthesis_with_noise: expected ws of shape [N, {syn.num_ws}, {syn.w_dim}], "
-                         f"got {tuple(ws.shape)}")
-    noise_maps = noise_maps or {}
-    ws = ws.to(torch.float32)
-    x = img = None
-    w_idx = 0
-    for res in syn.block_resolutions:
-        block = getattr(syn, f"b{res}")
-        cur = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
-        w_idx += block.num_conv
-        x, img = _block_forward(block, f"b{res}", x, img, cur, noise_maps, fused_modconv)
-    return img
-
-
-# w_avg [w_dim] and the scalar w_std (RMS distance to w_avg) from `num_samples` mapped z (RandomState(123)).
 @torch.no_grad()
 def compute_w_stats(G, num_samples: int = 10000, c: Optional[torch.Tensor] = None, device=None,
                     chunk: int = 2000):
+    """w_avg [w_dim] and the scalar w_std (RMS distance to w_avg) from `num_samples` mapped z (RandomState(123))."""
     device = device or next(G.parameters()).device
     z = torch.from_numpy(np.random.RandomState(W_STATS_SEED).randn(num_samples, G.z_dim)).float()
     ws = []
@@ -117,23 +33,24 @@ def compute_w_stats(G, num_samples: int = 10000, c: Optional[torch.Tensor] = Non
     return w_avg, w_std
 
 
-# Learning rate at t = step / num_steps: linear ramp-up over `rampup`, cosine ramp-down over the last `rampdown`.
 def learning_rate(t: float, initial_lr: float = 0.1, rampup: float = 0.05, rampdown: float = 0.25) -> float:
+    """Learning rate at t = step / num_steps: linear ramp-up over `rampup`, cosine ramp-down over the last
+    `rampdown`."""
     ramp = min(1.0, (1.0 - t) / rampdown) if rampdown > 0 else 1.0
     ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
     ramp = ramp * (min(1.0, t / rampup) if rampup > 0 else 1.0)
     return initial_lr * ramp
 
 
-# Latent noise scale at t: w_std * initial_noise_factor * max(0, 1 - t / noise_ramp_length)^2.
 def latent_noise_scale(t: float, w_std: float, initial_noise_factor: float = 0.05,
                        noise_ramp_length: float = 0.75) -> float:
+    """Latent noise scale at t: w_std * initial_noise_factor * max(0, 1 - t / noise_ramp_length)^2."""
     return w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp_length) ** 2
 
 
-# Per-sample noise regularization [N]: squared autocorrelation at shift 1 in x and y, over a pyramid of the
-# maps (average-pooled by 2 until 8 px), summed over layers and levels.
 def noise_regularization(noise_maps) -> torch.Tensor:
+    """Per-sample noise regularization [N]: squared autocorrelation at shift 1 in x and y, over a pyramid of the maps
+    (average-pooled by 2 until 8 px), summed over layers and levels."""
     total = 0
     for v in (noise_maps.values() if isinstance(noise_maps, dict) else noise_maps):
         x = v
@@ -146,16 +63,17 @@ def noise_regularization(noise_maps) -> torch.Tensor:
     return total
 
 
-# Make each sample's noise map zero-mean, unit-variance, in place.
 @torch.no_grad()
 def renormalize_noise_(noise_maps: dict) -> None:
+    """Make each sample's noise map zero-mean, unit-variance, in place."""
     for v in noise_maps.values():
         v.sub_(v.mean(dim=[1, 2, 3], keepdim=True))
         v.mul_(v.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt())
 
 
-# Activations of D's resolution blocks (not the epilogue, whose minibatch-std mixes samples), for feature matching.
 def d_block_features(D, img: torch.Tensor) -> list:
+    """Activations of D's resolution blocks (not the epilogue, whose minibatch-std mixes samples), for feature
+    matching."""
     feats = []
     x = None
     for res in D.block_resolutions:
@@ -164,16 +82,19 @@ def d_block_features(D, img: torch.Tensor) -> list:
     return feats
 
 
-# The documented fallback loss, per sample [N]: sum over a pyramid (average-pooled by 2 down to 8 px) of pixel
-# MSE + L1 on [-1, 1] images, plus, when D is given, the mean over D's blocks of the feature MSE.
 class FallbackLoss:
+    """The documented fallback loss, per sample [N]: sum over a pyramid (average-pooled by 2 down to 8 px) of pixel MSE
+    + L1 on [-1, 1] images, plus, when D is given, the mean over D's blocks of the feature MSE."""
+
     def __init__(self, D=None):
         self.D = D
 
     def features(self, img: torch.Tensor) -> dict:
+        """What distance compares, for images in [-1, 1]: the images and D's block activations."""
         return {"img": img, "d": d_block_features(self.D, img) if self.D is not None else []}
 
     def distance(self, a: dict, b: dict) -> torch.Tensor:
+        """The loss [N] between two results of features."""
         x, y = a["img"], b["img"]
         total = 0
         while True:
@@ -188,8 +109,9 @@ class FallbackLoss:
         return total
 
 
-# Images in [0, 255] as LPIPS wants them: RGB, area-downsampled to 256 px when larger (as the published projector).
 def lpips_input(img_0_255: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 255] as LPIPS wants them: RGB, area-downsampled to 256 px when larger (as the published
+    projector)."""
     if img_0_255.shape[1] == 1:
         img_0_255 = img_0_255.repeat(1, 3, 1, 1)
     if img_0_255.shape[2] > 256:
@@ -197,10 +119,10 @@ def lpips_input(img_0_255: torch.Tensor) -> torch.Tensor:
     return img_0_255
 
 
-# Refuse a generator at a progressive stage below full resolution or mid-fade (e.g. from a snapshot taken during
-# the schedule): the projector renders the full-resolution synthesis, which such a G is not trained to match.
-# `source` names where G came from (the snapshot) in the error.
 def check_full_resolution(G, source: str = "G") -> None:
+    """Refuse a generator at a progressive stage below full resolution or mid-fade (e.g. from a snapshot taken during
+    the schedule): the projector renders the full-resolution synthesis, which such a G is not trained to match. `source`
+    names where G came from (the snapshot) in the error."""
     res, alpha = getattr(G, "stage", (G.img_resolution, 1.0))
     if res < G.img_resolution or alpha < 1:
         raise ValueError(f"{source}: taken during the progressive schedule at stage {res} px (fade {alpha:.2f}) of "
@@ -226,16 +148,18 @@ def _prepare_targets(G, targets) -> torch.Tensor:
     return t.float()
 
 
-# Optimize one w (W: one w broadcast to all num_ws; W+: one per layer) and per-layer noise maps per target so that
-# G reproduces the targets, with the published schedule. All N targets are optimized together, each with its own
-# parameters and its own RNG (torch.Generator seeded by seed + indices[i]), so a batch equals single runs.
-# Returns dict(w [N, num_ws, w_dim], noise {name: [N,1,r,r]}, dist [N], reg [N], w_avg, w_std, loss_kind).
-# fused_modconv defaults to False: the backward of the grouped convolution is ~30x slower on CPU.
 def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: float = 0.1,
             lr_rampup: float = 0.05, lr_rampdown: float = 0.25, initial_noise_factor: float = 0.05,
             noise_ramp_length: float = 0.75, regularize_noise_weight: float = 1e5, w_avg_samples: int = 10000,
             loss: str = "lpips", perceptual=None, D=None, seed: int = 0, indices=None, c=None, device=None,
             progress: Optional[Callable] = None, w_stats=None, fused_modconv: bool = False) -> dict:
+    """Optimize one w (W: one w broadcast to all num_ws; W+: one per layer) and per-layer noise maps per target so that
+    G reproduces the targets, with the published schedule. All N targets are optimized together, each with its own
+    parameters and its own RNG (torch.Generator seeded by seed + indices[i]), so a batch equals single runs. Returns
+    dict(w [N, num_ws, w_dim], noise {name: [N,1,r,r]}, dist [N], reg [N], w_avg, w_std, loss_kind), the noise
+    keyed as G.synthesis's `noise` (each step renders G.synthesis(ws, noise=noise), so spectral norm, attention and
+    every architecture are G's own). fused_modconv defaults to False: the backward of the grouped
+    convolution is ~30x slower on CPU."""
     check_full_resolution(G, "project: G")
     if w_space not in W_SPACES:
         raise ValueError(f"project: w_space must be one of {W_SPACES}, got {w_space!r}")
@@ -253,7 +177,6 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
 
     if loss == "lpips":
         if perceptual is None:
-            from training.eval.lpips import load_lpips
             perceptual = load_lpips(device=device)
         crit = perceptual
         to_input = lambda img_m1_1: lpips_input((img_m1_1 + 1) * 127.5)  # noqa: E731
@@ -272,9 +195,8 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
         w_avg = w_avg.to(device).float()
         num_w = 1 if w_space == "w" else G.num_ws
         w_opt = w_avg.reshape(1, 1, -1).repeat(n, num_w, 1).clone().requires_grad_(True)
-        layers = noise_layers(G)
-        noise = {}
-        for name, layer in layers:
+        noise = {}  # The optimized per-sample maps, {'b{res}.conv{0,1}': [N, 1, res, res]} as G.synthesis takes them.
+        for name, layer in G.synthesis.noise_layers():
             r = layer.resolution
             noise[name] = torch.stack([torch.randn([1, r, r], generator=g) for g in gens]).to(device)
             noise[name].requires_grad_(True)
@@ -291,7 +213,7 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
             scale = latent_noise_scale(t, w_std, initial_noise_factor, noise_ramp_length)
             w_noise = torch.stack([torch.randn(w_opt.shape[1:], generator=g) for g in gens]).to(device) * scale
             ws = (w_opt + w_noise).expand(n, G.num_ws, -1) if num_w == 1 else w_opt + w_noise
-            synth = synthesis_with_noise(G, ws, noise, fused_modconv=fused_modconv)
+            synth = G.synthesis(ws, noise=noise, noise_mode="none", fused_modconv=fused_modconv)
             dist = crit.distance(target_feats, crit.features(to_input(synth)))
             reg = noise_regularization(noise)
             total = dist + reg * regularize_noise_weight
@@ -316,8 +238,8 @@ def project(G, targets, num_steps: int = 1000, w_space: str = "w", initial_lr: f
                 w_avg=w_avg.cpu(), w_std=w_std, loss_kind=loss_kind)
 
 
-# PSNR in dB per image [N] of uint8 images (255 peak); identical images give 10*log10(255^2 / 1e-10).
 def psnr(a, b) -> np.ndarray:
+    """PSNR in dB per image [N] of uint8 images (255 peak); identical images give 10*log10(255^2 / 1e-10)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
@@ -331,11 +253,11 @@ def _gaussian(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-# SSIM (Wang et al. 2004) per image [N] of uint8 [N, C, H, W] images: gaussian window 11 (sigma 1.5), K1 0.01,
-# K2 0.03, L 255, population statistics, over the valid region (no padding), averaged over channels; this is
-# skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255).
-# Images smaller than 11 px use the largest odd window that fits.
 def ssim(a, b, win: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """SSIM (Wang et al. 2004) per image [N] of uint8 [N, C, H, W] images: gaussian window 11 (sigma 1.5), K1 0.01, K2
+    0.03, L 255, population statistics, over the valid region (no padding), averaged over channels; this is skimage's
+    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255). Images smaller
+    than 11 px use the largest odd window that fits."""
     x = torch.tensor(np.asarray(a), dtype=torch.float64)
     y = torch.tensor(np.asarray(b), dtype=torch.float64)
     if x.shape != y.shape or x.ndim != 4:

@@ -1,25 +1,28 @@
 """Snapshots (G, D, G_ema as safetensors + JSON) and full training state, written atomically, loaded without code."""
-import errno
 import hashlib
 import json
-import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from networks.discriminator import Discriminator
+from networks.generator import Generator
+from training.io import official
+# atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
+from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
 
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d{6})\.safetensors$")
 STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
-# The process umask (mkstemp creates files 0600; finished checkpoints get the usual 0666 & ~umask).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-TEMP_RE = re.compile(r"^\.(training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors)\..*\.tmp$")
+# Temporary files of atomic writes of checkpoints (see training.io.files.temp_pattern).
+TEMP_RE = temp_pattern(r"training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors")
 
 
 # A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code.
@@ -28,37 +31,8 @@ class CheckpointError(ValueError):
 
 
 # Writing a checkpoint failed (disk full, permissions, I/O error); the files that were there before are intact.
-class CheckpointWriteError(OSError):
-    pass
-
-
-# Write `path` through a temporary file in the same folder, flushed and fsynced, then renamed over the target, so
-# that a crash leaves either the old file or the complete new one. An OSError (disk full, ...) removes the
-# temporary file and becomes a CheckpointWriteError naming the file.
-def atomic_write(path, write_fn) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-            what = "disk full" if e.errno == errno.ENOSPC else "write failed"
-            raise CheckpointWriteError(e.errno, f"{path}: {what} ({e.strerror or e}); this file was not "
-                                                f"written, and the files written before (previous checkpoints) "
-                                                f"are intact") from e
-        raise
+# It is the error of every atomic write (training.io.files.FileWriteError), under the name callers know.
+CheckpointWriteError = FileWriteError
 
 
 # A network's state dict as contiguous CPU tensors (safetensors refuses shared or strided storage).
@@ -68,7 +42,6 @@ def _cpu_state(module) -> dict:
 
 # Save G, D and G_ema (unwrapped modules) with their constructor arguments and the resolved config as metadata.
 def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optional[dict] = None) -> None:
-    from safetensors.torch import save
     tensors = {}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         if net is not None:
@@ -79,21 +52,20 @@ def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optio
             meta[f"{name}_kwargs"] = json.dumps(net.init_kwargs)
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
-    atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
+    atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
-# Build G, D, G_ema from a snapshot (ganforge .safetensors, or an official .pkl through the safe importer).
-# Returns dict(G, D, G_ema, config, meta); networks absent from the file are None.
 def load_snapshot(path, device="cpu") -> dict:
+    """Build G, D, G_ema from a snapshot: a ganforge .safetensors, or an official .pkl through the safe importer.
+
+    Returns dict(G, D, G_ema, config, meta); networks absent from the file are None. A network whose tensors do
+    not fit the architecture recorded with it is a ValueError naming the file and the keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"snapshot not found: {path}")
     if path.suffix == ".pkl":
-        from training.io import official
         return official.build_networks(path, device=device)
-    from safetensors import safe_open
-    from networks.discriminator import Discriminator
-    from networks.generator import Generator
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -111,10 +83,7 @@ def load_snapshot(path, device="cpu") -> dict:
         net = cls(**json.loads(meta[f"{name}_kwargs"]))
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: {name} does not match its recorded architecture "
-                             f"(missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
+        load_strict(net, state, f"{path}: {name} (built from its recorded architecture)")
         out[name] = net.eval().requires_grad_(False).to(device)
         stage = out["meta"].get("stage")
         if stage is not None:  # Taken during a progressive stage: generate (and judge) at that stage.
@@ -174,14 +143,14 @@ def state_digest(state: dict) -> str:
 
 # Save the full training state (a dict of tensors and plain data) for `torch.load(weights_only=True)`, with the
 # sha256 of its content inside.
-def save_state(path, state: dict) -> None:
+def write_state_file(path, state: dict) -> None:
     state = dict(state, sha256=state_digest(state))
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 # Load a training state without executing code (weights_only refuses any pickle that carries code) and verify its
 # checksum; raises CheckpointError naming the file and what is wrong with it.
-def load_state(path) -> dict:
+def read_state_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training state not found")
@@ -220,7 +189,7 @@ def newest_intact_state(run_dir, log=print):
     bad = []
     for _, path in list_states(run_dir):
         try:
-            state = load_state(path)
+            state = read_state_file(path)
         except CheckpointError as e:
             log(f"Warning: skipping {path}: {e}")
             bad.append(str(e))

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from training.io.checkpoint import atomic_write
+from training.io.files import atomic_write
 
 
 # Float images in [-1, 1] (N, C, H, W) to uint8 (N, H, W, C) numpy.

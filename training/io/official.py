@@ -1,7 +1,6 @@
 """Import official StyleGAN2-ADA / StyleGAN3 network pickles as plain data, never importing or running their code."""
 import collections
 import io
-import json
 import os
 import pickle
 import re
@@ -9,6 +8,10 @@ import warnings
 
 import numpy as np
 import torch
+
+from networks.discriminator import Discriminator
+from networks.generator import Generator
+from training.io.files import load_strict
 
 
 # Raised when a pickle asks for anything outside the short list of globals the official format needs.
@@ -447,26 +450,13 @@ def official_to_ganforge(record, where='network'):
     return kind, config, state_dict, renamed
 
 
-# Load `state_dict` into `module` strictly, with an error listing missing, unexpected and mis-shaped keys.
-def _load_strict(module, state_dict, where):
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f'{k}: file {tuple(v.shape)} vs ganforge {tuple(expected[k].shape)}' for k, v in state_dict.items()
-              if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise OfficialFormatError(f'{where}: state dict does not match ganforge\'s network: missing {missing[:8]}, '
-                                  f'unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}')
-    module.load_state_dict(state_dict, strict=True)
-    return module
-
-
-# Build ganforge G, D and G_ema (eval mode, no grad, on `device`) from an official pickle, in load_snapshot's shape:
-# {'G', 'D', 'G_ema': module | None, 'config': {source, G_kwargs, D_kwargs, renamed, training_set_kwargs, ...},
-#  'meta': {'<net>_kwargs': constructor kwargs}}.
 def build_networks(path, device='cpu'):
-    from networks.discriminator import Discriminator
-    from networks.generator import Generator
+    """Build ganforge G, D and G_ema (eval mode, no grad, on `device`) from an official pickle.
+
+    Returns load_snapshot's shape: {'G', 'D', 'G_ema': module | None, 'config': {source, G_kwargs, D_kwargs,
+    renamed, training_set_kwargs, ...}, 'meta': {'<net>_kwargs': constructor kwargs}}. A state dict that does not
+    fit the network its kwargs describe is an OfficialFormatError listing the keys.
+    """
     data = load_official_pkl(path)
     config = {'source': os.path.basename(os.fspath(path)), 'source_format': 'official StyleGAN2 network pickle',
               'training_set_kwargs': data['training_set_kwargs'], 'renamed': {}}
@@ -479,18 +469,7 @@ def build_networks(path, device='cpu'):
         where = f'{os.fspath(path)} [{key}]'
         kind, kwargs, state_dict, renamed = official_to_ganforge(record, where)
         net = (Generator if kind == 'G' else Discriminator)(**kwargs)
-        out[key] = _load_strict(net, state_dict, where).eval().requires_grad_(False).to(device)
+        out[key] = load_strict(net, state_dict, where, OfficialFormatError).eval().requires_grad_(False).to(device)
         config[f'{kind}_kwargs'] = out['meta'][f'{key}_kwargs'] = kwargs
         config['renamed'].update({f'{key}.{k}': v for k, v in renamed.items()})
     return out
-
-
-# Convert an official pickle into a ganforge snapshot at `out_path` (via training.io.checkpoint.save_snapshot);
-# returns the build_networks() result so callers can report the config and any renamed keys.
-def convert(in_pkl, out_path):
-    from training.io.checkpoint import save_snapshot
-    nets = build_networks(in_pkl)
-    # The snapshot stores the config as JSON: numpy arrays (e.g. in training_set_kwargs) become lists.
-    config = json.loads(json.dumps(nets['config'], default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
-    save_snapshot(out_path, nets['G'], nets['D'], nets['G_ema'], config)
-    return nets

@@ -1,12 +1,12 @@
 """Where pretrained weight files come from: explicit path, environment, cache, or an atomic download."""
 import hashlib
 import os
-import tempfile
 import zipfile
 
 import torch
 
 from training import dist
+from training.io.files import atomic_open
 
 
 # The cache root: $GANFORGE_CACHE or ~/.cache/ganforge.
@@ -37,16 +37,18 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-# Download `url` into `cache_dir` atomically (temporary file in the same folder, then os.replace); returns the path.
 def download(url: str, cache_dir: str) -> str:
-    os.makedirs(cache_dir, exist_ok=True)
+    """Download `url` into `cache_dir` under its own name, atomically (training.io.files.atomic_open); its path.
+
+    The downloader writes the temporary file by path; a failed download leaves nothing behind and raises its own
+    error, a failed commit (disk full, ...) a FileWriteError.
+    """
     dst = os.path.join(cache_dir, os.path.basename(url.split("?")[0]))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-", suffix=".tmp")
-    os.close(fd)
+    out = atomic_open(dst)
     try:
-        torch.hub.download_url_to_file(url, tmp, progress=dist.is_main())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        torch.hub.download_url_to_file(url, os.fspath(out.temp_path), progress=dist.is_main())
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
     return dst

@@ -1,0 +1,135 @@
+"""TrainState: a symmetric save/load round trip with every field compared, and states written by earlier versions."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from networks.factory import build_networks
+from training.config import AugConfig, ModelConfig, TrainConfig
+from training.data.augment import make_adaptive_p, make_augment_pipe
+from training.loss import StyleGAN2Loss
+from training.phases import make_phases
+from training.state import Counters, ResumeError, TrainState
+
+ROOT = Path(__file__).resolve().parents[1]
+# A training state written by ganforge at commit d85b71e (before TrainState existed), with the overrides below.
+LEGACY = ROOT / "tests/data/training-state-d85b71e.pt"
+LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolution=16", "data.num_images=64",
+               "model.channel_base=64", "model.channel_max=8", "model.z_dim=8", "model.w_dim=8", "model.map_layers=1",
+               "metrics=none", "train.ops_impl=ref", "aug=ada", "aug.p=0.1", "train.cpu_threads=1",
+               "train.tick_kimg=0.008"]
+
+
+# A TrainState for `config` (a plain config dict, as stored in training states) at 16 px: networks from `seed`,
+# phases, loss, ADA.
+def make_state(config: dict, seed: int) -> TrainState:
+    model, train = ModelConfig(**config["model"]), TrainConfig(**config["train"])
+    aug = AugConfig(**{k: v for k, v in config["aug"].items() if k in {f.name for f in dataclasses.fields(AugConfig)}})
+    torch.manual_seed(seed)
+    G, D, G_ema = build_networks(model, 16, 3, 0)
+    loss = StyleGAN2Loss(G, D, r1_gamma=train.r1_gamma, pl_weight=train.pl_weight)
+    phases = make_phases(G, D, train, use_pl=train.pl_weight != 0, use_r1=loss.has_d_reg)
+    pipe = make_augment_pipe(aug)
+    ada = make_adaptive_p(aug, pipe, batch_size=train.batch_size)
+    return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=config)
+
+
+# Every tensor and value of two nested structures, compared exactly; returns how many tensors were compared.
+def assert_same(a, b, path="state") -> int:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+        return 1
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        return sum(assert_same(a[k], b[k], f"{path}.{k}") for k in a)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        return sum(assert_same(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+    return 0
+
+
+# The legacy state's config, for building a matching TrainState.
+@pytest.fixture(scope="module")
+def legacy():
+    return torch.load(LEGACY, map_location="cpu", weights_only=True)
+
+
+# state_dict -> load_state_dict -> state_dict gives back every field: networks, both Adams (after real steps),
+# counters, path-length mean, ADA's p, r_t and pending statistic, the pipe's buffer, the stage, the config; the RNG
+# state saved for this rank comes back as the one to start from. A state from other weights loads over it.
+def test_train_state_round_trip(legacy):
+    config = json.loads(legacy["config"])
+    a = make_state(config, seed=1)
+    for ph in a.phases:  # real optimizer state: one Adam step on every parameter
+        for p in ph.module.parameters():
+            p.grad = torch.randn_like(p)
+        ph.opt.step()
+    a.counters = Counters(cur_nimg=1234, cur_tick=5, batch_idx=77, tick_start_nimg=1000, skipped_steps=2,
+                          sampler_pos=616, metrics_nimg=800, nonfinite_streak=1)
+    a.loss.pl_mean.fill_(0.375)
+    a.ada.accumulate(torch.tensor([1.0, -2.0, 3.0]))
+    a.ada.update(3.0, 4)
+    a.ada.accumulate(torch.tensor([0.5, 0.25]))
+    a.stage = {"resolution": 8, "alpha": 0.5}
+    saved = a.state_dict()
+    assert {"G", "D", "G_ema", "opt", "phases", "counters", "pl_mean", "rng", "fingerprints", "world_size", "config",
+            "config_requested", "augment_pipe", "ada", "stage", "format", "version"} == set(saved)
+
+    b = make_state(config, seed=2)
+    b.stage = {"resolution": 16, "alpha": 1.0}
+    assert not torch.equal(next(b.G.parameters()), next(a.G.parameters()))
+    b.load_state_dict(saved, "round trip")
+    again = b.state_dict()
+    assert_same(b.rng, saved["rng"][0], "rng")
+    saved.pop("rng"), again.pop("rng")  # the RNG of the moment, not a field that loads into the networks
+    assert assert_same(saved, again) > 50
+    assert b.counters == a.counters and b.ada.p == a.ada.p and b.stage == a.stage
+
+
+# A state whose networks do not match the model, or which lacks a field, is refused naming the file and the part.
+def test_train_state_refuses_mismatches(legacy):
+    config = json.loads(legacy["config"])
+    saved = make_state(config, seed=1).state_dict()
+    wider = dict(config, model=dict(config["model"], channel_max=16))
+    with pytest.raises(ResumeError, match=r"x.pt: G: .*mis-shaped keys \[synthesis.b4.const: file \(8, 4, 4\) vs network \(16, 4, 4\)"):
+        make_state(wider, seed=1).load_state_dict(saved, "x.pt")
+    with pytest.raises(ResumeError, match=r"x.pt: not a ganforge training state \(no pl_mean\)"):
+        make_state(config, seed=1).load_state_dict({k: v for k, v in saved.items() if k != "pl_mean"}, "x.pt")
+    tampered = dict(saved, fingerprints=[{**saved["fingerprints"][0], "D": "0" * 64}])
+    with pytest.raises(ResumeError, match="x.pt: the loaded D do not reproduce"):
+        make_state(config, seed=1).load_state_dict(tampered, "x.pt")
+
+
+# A training state written by ganforge before TrainState (commit d85b71e) loads field by field, and saving it
+# again gives back every field it had.
+def test_loads_a_state_written_by_an_earlier_version(legacy):
+    state = make_state(json.loads(legacy["config"]), seed=3)
+    state.load_state_dict(legacy, LEGACY.name)
+    assert state.counters == Counters(**legacy["counters"])
+    assert state.ada.p == legacy["ada"]["p"] and float(state.loss.pl_mean) == float(legacy["pl_mean"])
+    again = state.state_dict()
+    for key in ("G", "D", "G_ema", "opt", "counters", "pl_mean", "augment_pipe", "ada", "world_size", "phases",
+                "fingerprints"):
+        assert_same(again[key], legacy[key], key)
+    assert json.loads(again["config"]) == json.loads(legacy["config"])
+
+
+# ... and the training script continues that run from it.
+def test_training_resumes_from_an_earlier_version(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(LEGACY, run / "training-state-000000.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *LEGACY_ARGS, "train.kimg=0.032",
+                           "run_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in proc.stdout
+    final = torch.load(run / "training-state-000000.pt", weights_only=True)
+    assert final["counters"]["cur_nimg"] == 32 and final["format"] == "ganforge-training-state"

@@ -1,0 +1,167 @@
+"""Where a run starts from (its own newest state, resume=, or scratch), which config changes a resume allows, and
+the run directory's own files (config.yaml/json, stats.jsonl) around a resume."""
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from training import dist
+from training.io import checkpoint as ckpt
+from training.io.files import atomic_write, load_strict
+from training.state import ResumeError
+
+# Config keys that may change when a run resumes (lengths, intervals, logging, metrics, resources); a key ending
+# in '.' stands for its whole group. Every other change is refused with a diff.
+SAFE_KEYS = ("train.kimg", "train.tick_kimg", "train.snap", "train.image_snap", "train.cpu_threads", "train.keep",
+             "train.max_nonfinite", "train.tf32", "data.num_workers", "log.", "metrics.")
+
+# Keys that say where a run lives, not what it trains.
+IGNORED_KEYS = ("run_dir", "resume", "outdir")
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """A nested config dict as {'group.key': value}."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_KEYS)
+
+
+def config_changes(old: dict, new: dict):
+    """Differences between the config a checkpoint was trained with and the current one (plain dicts), as
+    'key: old → new' lines: (refused, allowed). Keys that only one side has (added or removed by a newer
+    ganforge) are allowed."""
+    a, b = flatten(old), flatten(new)
+    refused, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in IGNORED_KEYS or a.get(key, None) == b.get(key, None):
+            continue
+        if key not in a or key not in b:
+            allowed.append(f"{key}: {a.get(key, '(absent)')!r} → {b.get(key, '(absent)')!r}")
+            continue
+        line = f"{key}: {a[key]!r} → {b[key]!r}"
+        (allowed if _is_safe(key) else refused).append(line)
+    return refused, allowed
+
+
+def check_config(old: dict, new: dict, source) -> list:
+    """Refuse to resume `source` under a config that changes what is trained; returns the allowed changes."""
+    refused, allowed = config_changes(old, new)
+    if refused:
+        raise ResumeError(
+            f"{source}: the config differs from the one this checkpoint was trained with:\n  " +
+            "\n  ".join(refused) +
+            f"\nOnly these keys may change on resume: "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in SAFE_KEYS)}."
+            f"\nUndo the change to continue this run, or start a new run (another run_dir) with "
+            f"resume=<network-snapshot>.safetensors to start from its weights only.")
+    return allowed
+
+
+def resolve_resume(resume, run_dir, log=print) -> dict:
+    """Where to start (this rank decides alone): {'kind': 'fresh'}, {'kind': 'state', 'path', 'state'} (full
+    resume) or {'kind': 'weights', 'path'} (G, D, G_ema only). The run directory's own newest intact checkpoint
+    wins, so that rerunning the same command continues the run; `resume` (the resume= setting) is used when there
+    is none."""
+    run_dir = Path(run_dir)
+    if resume == "none":
+        existing = [p.name for _, p in ckpt.list_states(run_dir)]
+        existing += sorted(p.name for p in run_dir.glob("network-snapshot-*.safetensors"))
+        if existing:
+            raise ResumeError(f"{run_dir} already holds checkpoints ({', '.join(existing[:3])}"
+                              f"{', ...' if len(existing) > 3 else ''}); resume=none refuses to overwrite a run: "
+                              f"choose another run_dir, or leave out resume=none to continue this one")
+        return {"kind": "fresh"}
+    own = ckpt.newest_intact_state(run_dir, log)
+    if own is not None:
+        if resume is not None:
+            log(f"{run_dir} holds its own checkpoints: continuing from {own[0]} (resume={resume} is only used "
+                f"to start a run)")
+        return {"kind": "state", "path": str(own[0]), "state": own[1]}
+    if resume is None:
+        return {"kind": "fresh"}
+    path = Path(os.path.expanduser(str(resume)))
+    expected = "a training-state-*.pt, a run directory, a network-snapshot .safetensors, an official .pkl, or none"
+    if not path.exists():
+        raise ResumeError(f"resume={resume}: no such file or directory (expected {expected})")
+    if path.is_dir():
+        found = ckpt.newest_intact_state(path, log)
+        if found is None:
+            raise ResumeError(f"resume={resume}: no training-state-*.pt in this directory (expected {expected})")
+        return {"kind": "state", "path": str(found[0]), "state": found[1]}
+    if path.suffix in (".safetensors", ".pkl"):
+        return {"kind": "weights", "path": str(path)}
+    if path.suffix == ".pt":
+        return {"kind": "state", "path": str(path), "state": ckpt.read_state_file(path)}
+    raise ResumeError(f"resume={resume}: unknown file type {path.suffix!r} (expected {expected})")
+
+
+def resolve_resume_all(resume, run_dir, log=print) -> dict:
+    """resolve_resume on rank 0, shared with every rank (an error on rank 0 is raised on every rank); every rank
+    then loads the same file."""
+    full = {}
+
+    def decide():
+        full.update(resolve_resume(resume, run_dir, log))
+        return {k: v for k, v in full.items() if k != "state"}  # the decision, not the tensors
+    shared = dist.rank0_decides(decide, ResumeError, ckpt.CheckpointError)
+    if dist.is_main():
+        return full
+    plan = dict(shared)
+    if plan["kind"] == "state":
+        plan["state"] = ckpt.read_state_file(plan["path"])
+    return plan
+
+
+def load_weights(path, G, D, G_ema, log=print) -> None:
+    """Load G, D and G_ema from a snapshot (.safetensors or official .pkl) for transfer learning: the networks must
+    match the configured architecture; a network the file lacks is taken from its twin (G <-> G_ema) or kept
+    fresh."""
+    try:
+        snap = ckpt.load_snapshot(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ResumeError(f"resume={path}: {e}") from e
+    sources = {"G": snap.get("G") or snap.get("G_ema"), "D": snap.get("D"), "G_ema": snap.get("G_ema") or snap.get("G")}
+    for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
+        src = sources[name]
+        if src is None:
+            log(f"{path} holds no {name}: it starts from its random initialization")
+            continue
+        ours = net.state_dict()
+        theirs = {k: v.to(ours[k].dtype) if k in ours else v for k, v in src.state_dict().items()}
+        load_strict(net, theirs, f"resume={path}: its {name} does not match the configured model (model.*, data "
+                                 f"resolution and labels)", ResumeError)
+
+
+def truncate_stats(run_dir, cur_nimg: int) -> None:
+    """Drop the lines of stats.jsonl that a killed run wrote after the checkpoint it resumes from (rank 0)."""
+    path = Path(run_dir) / "stats.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if round(json.loads(line)["Progress/kimg"] * 1000) > cur_nimg:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue  # A line cut short by the kill.
+        keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+
+
+def write_config_files(run_dir, requested: dict) -> None:
+    """Write config.yaml (this invocation's config) and config.json (the first invocation's, for run matching)."""
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(requested).encode()))
+    if not (run_dir / "config.json").exists():
+        atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(requested, indent=2).encode()))
