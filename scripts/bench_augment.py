@@ -1,20 +1,17 @@
 """Benchmark the ADA pipe's forward+backward cost per batch against D-like baselines measured in the same process."""
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.data.augment import AugmentPipe, presets  # noqa: E402
+from training.data.augment import AugmentPipe, presets
 
 # Channels per resolution of a StyleGAN2 D at 256 px with cbase 16384 (the ADA paper's 256-px setting).
 D_CHANNELS = {256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
 
 
-# Median wall time (ms) of fn() over `reps` runs after one warm-up run.
 def timeit(fn, reps, device):
+    """Median wall time (ms) of fn() over `reps` runs after one warm-up run."""
     fn()
     times = []
     for _ in range(reps):
@@ -28,8 +25,8 @@ def timeit(fn, reps, device):
     return sorted(times)[len(times) // 2]
 
 
-# Multiply-accumulates of the 3x3 convolutions of the whole D (two per block, the second one downsampling).
 def d_macs(batch, res):
+    """Multiply-accumulates of the 3x3 convolutions of the whole D (two per block, the second one downsampling)."""
     total, r = 0, res
     while r > 4:
         cin, cout = D_CHANNELS.get(r, 512), D_CHANNELS.get(r // 2, 512)
@@ -38,8 +35,8 @@ def d_macs(batch, res):
     return total
 
 
-# The first (highest-resolution) D block: fromRGB 1x1, 3x3 conv, 3x3 stride-2 conv, LeakyReLUs.
 def d_block(res, device):
+    """The first (highest-resolution) D block: fromRGB 1x1, 3x3 conv, 3x3 stride-2 conv, LeakyReLUs."""
     c0, c1 = D_CHANNELS.get(res, 64), D_CHANNELS.get(res // 2, 128)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, c0, 1), torch.nn.LeakyReLU(0.2),
                               torch.nn.Conv2d(c0, c0, 3, padding=1), torch.nn.LeakyReLU(0.2),

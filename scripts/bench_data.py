@@ -3,7 +3,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 import zipfile
@@ -12,12 +11,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from training.data.dataset import ImageDataset  # noqa: E402
-from training.data.loader import default_num_workers, make_loader  # noqa: E402
-from training.data.sampler import InfiniteSampler  # noqa: E402
-from training.data.synthetic import SyntheticDataset  # noqa: E402
+from training.data.dataset import ImageDataset
+from training.data.loader import default_num_workers, make_loader
+from training.data.sampler import InfiniteSampler
+from training.data.synthetic import SyntheticDataset
 
 # Images/s one GPU consumes: (source, resolution) -> rate. NVIDIA's published StyleGAN2-ADA timings on 8 A100s
 # (paper256: 2.47 s/kimg, i.e. 19.8 s/kimg = 50.6 img/s per GPU; stylegan2 at 1024 px: 14.57 s/kimg, i.e.
@@ -26,8 +23,8 @@ GPU_RATES = {("A100 (NVIDIA)", 256): 1000 / 19.8, ("A100 (NVIDIA)", 1024): 1000 
              ("H200 target", 256): 1000 / 10.0, ("H200 target", 1024): 1000 / 58.0}
 
 
-# Command-line options.
 def parse_args(argv=None):
+    """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--res", type=int, nargs="+", default=[256, 1024], help="resolutions (px)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
@@ -45,9 +42,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Write `n` synthetic images as dataset_tool.py stores them (stored zip of PNGs named 00000/img00000000.png, with
-# dataset.json class labels) and return the zip's path.
 def write_zip(folder: str, res: int, n: int, noise: float) -> str:
+    """Write `n` synthetic images as dataset_tool.py stores them (stored zip of PNGs named 00000/img00000000.png, with
+    dataset.json class labels) and return the zip's path."""
     path = os.path.join(folder, f"synthetic{res}.zip")
     src = SyntheticDataset(resolution=res, num_images=n, num_classes=6)
     rng = np.random.RandomState(0)
@@ -66,8 +63,9 @@ def write_zip(folder: str, res: int, n: int, noise: float) -> str:
     return path
 
 
-# Images/s through make_loader: one warm-up batch (worker start-up), then as many batches as fit in `seconds`.
 def measure(dataset, workers: int, batch: int, seconds: float, device: torch.device) -> float:
+    """Images/s through make_loader: one warm-up batch (worker start-up), then as many batches as fit in `seconds`.
+    """
     sampler = InfiniteSampler(len(dataset), seed=0)
     loader = make_loader(dataset, sampler, batch, workers, device, seed=0)
     img, _ = next(loader)
@@ -80,8 +78,8 @@ def measure(dataset, workers: int, batch: int, seconds: float, device: torch.dev
     return rate
 
 
-# Measure every dataset, resolution and worker count and print the table.
 def main(argv=None):
+    """Measure every dataset, resolution and worker count and print the table."""
     args = parse_args(argv)
     device = torch.device(args.device)
     default = default_num_workers("cuda", args.processes)

@@ -1,19 +1,16 @@
 """Throughput of Inception feature extraction (images/s) at 32 and 256 px input, against a plain forward."""
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from training.eval.inception import Detector, FIDInceptionV3  # noqa: E402
 
 
-# Best images/s of each case over `rounds` interleaved timed calls (after one warm-up call each); interleaving
-# and taking the best keeps the ratios meaningful on a machine shared with other jobs.
+import torch
+
+from training.eval.inception import Detector, FIDInceptionV3
+
+
 def throughput(cases, rounds: int) -> list:
+    """Best images/s of each case over `rounds` interleaved timed calls (after one warm-up call each); interleaving and
+    taking the best keeps the ratios meaningful on a machine shared with other jobs."""
     for fn, x in cases:
         fn(x)
     best = [0.0] * len(cases)

@@ -1,19 +1,16 @@
 """Times reference vs fused bias_act/upfirdn2d at StyleGAN2 shapes (256 and 1024 px): ms, ratio, GB/s, % of peak."""
 import argparse
 import math
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ops import _build, fused_ops  # noqa: E402
-from ops.bias_act import bias_act  # noqa: E402
-from ops.fused_ops import kernel_calls  # noqa: E402
-from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
+from ops import _build, fused_ops
+from ops.bias_act import bias_act
+from ops.fused_ops import kernel_calls
+from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d
 
 # Peak DRAM bandwidth (bytes/s) of known GPUs, by a substring of the device name (checked in order); others get a
 # measured device-to-device copy.

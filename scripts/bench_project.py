@@ -1,27 +1,26 @@
 """Benchmark projection: time per target per 100 steps at 64 px for batch 1 vs larger batches, same process."""
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from networks.generator import Generator  # noqa: E402
-from training.eval.lpips import Perceptual, VGG16LPIPS  # noqa: E402
-from training.eval.projector import compute_w_stats, project  # noqa: E402
 
 
-# A random G with the `tiny` preset's shape (z = w = 64, 2 mapping layers, channel_base 2048, channel_max 128).
+import torch
+
+from networks.generator import Generator
+from training.eval.lpips import Perceptual, VGG16LPIPS
+from training.eval.projector import compute_w_stats, project
+
+
 def tiny_G(res: int) -> Generator:
+    """A random G with the `tiny` preset's shape (z = w = 64, 2 mapping layers, channel_base 2048, channel_max 128).
+    """
     torch.manual_seed(0)
     return Generator(64, 0, 64, res, 3, mapping_kwargs=dict(num_layers=2),
                      synthesis_kwargs=dict(channel_base=2048, channel_max=128)).eval().requires_grad_(False)
 
 
-# Seconds per step of projecting `batch` targets (best of `repeats` timed runs of `steps` steps, after a warm-up).
 def time_per_step(G, batch, steps, repeats, loss, perceptual, w_stats) -> float:
+    """Seconds per step of projecting `batch` targets (best of `repeats` timed runs of `steps` steps, after a warm-up).
+    """
     g = torch.Generator().manual_seed(batch)
     targets = torch.randint(0, 256, (batch, 3, G.img_resolution, G.img_resolution), generator=g, dtype=torch.uint8)
     kw = dict(loss=loss, perceptual=perceptual, w_stats=w_stats, seed=0)

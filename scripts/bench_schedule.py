@@ -19,8 +19,9 @@ from training.phases import check_batch, make_phases, update_ema
 from training.schedule import stage_reals
 
 
-# The model and train settings of conf/model/<name>.yaml over the schema defaults ('auto' rules applied at `res`).
 def load_preset(name, res):
+    """The model and train settings of conf/model/<name>.yaml over the schema defaults ('auto' rules applied at `res`).
+    """
     with open(CONF_DIR / "model" / f"{name}.yaml") as f:
         preset = yaml.safe_load(f) or {}
     cfg = Config(model=ModelConfig(**(preset.get("model") or {})), train=TrainConfig(**(preset.get("train") or {})))
@@ -28,9 +29,9 @@ def load_preset(name, res):
     return cfg.model, cfg.train
 
 
-# G, D and G_ema from the factory (same seed for both pairs); `grow` rebuilds a non-skip G or D with the
-# ToRGB/fromRGB layers that the lower stages need, as the progressive schedule does.
 def networks(m, res, grow, device):
+    """G, D and G_ema from the factory (same seed for both pairs); `grow` rebuilds a non-skip G or D with the
+    ToRGB/fromRGB layers that the lower stages need, as the progressive schedule does."""
     torch.manual_seed(0)
     G, D, _ = build_networks(m, res, 3, 0)
     if grow and m.g_arch != "skip":
@@ -43,8 +44,8 @@ def networks(m, res, grow, device):
     return G, D, copy.deepcopy(G).eval()
 
 
-# Wall time (s) of one fn() call.
 def timed(fn, device):
+    """Wall time (s) of one fn() call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -53,12 +54,13 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-# The training loop's minibatch for one G/D pair: step(stage, due) runs the phases flagged in `due` (StyleGAN2Loss
-# with make_phases' optimizers, on stage_reals at `stage` = (resolution, alpha), or on the full-resolution reals for
-# stage None, with no set_stage), then the EMA update. Also returns each kind of minibatch (the set of phases due at
-# batch_idx: main phases always, path length every pl_interval, lazy R1 every r1_interval) with its share of one
-# period of the intervals, so that weighting the kinds' times amortizes the lazy regularizers as training does.
 def trainer(nets, t, batch, device):
+    """The training loop's minibatch for one G/D pair: step(stage, due) runs the phases flagged in `due` (StyleGAN2Loss
+    with make_phases' optimizers, on stage_reals at `stage` = (resolution, alpha), or on the full-resolution reals
+    for stage None, with no set_stage), then the EMA update. Also returns each kind of minibatch (the set of phases
+    due at batch_idx: main phases always, path length every pl_interval, lazy R1 every r1_interval) with its share
+    of one period of the intervals, so that weighting the kinds' times amortizes the lazy regularizers as training
+    does."""
     G, D, G_ema = nets
     loss = StyleGAN2Loss(G, D, r1_gamma=t.r1_gamma, style_mixing_prob=t.style_mixing_prob,
                          pl_weight=t.pl_weight, pl_batch_shrink=t.pl_batch_shrink, pl_decay=t.pl_decay,

@@ -8,13 +8,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from training import dist  # noqa: E402
-from training.config import compose_config  # noqa: E402
-from training.probes import CountMinibatch, run_with_probe  # noqa: E402
+from training import dist
+from training.config import compose_config
+from training.probes import CountMinibatch, run_with_probe
 
 # The counted minibatch: r1_interval = pl_interval = 2 make Gmain, Greg, Dmain and Dreg all due at every even
 # index; index 2 is past the first (state-initializing) steps and not at a tick.
@@ -24,17 +23,17 @@ BATCH_IDX = 2
 TARGET_READS, TARGET_COPIES = 2, 0
 
 
-# The overrides of the measured run: the tiny model at 32 px, ADA at a fixed start p and on its GPU path (a CPU
-# would take the path that reads, free there), no metrics or tick output.
 def overrides(p: float, aug: str, run_dir: str, extra=()) -> list:
+    """The overrides of the measured run: the tiny model at 32 px, ADA at a fixed start p and on its GPU path (a CPU
+    would take the path that reads, free there), no metrics or tick output."""
     return ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "data.num_images=256",
             "metrics=none", "log.progress=false", f"aug={aug}", f"aug.p={p}", "aug.sync_free=true",
             "train.r1_interval=2", "train.pl_interval=2", "train.tick_kimg=1", "train.kimg=1", "train.snap=0",
             "train.image_snap=0", "train.cpu_threads=1", f"run_dir={run_dir}", *extra]
 
 
-# Run the loop in this process up to the counted minibatch; returns (reads, copies, top call sites).
 def count(p: float, aug: str, extra=()) -> dict:
+    """Run the loop in this process up to the counted minibatch; returns (reads, copies, top call sites)."""
     with tempfile.TemporaryDirectory() as tmp:
         c = run_with_probe(compose_config(overrides(p, aug, tmp, extra)), CountMinibatch(BATCH_IDX)).counter
     return {"reads": c.reads, "copies": c.copies, "sites": c.sites.most_common(8)}

@@ -3,16 +3,16 @@ import argparse
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training import dist
+from training.data.dataset import open_dataset
+from training.eval.inception import DetectorNotFound, load_detector
+from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
+from training.io.checkpoint import load_snapshot
 
-from training import dist  # noqa: E402
 
-
-# Command-line arguments (see --help).
 def parse_args(argv=None):
+    """Command-line arguments (see --help)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--network", required=True, help="snapshot (.safetensors, or an official .pkl)")
     p.add_argument("--data", required=True, help="dataset folder or zip (or 'synthetic[:<res>]')")
@@ -34,8 +34,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# The snapshot's training progress in kimg: its recorded cur_nimg, else the number in its file name.
 def snapshot_kimg(snap: dict, path: str):
+    """The snapshot's training progress in kimg: its recorded cur_nimg, else the number in its file name."""
     nimg = (snap.get("meta") or {}).get("cur_nimg")
     if nimg is not None:
         return nimg / 1000
@@ -45,8 +45,6 @@ def snapshot_kimg(snap: dict, path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.eval.inception import DetectorNotFound, load_detector
-    from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
     for name in names:
         parse_metric(name)  # fail on a bad name before any heavy work
@@ -56,8 +54,6 @@ def main(argv=None) -> int:
     except DetectorNotFound as e:
         dist.print0(str(e))
         return 2
-    from training.io.checkpoint import load_snapshot
-    from training.data.dataset import open_dataset
     snap = load_snapshot(args.network, device=dist.device())
     G = snap.get("G_ema")
     if G is None:

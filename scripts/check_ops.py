@@ -11,15 +11,13 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling scripts (bench_ops)
 
-import bench_ops  # noqa: E402
-from ops import _build, dispatch, fused_ops  # noqa: E402
-from ops.bias_act import activation_funcs, bias_act  # noqa: E402
-from ops.fused_ops import kernel_calls  # noqa: E402
-from ops.upfirdn2d import setup_filter, upfirdn2d  # noqa: E402
-from training.data.augment_ops import SYM6  # noqa: E402
+import bench_ops
+from ops import _build, dispatch, fused_ops
+from ops.bias_act import activation_funcs, bias_act
+from ops.fused_ops import kernel_calls
+from ops.upfirdn2d import setup_filter, upfirdn2d
+from training.data.augment_ops import SYM6
 
 # The tolerance rule (see `compare`): errors are measured against a float64 truth computed from the same rounded
 # inputs, in units of the dtype's eps times each element's magnitude ("eps units": 1 is one to two ulps there).
@@ -73,10 +71,11 @@ def compare(fused, ref, truth, scale, dtype, ref_dtype=None) -> dict:
     return {"err": err, "err_ref": err_ref, "tol": tol, "ok": err <= tol, "max_abs": max_abs}
 
 
-# One parity case: make(device, absolute) -> fn(x, b, impl) (absolute: |filter| taps, for the magnitude of a
-# linear op); dim is the bias dim (None: no bias); act holds bias_act's arguments (to keep data off the clamp edge).
 @dataclass
 class Case:
+    """One parity case: make(device, absolute) -> fn(x, b, impl) (absolute: |filter| taps, for the magnitude of a
+    linear op); dim is the bias dim (None: no bias); act holds bias_act's arguments (to keep data off the clamp
+    edge)."""
     op: str
     name: str
     shape: tuple

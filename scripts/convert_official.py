@@ -4,10 +4,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.io import official  # noqa: E402
-from training.io.checkpoint import save_snapshot  # noqa: E402
+from training.io import official
+from training.io.checkpoint import save_snapshot
 
 
 def convert(in_pkl, out_path) -> dict:

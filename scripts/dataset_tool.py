@@ -13,10 +13,9 @@ import PIL.Image
 import PIL.ImageOps
 
 # Make `training` importable when run as `python scripts/dataset_tool.py` from a checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.data.dataset import DatasetError, _FileSource  # noqa: E402
-from training.data.synthetic import SyntheticDataset  # noqa: E402
-from training.io.files import atomic_open  # noqa: E402
+from training.data.dataset import DatasetError, _FileSource
+from training.data.synthetic import SyntheticDataset
+from training.io.files import atomic_open
 
 # Resampling filters selectable with --filter.
 FILTERS = {"box": PIL.Image.Resampling.BOX, "lanczos": PIL.Image.Resampling.LANCZOS}
@@ -41,8 +40,8 @@ any other --dest is a folder that must not exist yet or be empty.
 """
 
 
-# Bring any PIL image to 8-bit RGB (see DESCRIPTION for the rules).
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """Bring any PIL image to 8-bit RGB (see DESCRIPTION for the rules)."""
     img = PIL.ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -61,8 +60,8 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
-# Apply one of the --transform geometries and return an R x R RGB image.
 def transform(img: PIL.Image.Image, mode: str, res: int, resample) -> PIL.Image.Image:
+    """Apply one of the --transform geometries and return an R x R RGB image."""
     w, h = img.size
     if mode == "center-crop":
         s = min(w, h)
@@ -85,14 +84,14 @@ def transform(img: PIL.Image.Image, mode: str, res: int, resample) -> PIL.Image.
     raise ValueError(f"unknown transform {mode!r}")
 
 
-# Name of the i-th output image, as in the official format.
 def out_name(i: int) -> str:
+    """Name of the i-th output image, as in the official format."""
     s = f"{i:08d}"
     return f"{s[:5]}/img{s}.png"
 
 
-# Parse the command line; `argv=None` reads sys.argv.
 def parse_args(argv=None):
+    """Parse the command line; `argv=None` reads sys.argv."""
     p = argparse.ArgumentParser(description=__doc__, epilog=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="folder or .zip of images, or synthetic[:resolution]")
@@ -109,8 +108,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Yield (label or None, RGB image) from the synthetic dataset.
 def synthetic_items(spec: str, args):
+    """Yield (label or None, RGB image) from the synthetic dataset."""
     res = args.resolution
     if ":" in spec:
         text = spec.split(":", 1)[1]
@@ -126,8 +125,8 @@ def synthetic_items(spec: str, args):
         yield label, PIL.Image.fromarray(ds[i][0].transpose(1, 2, 0)), None
 
 
-# Yield (label, image or None, warning) for each image file of a folder/zip source, in sorted order.
 def file_items(src: _FileSource, args, classes: dict):
+    """Yield (label, image or None, warning) for each image file of a folder/zip source, in sorted order."""
     for name in src.image_names():
         label = None
         if args.labels == "from-folders":
@@ -193,8 +192,8 @@ class _FolderWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# Convert --source into --dest; returns 0 on success (raises SystemExit with a message on bad input).
 def main(argv=None) -> int:
+    """Convert --source into --dest; returns 0 on success (raises SystemExit with a message on bad input)."""
     args = parse_args(argv)
     res = args.resolution
     if res is not None and (res < 1 or res & (res - 1)):

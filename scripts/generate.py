@@ -1,20 +1,18 @@
 """Generate images from a snapshot (at its progressive stage, if any): per seed, or a style-mixing grid."""
 import argparse
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from training.io.checkpoint import load_snapshot  # noqa: E402
-from training.io.images import make_grid, save_png, to_uint8  # noqa: E402
+from training.io.checkpoint import load_snapshot
+from training.io.images import make_grid, save_png, to_uint8
 
 
-# "0-3,7" -> [0, 1, 2, 3, 7].
 def parse_range(text: str) -> list:
+    """"0-3,7" -> [0, 1, 2, 3, 7]."""
     out = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
@@ -25,13 +23,13 @@ def parse_range(text: str) -> list:
     return out
 
 
-# z for a seed: the official convention, numpy RandomState(seed).randn(z_dim), so seeds interchange.
 def seed_to_z(seed: int, z_dim: int) -> torch.Tensor:
+    """z for a seed: the official convention, numpy RandomState(seed).randn(z_dim), so seeds interchange."""
     return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).float()
 
 
-# One-hot label for `class_idx` (an error when G is conditional and no class is given, or the reverse).
 def make_label(G, class_idx, device) -> torch.Tensor:
+    """One-hot label for `class_idx` (an error when G is conditional and no class is given, or the reverse)."""
     c = torch.zeros([1, G.c_dim], device=device)
     if G.c_dim > 0:
         if class_idx is None:
@@ -44,9 +42,9 @@ def make_label(G, class_idx, device) -> torch.Tensor:
     return c
 
 
-# Images for seeds, written as seed%04d.png; returns the uint8 arrays.
 @torch.no_grad()
 def generate_images(G, seeds, outdir, truncation_psi=1.0, class_idx=None, noise_mode="const", device="cpu"):
+    """Images for seeds, written as seed%04d.png; returns the uint8 arrays."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     c = make_label(G, class_idx, device)
@@ -59,9 +57,9 @@ def generate_images(G, seeds, outdir, truncation_psi=1.0, class_idx=None, noise_
     return arrays
 
 
-# Render saved ws (an .npz with key 'w' of shape [1, num_ws, w_dim], the official projector layout).
 @torch.no_grad()
 def generate_from_w(G, npz_path, outdir, noise_mode="const", device="cpu"):
+    """Render saved ws (an .npz with key 'w' of shape [1, num_ws, w_dim], the official projector layout)."""
     data = np.load(npz_path)
     if "w" not in data:
         raise SystemExit(f"{npz_path}: no key 'w' (expected an array of shape [1, {G.num_ws}, {G.w_dim}])")
@@ -78,10 +76,11 @@ def generate_from_w(G, npz_path, outdir, noise_mode="const", device="cpu"):
     return arrays
 
 
-# Style mixing grid (StyleGAN fig. 3): rows take coarse styles (ws[:cols]) from row seeds, the rest from columns.
 @torch.no_grad()
 def style_mixing_grid(G, row_seeds, col_seeds, styles, outpath, truncation_psi=1.0, class_idx=None,
                       noise_mode="const", device="cpu"):
+    """Style mixing grid (StyleGAN fig. 3): rows take coarse styles (ws[:cols]) from row seeds, the rest from columns.
+    """
     c = make_label(G, class_idx, device)
     seeds = sorted(set(row_seeds + col_seeds))
     ws = {s: G.mapping(seed_to_z(s, G.z_dim).to(device), c, truncation_psi=truncation_psi) for s in seeds}

@@ -11,16 +11,15 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import bench_ops  # noqa: E402  (a sibling script: scripts/ is on sys.path when a script runs)
-import check_ops  # noqa: E402
-from ops import _build, dispatch, fused_ops  # noqa: E402
-from training import dist  # noqa: E402
-from training.config import compose_config  # noqa: E402
-from training.probes import CountMinibatch, TimeMinibatches, run_with_probe  # noqa: E402
+import bench_ops
+import check_ops
+from ops import _build, dispatch, fused_ops
+from training import dist
+from training.config import compose_config
+from training.probes import CountMinibatch, TimeMinibatches, run_with_probe
 
 # NVIDIA's published StyleGAN2-ADA speeds (8 A100s) per GPU, and ganforge's targets for one H200 (s/kimg).
 REFERENCE_SEC_PER_KIMG = {"paper256": (2.47 * 8, 10.0), "stylegan2": (14.57 * 8, 58.0)}
@@ -45,8 +44,9 @@ def _command_version(cmd) -> str:
         return f"not available ({type(e).__name__})"
 
 
-# Environment: GPU, driver, torch, CUDA, cuDNN, nvcc, ninja, Python; and which fused ops built (and why not).
 def check_env(device: torch.device) -> dict:
+    """Environment: GPU, driver, torch, CUDA, cuDNN, nvcc, ninja, Python; and which fused ops built (and why not).
+    """
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
@@ -69,9 +69,9 @@ def check_env(device: torch.device) -> dict:
     return env
 
 
-# The overrides of one timed training run (ADA on, lazy R1 and path length at their preset intervals).
 def training_overrides(preset: str, res: int, impl: str, fp16: bool, batch: int, batch_gpu: int, run_dir: str,
                        quick: bool) -> list:
+    """The overrides of one timed training run (ADA on, lazy R1 and path length at their preset intervals)."""
     args = [f"model={preset}", f"data.resolution={res}", "data.num_images=1024", "metrics=none",
             "log.progress=false", "aug=ada", "train.kimg=100000", "train.tick_kimg=100000", "train.snap=0",
             "train.image_snap=0", f"train.ops_impl={impl}", f"model.num_fp16_res={4 if fp16 else 0}",
@@ -81,14 +81,14 @@ def training_overrides(preset: str, res: int, impl: str, fp16: bool, batch: int,
     return args
 
 
-# Time one training run in this process: sec/kimg over a window of minibatches, peak memory.
 def time_training(overrides: list, warmup: int, count: int, budget_s: float, device: torch.device) -> dict:
+    """Time one training run in this process: sec/kimg over a window of minibatches, peak memory."""
     return run_with_probe(compose_config(overrides), TimeMinibatches(warmup, count, budget_s, device)).result
 
 
-# Training speed and memory of paper256 at 256 px and stylegan2 at 1024 px, fused and reference ops, fp32 and
-# num_fp16_res=4 (on CUDA), each in its share of the budget; the report compares with NVIDIA's per-GPU speed.
 def check_training(device: torch.device, budget_s: float, quick: bool, tmp: str) -> list:
+    """Training speed and memory of paper256 at 256 px and stylegan2 at 1024 px, fused and reference ops, fp32 and
+    num_fp16_res=4 (on CUDA), each in its share of the budget; the report compares with NVIDIA's per-GPU speed."""
     rows = []
     warmup, count = (1, 3) if quick else (4, 16)
     configs = []
@@ -133,9 +133,9 @@ def check_training(device: torch.device, budget_s: float, quick: bool, tmp: str)
     return rows
 
 
-# Host syncs in one minibatch with every phase due (ADA at p = 0.5): the Python-level counter and, on CUDA, every
-# synchronizing call that torch.cuda.set_sync_debug_mode reports.
 def check_syncs(device: torch.device, tmp: str) -> dict:
+    """Host syncs in one minibatch with every phase due (ADA at p = 0.5): the Python-level counter and, on CUDA, every
+    synchronizing call that torch.cuda.set_sync_debug_mode reports."""
     overrides = ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "data.num_images=256",
                  "metrics=none", "log.progress=false", "aug=ada", "aug.p=0.5", "aug.sync_free=true",
                  "train.r1_interval=2",
@@ -149,8 +149,8 @@ def check_syncs(device: torch.device, tmp: str) -> dict:
     return out
 
 
-# Run one step under its budget; an exception becomes the step's error (the report goes on).
 def run_step(name: str, fn, report: dict) -> None:
+    """Run one step under its budget; an exception becomes the step's error (the report goes on)."""
     t0 = time.time()
     print(f"[gpu_check] {name} ...", flush=True)
     try:
@@ -173,8 +173,8 @@ def _table(rows, columns) -> list:
     return lines
 
 
-# The readable report (gpu-check.md) of the JSON report.
 def markdown(report: dict) -> str:
+    """The readable report (gpu-check.md) of the JSON report."""
     env = report.get("env", {})
     out = ["# ganforge GPU check", "", f"Command: `{report['command']}`; total {report['total_s']:.0f} s; "
            f"result: **{'PASS' if report['ok'] else 'FAIL'}**", "", "## Environment", ""]
@@ -242,8 +242,9 @@ def _parity_summary(rows) -> list:
     return list(groups.values())
 
 
-# Whether the report passes: builds, parity, large tensors and the sync target (speed is reported, not judged).
 def passed(report: dict) -> bool:
+    """Whether the report passes: builds, parity, large tensors and the sync target (speed is reported, not judged).
+    """
     if any(isinstance(v, dict) and "error" in v for v in report.values()):
         return False
     ok = report.get("env", {}).get("ok", False) and report.get("syncs", {}).get("ok", False)

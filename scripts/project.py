@@ -3,30 +3,28 @@ import argparse
 import io
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-
-from training import dist  # noqa: E402
-from training.io.checkpoint import atomic_write, load_snapshot  # noqa: E402
-from training.io.images import save_png, to_uint8  # noqa: E402
-from training.eval.lpips import PerceptualWeightsNotFound, load_lpips  # noqa: E402
-from training.eval.projector import (FALLBACK_LABEL, check_full_resolution, compute_w_stats, lpips_input,  # noqa: E402
+from training import dist
+from training.io.checkpoint import atomic_write, load_snapshot
+from training.io.images import save_png, to_uint8
+from training.eval.lpips import PerceptualWeightsNotFound, load_lpips
+from training.eval.projector import (FALLBACK_LABEL, check_full_resolution, compute_w_stats, lpips_input,
                                 project, psnr, ssim)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-# The target files: one image, or the images directly inside a folder, sorted by name (stems must be unique,
-# since they name the outputs).
 def list_targets(target: str) -> list:
+    """The target files: one image, or the images directly inside a folder, sorted by name (stems must be unique, since
+    they name the outputs)."""
     p = Path(target)
     if p.is_file():
         files = [p]
@@ -45,8 +43,8 @@ def list_targets(target: str) -> list:
     return files
 
 
-# Center-crop an image file to a square and resize it to `res` px (Lanczos): uint8 [C, res, res].
 def load_target(path, res: int, channels: int) -> np.ndarray:
+    """Center-crop an image file to a square and resize it to `res` px (Lanczos): uint8 [C, res, res]."""
     img = PIL.Image.open(path)
     img = img.convert("RGB" if channels == 3 else "L")
     w, h = img.size
@@ -57,24 +55,24 @@ def load_target(path, res: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-# Render ws one at a time with G's constant noise, as generate.py --projected-w does, so the PNG is reproducible:
-# uint8 [N, C, H, W].
 @torch.no_grad()
 def render(G, ws: torch.Tensor, device) -> np.ndarray:
+    """Render ws one at a time with G's constant noise, as generate.py --projected-w does, so the PNG is reproducible:
+    uint8 [N, C, H, W]."""
     return np.stack([to_uint8(G.synthesis(w.to(device), noise_mode="const"))[0].transpose(2, 0, 1)
                      for w in ws.split(1)])
 
 
-# Save frames (uint8 [H, W, C]) as a looping GIF, atomically.
 def save_gif(frames, path, duration_ms: int = 80) -> None:
+    """Save frames (uint8 [H, W, C]) as a looping GIF, atomically."""
     imgs = [PIL.Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
     buf = io.BytesIO()
     imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-# PSNR, SSIM and (when available) LPIPS of one target/projection pair of uint8 [C, H, W] arrays.
 def image_metrics(target: np.ndarray, proj: np.ndarray, perceptual) -> dict:
+    """PSNR, SSIM and (when available) LPIPS of one target/projection pair of uint8 [C, H, W] arrays."""
     out = {"psnr": float(psnr(target[None], proj[None])[0]), "ssim": float(ssim(target[None], proj[None])[0]),
            "lpips": None}
     if perceptual is not None:
@@ -85,14 +83,15 @@ def image_metrics(target: np.ndarray, proj: np.ndarray, perceptual) -> dict:
     return out
 
 
-# Whether a target's outputs are complete (the .npz is written last, so its presence means the rest is there).
 def is_done(outdir: Path, name: str) -> bool:
+    """Whether a target's outputs are complete (the .npz is written last, so its presence means the rest is there).
+    """
     return (outdir / f"{name}_w.npz").is_file() and (outdir / f"{name}_proj.png").is_file()
 
 
-# Merge the ranks' results through files in outdir, not a collective: ranks finish up to a whole batch apart
-# (minutes at high resolution), longer than a collective's timeout. Returns all payloads on rank 0, else None.
 def gather_parts(outdir: Path, token: str, payload: dict, poll_s: float = 0.5):
+    """Merge the ranks' results through files in outdir, not a collective: ranks finish up to a whole batch apart
+    (minutes at high resolution), longer than a collective's timeout. Returns all payloads on rank 0, else None."""
     rank, world = dist.get_rank(), dist.get_world_size()
     atomic_write(outdir / f".projection-{token}-rank{rank}.json", lambda f: f.write(json.dumps(payload).encode()))
     if rank != 0:
@@ -181,7 +180,6 @@ def main(argv=None):
     res, channels = G.img_resolution, G.img_channels
     w_stats = compute_w_stats(G, args.w_avg_samples, c, device)
     every = args.video_every or max(1, args.steps // 50)
-    from tqdm import tqdm
 
     records = []
     batches = [mine[k:k + args.batch] for k in range(0, len(mine), args.batch)]

@@ -65,11 +65,11 @@ def choose_run_dir(cfg: Config) -> Path:
     return outdir / f"{next_id:05d}-{desc}"
 
 
-# Entry point: resolve the config, pick the run directory on rank 0, run the loop (which writes config.yaml once
-# it knows the run can start). Errors that end a run cleanly (a refused resume, an unusable checkpoint, disk
-# full, too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0.
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(hydra_cfg: DictConfig) -> None:
+    """Entry point: resolve the config, pick the run directory on rank 0, run the loop (which writes config.yaml once
+    it knows the run can start). Errors that end a run cleanly (a refused resume, an unusable checkpoint, disk full,
+    too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0."""
     cfg: Config = OmegaConf.to_object(hydra_cfg)
     dist.init(mixed_precision=cfg.train.mixed_precision)
     run_dir = dist.rank0_decides(lambda: str(choose_run_dir(cfg)))

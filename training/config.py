@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 
 
-# Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs.
 @dataclass
 class ModelConfig:
+    """Network architecture (model group); presets in conf/model/ mirror the official StyleGAN2-ADA configs."""
     name: str = "tiny"                 # preset name, used in the run directory name
     z_dim: int = 512                   # latent z dimensionality
     w_dim: int = 512                   # intermediate latent w dimensionality
@@ -32,9 +32,9 @@ class ModelConfig:
     attention_d: List[int] = field(default_factory=list)  # D resolutions (px) with SAGAN self-attention before conv0
 
 
-# Training data (data group): a folder or zip of images, or the embedded synthetic dataset.
 @dataclass
 class DataConfig:
+    """Training data (data group): a folder or zip of images, or the embedded synthetic dataset."""
     name: Optional[str] = "synthetic"  # dataset name for the run directory (folder/zip name when a path is given)
     path: Optional[str] = None         # folder or zip of images; null = embedded synthetic dataset
     resolution: int = 32               # synthetic dataset only: image size (px, power of two)
@@ -46,9 +46,9 @@ class DataConfig:
                                        # accelerator, 0 on the CPU; 0 = load in the main process
 
 
-# Optimization, regularization, schedule and bookkeeping (train group).
 @dataclass
 class TrainConfig:
+    """Optimization, regularization, schedule and bookkeeping (train group)."""
     kimg: float = 25000                # training length (thousands of real images shown to D)
     batch_size: int = 32               # total batch over all processes and accumulation rounds (images)
     batch_gpu: Optional[int] = None    # per-process batch of one accumulation round (images); null = all at once
@@ -83,26 +83,26 @@ class TrainConfig:
     wgan_drift: float = 0.001          # wgan-gp only: drift term eps_drift * D(x)^2 on reals (ProGAN)
 
 
-# Logging (log group).
 @dataclass
 class LogConfig:
+    """Logging (log group)."""
     wandb: str = "disabled"            # wandb mode: disabled | offline | online
     wandb_project: str = "ganforge"    # wandb project name
     progress: bool = True              # show a progress bar (rank 0)
 
 
-# Evaluation during training (metrics group): FID/KID of G_ema with the standard Inception features.
 @dataclass
 class MetricsConfig:
+    """Evaluation during training (metrics group): FID/KID of G_ema with the standard Inception features."""
     names: List[str] = field(default_factory=lambda: ["fid50k_full"])  # fid50k_full, kid50k_full, fid<N>k, kid<N>k
     every_kimg: Optional[float] = None  # evaluation interval (kimg); null = at every snapshot
     detector: Optional[str] = None     # Inception file or URL; null = GANFORGE_INCEPTION, the cache, then download
     batch: int = 32                    # images per process per feature-extraction batch
 
 
-# Hydra schema of the `aug` config group (conf/aug/*.yaml mirror these keys).
 @dataclass
 class AugConfig:
+    """Hydra schema of the `aug` config group (conf/aug/*.yaml mirror these keys)."""
     mode: str = "ada"              # 'ada' (p adapts), 'fixed' (p stays at `p`) or 'noaug' (no pipe at all)
     preset: str = "bgc"            # multiplier preset, see PRESETS
     p: float = 0.0                 # initial p for 'ada', the constant p for 'fixed' (probability, 0..1)
@@ -113,12 +113,12 @@ class AugConfig:
     sync_free: Optional[bool] = None  # never read values back (the GPU path); null = on GPUs only
 
 
-# The schedule config group (conf/schedule/): off by default; presets per target resolution. Stage i trains at
-# start_res * 2^i px; it starts at boundaries_kimg[i-1] (or, when that list is empty, after stable_kimg of the first
-# stage and then every fade_kimg + stable_kimg), fades its new blocks in linearly over fade_kimg, and lasts until
-# the next stage starts; the last stage (the dataset's resolution) lasts until train.kimg.
 @dataclass
 class ScheduleConfig:
+    """The schedule config group (conf/schedule/): off by default; presets per target resolution. Stage i trains at
+    start_res * 2^i px; it starts at boundaries_kimg[i-1] (or, when that list is empty, after stable_kimg of the
+    first stage and then every fade_kimg + stable_kimg), fades its new blocks in linearly over fade_kimg, and lasts
+    until the next stage starts; the last stage (the dataset's resolution) lasts until train.kimg."""
     name: str = "none"                 # preset name (none = no progressive growing)
     enabled: bool = False              # grow progressively (false = the plain full-resolution networks)
     target_res: Optional[int] = None   # dataset resolution the preset is made for (px); null = any
@@ -132,9 +132,9 @@ class ScheduleConfig:
     dlr: List[float] = field(default_factory=list)        # D learning rate per stage; [] = train.dlr
 
 
-# The whole run.
 @dataclass
 class Config:
+    """The whole run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,20 +2,20 @@
 import os
 import pickle
 import sys
+from datetime import timedelta
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 # The process-wide Accelerator (None until `init` is called; single-process helpers still work without it).
 _accelerator = None
 
 
-# Create (once) the Accelerator for this process; `mixed_precision` is 'no', 'fp16' or 'bf16'.
 def init(mixed_precision: str = "no", cpu: bool = False):
+    """Create (once) the Accelerator for this process; `mixed_precision` is 'no', 'fp16' or 'bf16'."""
     global _accelerator
     if _accelerator is None:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-        from datetime import timedelta
         # A bounded collective timeout, so that ranks waiting on a dead peer fail instead of hanging forever.
         timeout = timedelta(seconds=float(os.environ.get("GANFORGE_DIST_TIMEOUT", "600")))
         _accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
@@ -23,13 +23,13 @@ def init(mixed_precision: str = "no", cpu: bool = False):
     return _accelerator
 
 
-# The Accelerator, or None when running without one.
 def accelerator():
+    """The Accelerator, or None when running without one."""
     return _accelerator
 
 
-# Forget the Accelerator (tests run several trainings in one process).
 def reset():
+    """Forget the Accelerator (tests run several trainings in one process)."""
     global _accelerator
     _accelerator = None
 
@@ -50,15 +50,15 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-# The device this process computes on.
 def device() -> torch.device:
+    """The device this process computes on."""
     if _accelerator is not None:
         return _accelerator.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Print from rank 0 only.
 def print0(*args, **kwargs):
+    """Print from rank 0 only."""
     if is_main():
         print(*args, **kwargs, flush=True)
 
@@ -68,8 +68,8 @@ def barrier():
         torch.distributed.barrier()
 
 
-# Sum a tensor over all ranks, in place, and return it.
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place, and return it."""
     if is_initialized() and get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
@@ -79,11 +79,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 _host_sum_buffers = {}
 
 
-# Sum a few numbers over ranks and bring them to the host with one read: `values` are Python numbers or 0-dim
-# device tensors. Numbers enter a reused device buffer with fill_ (the number is a kernel argument, not a
-# host-to-device copy); with one process and no tensor among them nothing touches the device. Every rank must call
-# it together with the same number of values.
 def sum_to_host(values) -> list:
+    """Sum a few numbers over ranks and bring them to the host with one read: `values` are Python numbers or 0-dim
+    device tensors. Numbers enter a reused device buffer with fill_ (the number is a kernel argument, not a host-to-
+    device copy); with one process and no tensor among them nothing touches the device. Every rank must call it
+    together with the same number of values."""
     multi = is_initialized() and get_world_size() > 1
     if not multi and not any(isinstance(v, torch.Tensor) for v in values):
         return [float(v) for v in values]
@@ -100,19 +100,19 @@ def sum_to_host(values) -> list:
     return buf.tolist()
 
 
-# Leave the process group (at the end of a run): without it, a gloo rank can abort at interpreter exit
-# ("terminate called without an active exception") while its peer still tears down.
 def shutdown() -> None:
+    """Leave the process group (at the end of a run): without it, a gloo rank can abort at interpreter exit ("terminate
+    called without an active exception") while its peer still tears down."""
     if is_initialized():
         torch.distributed.destroy_process_group()
 
 
-# End this process with `status` (an exit code, None for 0, or a message for 1, as sys.exit takes). A process
-# that was part of a process group leaves it and ends without the interpreter's teardown (os._exit, after
-# flushing its output): even after destroy_process_group, a gloo rank aborted at interpreter finalization about one
-# run in 30 here (SIGABRT, "terminate called without an active exception", with no Python frame left), which turns
-# a finished run into a failed one under a launcher.
 def end_process(status=0):
+    """End this process with `status` (an exit code, None for 0, or a message for 1, as sys.exit takes). A process that
+    was part of a process group leaves it and ends without the interpreter's teardown (os._exit, after flushing its
+    output): even after destroy_process_group, a gloo rank aborted at interpreter finalization about one run in 30
+    here (SIGABRT, "terminate called without an active exception", with no Python frame left), which turns a
+    finished run into a failed one under a launcher."""
     if not is_initialized():
         sys.exit(status)
     shutdown()
@@ -124,16 +124,16 @@ def end_process(status=0):
     os._exit(0 if status is None else int(status))
 
 
-# Average a tensor over all ranks, in place, and return it.
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all ranks, in place, and return it."""
     if is_initialized() and get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         t.div_(get_world_size())
     return t
 
 
-# Concatenate a tensor from all ranks along dim 0 (sizes may differ per rank); rank order is preserved.
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from all ranks along dim 0 (sizes may differ per rank); rank order is preserved."""
     if not (is_initialized() and get_world_size() > 1):
         return t
     n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
@@ -147,10 +147,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
 
 
-# Average the gradients of `params` over ranks as one flat buffer (the manual equivalent of DDP's all-reduce,
-# which we use because R1 needs double backward through D and DDP does not support it). The gradients become views
-# of the flat buffer (nothing is copied back), which is returned (None when no parameter has a gradient).
 def reduce_grads(params):
+    """Average the gradients of `params` over ranks as one flat buffer (the manual equivalent of DDP's all-reduce,
+    which we use because R1 needs double backward through D and DDP does not support it). The gradients become views
+    of the flat buffer (nothing is copied back), which is returned (None when no parameter has a gradient)."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return None
@@ -165,16 +165,16 @@ def reduce_grads(params):
     return flat
 
 
-# Make every rank hold rank 0's parameters and buffers.
 def broadcast_module(module: torch.nn.Module) -> None:
+    """Make every rank hold rank 0's parameters and buffers."""
     if not (is_initialized() and get_world_size() > 1):
         return
     for t in list(module.parameters()) + list(module.buffers()):
         torch.distributed.broadcast(t.data, src=0)
 
 
-# Broadcast a picklable object from rank 0 (plain data only: numbers, strings, lists, dicts).
 def broadcast_object(obj):
+    """Broadcast a picklable object from rank 0 (plain data only: numbers, strings, lists, dicts)."""
     if not (is_initialized() and get_world_size() > 1):
         return obj
     box = [obj]
@@ -226,8 +226,8 @@ def rank0_decides(fn, *errors):
     raise error
 
 
-# Gather a picklable object from every rank into a list indexed by rank (plain data only).
 def all_gather_object(obj) -> list:
+    """Gather a picklable object from every rank into a list indexed by rank (plain data only)."""
     if not (is_initialized() and get_world_size() > 1):
         return [obj]
     out = [None] * get_world_size()
@@ -240,14 +240,14 @@ def all_gather_object(obj) -> list:
 CHANGING_BUFFERS = ("w_avg", "sn_u", "sn_v")
 
 
-# A module's buffers that training changes, in a fixed order.
 def changing_buffers(module: torch.nn.Module) -> list:
+    """A module's buffers that training changes, in a fixed order."""
     return [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in CHANGING_BUFFERS]
 
 
-# Average the buffers that training changes over ranks (w_avg follows each rank's batch; averaging keeps every rank
-# bit-identical), one flat all-reduce per dtype, each in its own dtype.
 def sync_buffers(module: torch.nn.Module) -> None:
+    """Average the buffers that training changes over ranks (w_avg follows each rank's batch; averaging keeps every
+    rank bit-identical), one flat all-reduce per dtype, each in its own dtype."""
     if not (is_initialized() and get_world_size() > 1):
         return
     by_dtype = {}

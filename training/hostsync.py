@@ -59,14 +59,14 @@ def _from_host(func, args, kwargs) -> bool:
     return not isinstance(data, torch.Tensor)
 
 
-# Count host reads (`.item()`, `bool`/`float`/`int` of a tensor, `.tolist()`, `.cpu()`, `.numpy()`, `nonzero`,
-# boolean-mask indexing, `.to('cpu')`) and host-to-tensor copies (`torch.tensor`/`as_tensor`/`full` of host data)
-# made in Python while active; calls from torch.optim (the optimizers' CPU step counters) and torch.utils.data (a
-# loader's CPU-side collation) are left out. On CPU these calls are cheap, but each one stalls a GPU's queue, so
-# counting them on CPU finds the stalls before a GPU run does. `sites` maps 'kind file:line' to counts. Use:
-# `with HostSyncCounter() as c: ...`, then c.reads, c.copies. Reads inside C++ (e.g. a CUDA kernel's own checks)
-# are invisible here; torch.cuda.set_sync_debug_mode sees those on a GPU (scripts/gpu_check.py).
 class HostSyncCounter(TorchFunctionMode):
+    """Count host reads (`.item()`, `bool`/`float`/`int` of a tensor, `.tolist()`, `.cpu()`, `.numpy()`, `nonzero`,
+    boolean-mask indexing, `.to('cpu')`) and host-to-tensor copies (`torch.tensor`/`as_tensor`/`full` of host data)
+    made in Python while active; calls from torch.optim (the optimizers' CPU step counters) and torch.utils.data (a
+    loader's CPU-side collation) are left out. On CPU these calls are cheap, but each one stalls a GPU's queue, so
+    counting them on CPU finds the stalls before a GPU run does. `sites` maps 'kind file:line' to counts. Use: `with
+    HostSyncCounter() as c: ...`, then c.reads, c.copies. Reads inside C++ (e.g. a CUDA kernel's own checks) are
+    invisible here; torch.cuda.set_sync_debug_mode sees those on a GPU (scripts/gpu_check.py)."""
     def __init__(self):
         super().__init__()
         self.reads = 0
@@ -92,8 +92,8 @@ class HostSyncCounter(TorchFunctionMode):
             self.sites[f"{kind} {_call_site()}"] += 1
         return func(*args, **kwargs)
 
-    # A short report: the totals and the busiest call sites.
     def summary(self, top: int = 10) -> str:
+        """A short report: the totals and the busiest call sites."""
         lines = [f"{self.reads} host reads, {self.copies} host-to-tensor copies"]
         lines += [f"  {n:4d}  {site}" for site, n in self.sites.most_common(top)]
         return "\n".join(lines)

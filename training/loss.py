@@ -12,38 +12,39 @@ from training import dist
 LOSS_TYPES = ("ns", "hinge", "wgan-gp")
 
 
-# G's adversarial loss per sample from the logits of its fakes: non-saturating softplus(-D(G(z))) (Goodfellow et al.
-# 2014, sec. 3); -D(G(z)) for hinge (Lim & Ye 2017, eq. 10; SAGAN eq. 4) and for WGAN (Arjovsky et al. 2017).
 def g_loss(loss_type: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """G's adversarial loss per sample from the logits of its fakes: non-saturating softplus(-D(G(z))) (Goodfellow et
+    al. 2014, sec. 3); -D(G(z)) for hinge (Lim & Ye 2017, eq. 10; SAGAN eq. 4) and for WGAN (Arjovsky et al. 2017).
+    """
     return F.softplus(-fake_logits) if loss_type == "ns" else -fake_logits
 
 
-# D's adversarial loss per sample on fakes: softplus(D(G(z))) (ns), relu(1 + D(G(z))) (hinge, SAGAN eq. 4),
-# D(G(z)) (WGAN critic, Gulrajani et al. 2017, Algorithm 1).
 def d_loss_fake(loss_type: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """D's adversarial loss per sample on fakes: softplus(D(G(z))) (ns), relu(1 + D(G(z))) (hinge, SAGAN eq. 4),
+    D(G(z)) (WGAN critic, Gulrajani et al. 2017, Algorithm 1)."""
     if loss_type == "ns":
         return F.softplus(fake_logits)
     return F.relu(1 + fake_logits) if loss_type == "hinge" else fake_logits
 
 
-# D's adversarial loss per sample on reals: softplus(-D(x)) (ns), relu(1 - D(x)) (hinge), -D(x) (WGAN).
 def d_loss_real(loss_type: str, real_logits: torch.Tensor) -> torch.Tensor:
+    """D's adversarial loss per sample on reals: softplus(-D(x)) (ns), relu(1 - D(x)) (hinge), -D(x) (WGAN)."""
     if loss_type == "ns":
         return F.softplus(-real_logits)
     return F.relu(1 - real_logits) if loss_type == "hinge" else -real_logits
 
 
-# The loss of one G/D phase (StyleGAN2-ADA's phase names): 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'.
-# `backward` runs the backward pass (Accelerate's, so that mixed-precision loss scaling applies). `grad_scaler`
-# (fp16 mixed precision: Accelerate's GradScaler) also scales the gradients taken inside the loss (R1, path length,
-# gradient penalty): torch.autograd.grad runs on the outputs times the scaler's current scale, and the result is
-# divided by it, so that float16 activation gradients neither underflow (the scale lifts them) nor overflow
-# unnoticed (an infinity reaches the final gradients, and the scaler skips that step and lowers its scale). `loss_type`
-# picks the adversarial loss; D's regularizer (the Dreg/Dboth phases) is R1 with 'ns' and 'hinge' and the
-# WGAN-GP gradient penalty with 'wgan-gp' (which replaces R1: r1_gamma is then unused), weighted by
-# `wgan_lambda`, plus ProGAN's drift term `wgan_drift` * D(x)^2 in Dmain. Path-length regularization is the same
-# for every loss.
 class StyleGAN2Loss:
+    """The loss of one G/D phase (StyleGAN2-ADA's phase names): 'Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'.
+    `backward` runs the backward pass (Accelerate's, so that mixed-precision loss scaling applies). `grad_scaler`
+    (fp16 mixed precision: Accelerate's GradScaler) also scales the gradients taken inside the loss (R1, path
+    length, gradient penalty): torch.autograd.grad runs on the outputs times the scaler's current scale, and the
+    result is divided by it, so that float16 activation gradients neither underflow (the scale lifts them) nor
+    overflow unnoticed (an infinity reaches the final gradients, and the scaler skips that step and lowers its
+    scale). `loss_type` picks the adversarial loss; D's regularizer (the Dreg/Dboth phases) is R1 with 'ns' and
+    'hinge' and the WGAN-GP gradient penalty with 'wgan-gp' (which replaces R1: r1_gamma is then unused), weighted
+    by `wgan_lambda`, plus ProGAN's drift term `wgan_drift` * D(x)^2 in Dmain. Path-length regularization is the
+    same for every loss."""
     def __init__(self, G, D, augment_pipe=None, r1_gamma: float = 10.0, style_mixing_prob: float = 0.9,
                  pl_weight: float = 0.0, pl_batch_shrink: int = 2, pl_decay: float = 0.01,
                  autocast: Callable = contextlib.nullcontext, backward: Optional[Callable] = None,
@@ -68,14 +69,15 @@ class StyleGAN2Loss:
         self.grad_scaler = grad_scaler
         self.pl_mean = torch.zeros([], device=next(G.parameters()).device)
 
-    # Whether D has a regularizer phase (Dreg / Dboth): R1 with gamma != 0, or the WGAN-GP penalty with lambda != 0.
     @property
     def has_d_reg(self) -> bool:
+        """Whether D has a regularizer phase (Dreg / Dboth): R1 with gamma != 0, or the WGAN-GP penalty with lambda !=
+        0."""
         return (self.wgan_lambda if self.loss_type == "wgan-gp" else self.r1_gamma) != 0
 
-    # G(z, c) returning the image and the ws it used, with style mixing regularization (StyleGAN, sec. 3.1):
-    # with probability `style_mixing_prob`, the ws after a random cutoff come from a second latent.
     def run_G(self, z, c, update_emas: bool = False):
+        """G(z, c) returning the image and the ws it used, with style mixing regularization (StyleGAN, sec. 3.1): with
+        probability `style_mixing_prob`, the ws after a random cutoff come from a second latent."""
         with self.autocast():
             ws = self.G.mapping(z, c, update_emas=update_emas)
             if self.style_mixing_prob > 0:
@@ -88,8 +90,8 @@ class StyleGAN2Loss:
             img = self.G.synthesis(ws)
         return img, ws
 
-    # D(augment(img), c).
     def run_D(self, img, c, update_emas: bool = False):
+        """D(augment(img), c)."""
         with self.autocast():
             if self.augment_pipe is not None:
                 img = self.augment_pipe(img)
@@ -109,10 +111,10 @@ class StyleGAN2Loss:
         grads = torch.autograd.grad(outputs=[out * scale], inputs=[inputs], create_graph=True, only_inputs=True)[0]
         return grads / scale
 
-    # Accumulate the gradients of one phase for one round; `gain` is the phase's lazy-regularization interval
-    # (StyleGAN2 sec. 3.1: a regularizer evaluated every k minibatches is weighted by k). Returns the stats as 0-dim
-    # device tensors (nothing is read back to the host here).
     def accumulate_gradients(self, phase: str, real_img, real_c, gen_z, gen_c, gain: float) -> dict:
+        """Accumulate the gradients of one phase for one round; `gain` is the phase's lazy-regularization interval
+        (StyleGAN2 sec. 3.1: a regularizer evaluated every k minibatches is weighted by k). Returns the stats as
+        0-dim device tensors (nothing is read back to the host here)."""
         if phase not in ("Gmain", "Greg", "Gboth", "Dmain", "Dreg", "Dboth"):
             raise ValueError(f"unknown loss phase {phase!r}")
         do_Gmain = phase in ("Gmain", "Gboth")

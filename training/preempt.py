@@ -1,4 +1,5 @@
 """Preemption (SIGTERM, SIGINT, SIGUSR1 stop every rank at the next step boundary) and test-only fault injection."""
+import ctypes
 import os
 import signal
 import sys
@@ -8,8 +9,8 @@ import time
 import torch
 
 
-# Training stopped after train.max_nonfinite minibatches in a row with non-finite gradients.
 class NonFiniteError(RuntimeError):
+    """Training stopped after train.max_nonfinite minibatches in a row with non-finite gradients."""
     pass
 
 
@@ -17,26 +18,26 @@ class NonFiniteError(RuntimeError):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-# The first stop signal sets a flag that the loop reads at every step boundary (all ranks agree through one
-# all-reduce); a second signal restores the default action and re-raises itself, so the process exits at once.
-# A repeat within `repeat_s` seconds counts as the same request: under SLURM a worker gets the scheduler's signal
-# and, a moment later, the same signal forwarded by `accelerate launch`.
 class StopRequest:
+    """The first stop signal sets a flag that the loop reads at every step boundary (all ranks agree through one all-
+    reduce); a second signal restores the default action and re-raises itself, so the process exits at once. A
+    repeat within `repeat_s` seconds counts as the same request: under SLURM a worker gets the scheduler's signal
+    and, a moment later, the same signal forwarded by `accelerate launch`."""
     def __init__(self, repeat_s: float = 3.0):
         self.signum = None
         self.repeat_s = repeat_s
         self._at = None
         self._previous = {}
 
-    # Install the handlers (main thread only: Python delivers signals there; elsewhere this is a no-op).
     def install(self) -> "StopRequest":
+        """Install the handlers (main thread only: Python delivers signals there; elsewhere this is a no-op)."""
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    # Put back the handlers that were there before `install`.
     def uninstall(self) -> None:
+        """Put back the handlers that were there before `install`."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
@@ -56,9 +57,9 @@ class StopRequest:
                          f"at once)\n")
         sys.stderr.flush()
 
-    # The signal's name, or None when none arrived.
     @property
     def name(self):
+        """The signal's name, or None when none arrived."""
         return None if self.signum is None else signal.Signals(self.signum).name
 
 
@@ -71,13 +72,13 @@ PR_SET_PDEATHSIG = 1
 ORPHAN_GRACE_S = 60.0
 
 
-# A worker started by a launcher (`accelerate launch`, torchrun: LOCAL_RANK is set) stops when the launcher dies,
-# e.g. SIGKILLed by the out-of-memory killer or a scheduler: the workers run in sessions of their own, so nothing
-# else would end them and they would hold their GPUs. The kernel sends SIGTERM when the parent dies (prctl
-# PR_SET_PDEATHSIG; the stop handler then stops at the next step with a checkpoint), and `gone` compares the parent
-# pid with the one at start (a parent that died before prctl, or a system without prctl). Once gone, a watchdog
-# thread ends the process after ORPHAN_GRACE_S seconds in any case.
 class ParentWatch:
+    """A worker started by a launcher (`accelerate launch`, torchrun: LOCAL_RANK is set) stops when the launcher dies,
+    e.g. SIGKILLed by the out-of-memory killer or a scheduler: the workers run in sessions of their own, so nothing
+    else would end them and they would hold their GPUs. The kernel sends SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG; the stop handler then stops at the next step with a checkpoint), and `gone` compares the
+    parent pid with the one at start (a parent that died before prctl, or a system without prctl). Once gone, a
+    watchdog thread ends the process after ORPHAN_GRACE_S seconds in any case."""
     def __init__(self, enabled=None):
         if enabled is None:
             enabled = os.environ.get("LOCAL_RANK") is not None
@@ -85,16 +86,16 @@ class ParentWatch:
         self._reported = False
         if self.ppid is not None and sys.platform.startswith("linux"):
             try:
-                import ctypes
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
             except (OSError, AttributeError):
                 pass  # the pid check below still works
 
-    # True once the launcher is gone (checked at every step boundary; one getppid call): reparented, or the parent
-    # is dying (when a multi-threaded launcher is SIGKILLed, the thread that started the workers can die first: the
-    # kernel then sends the parent-death signal while the process, its other threads still exiting, keeps its pid).
     def gone(self) -> bool:
+        """True once the launcher is gone (checked at every step boundary; one getppid call): reparented, or the parent
+        is dying (when a multi-threaded launcher is SIGKILLed, the thread that started the workers can die first:
+        the kernel then sends the parent-death signal while the process, its other threads still exiting, keeps its
+        pid)."""
         if self.ppid is None or (os.getppid() == self.ppid and not _dying(self.ppid)):
             return False
         if not self._reported:
@@ -105,9 +106,9 @@ class ParentWatch:
             threading.Thread(target=_exit_after, args=(ORPHAN_GRACE_S,), daemon=True).start()
         return True
 
-    # The stop reason when the launcher is gone, else None. After a stop signal it looks for up to `wait_s` seconds:
-    # the parent-death signal can arrive a moment before the launcher is seen dying.
     def reason(self, wait_s: float = 1.0):
+        """The stop reason when the launcher is gone, else None. After a stop signal it looks for up to `wait_s`
+        seconds: the parent-death signal can arrive a moment before the launcher is seen dying."""
         deadline = time.monotonic() + (wait_s if self.ppid is not None else 0.0)
         while not self.gone() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -136,10 +137,10 @@ def _exit_after(seconds: float) -> None:
     os._exit(1)
 
 
-# Test-only faults, switched on by environment variables (never set in normal runs):
-# GANFORGE_TEST_KILL_AT_NIMG=N (with GANFORGE_TEST_KILL_RANK=r, default 0): rank r SIGKILLs itself at the first
-# step boundary at or after N images; GANFORGE_TEST_NONFINITE_FROM_NIMG=N: gradients become NaN from N images on.
 class Faults:
+    """Test-only faults, switched on by environment variables (never set in normal runs): GANFORGE_TEST_KILL_AT_NIMG=N
+    (with GANFORGE_TEST_KILL_RANK=r, default 0): rank r SIGKILLs itself at the first step boundary at or after N
+    images; GANFORGE_TEST_NONFINITE_FROM_NIMG=N: gradients become NaN from N images on."""
     def __init__(self, rank: int):
         env = os.environ
         self.kill_at = int(env["GANFORGE_TEST_KILL_AT_NIMG"]) if env.get("GANFORGE_TEST_KILL_AT_NIMG") else None
@@ -147,13 +148,13 @@ class Faults:
         nan_from = env.get("GANFORGE_TEST_NONFINITE_FROM_NIMG")
         self.nan_from = int(nan_from) if nan_from else None
 
-    # At a step boundary: die like a killed process when asked to.
     def at_step(self, cur_nimg: int) -> None:
+        """At a step boundary: die like a killed process when asked to."""
         if self.kill and cur_nimg >= self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    # After the backward passes of a phase: poison the gradients when asked to.
     def corrupt_grads(self, params, cur_nimg: int) -> None:
+        """After the backward passes of a phase: poison the gradients when asked to."""
         if self.nan_from is not None and cur_nimg >= self.nan_from:
             for p in params:
                 if p.grad is not None:
@@ -161,7 +162,7 @@ class Faults:
                     break
 
 
-# True when every floating-point parameter and buffer of the modules (and the extra tensors) is finite.
 def all_finite(modules, tensors=()) -> bool:
+    """True when every floating-point parameter and buffer of the modules (and the extra tensors) is finite."""
     ts = [t for m in modules for t in list(m.parameters()) + list(m.buffers())] + list(tensors)
     return all(bool(torch.isfinite(t).all()) for t in ts if t.is_floating_point())

@@ -10,14 +10,15 @@ from training.loop import training_loop
 from training.report import peak_memory_gb
 
 
-# Raised by a probe to end a training run once it has what it measured.
 class ProbeDone(Exception):
+    """Raised by a probe to end a training run once it has what it measured."""
     pass
 
 
-# Run the training loop for the resolved config `cfg` (in cfg['run_dir']) until `probe` ends it; returns the probe.
-# The process's Accelerator is forgotten afterwards, so that the next run in this process starts its own.
 def run_with_probe(cfg: dict, probe):
+    """Run the training loop for the resolved config `cfg` (in cfg['run_dir']) until `probe` ends it; returns the
+    probe. The process's Accelerator is forgotten afterwards, so that the next run in this process starts its own.
+    """
     try:
         training_loop(cfg, cfg.run_dir, probe=probe)
     except ProbeDone:
@@ -27,10 +28,10 @@ def run_with_probe(cfg: dict, probe):
     return probe
 
 
-# Count host syncs over minibatch `batch_idx` (its step boundary included) and end the run after it. `.counter`
-# holds the HostSyncCounter; on CUDA, `.cuda_syncs` counts what torch.cuda.set_sync_debug_mode reports (every
-# synchronizing CUDA call, also those made inside C++), with their messages in `.cuda_messages`.
 class CountMinibatch:
+    """Count host syncs over minibatch `batch_idx` (its step boundary included) and end the run after it. `.counter`
+    holds the HostSyncCounter; on CUDA, `.cuda_syncs` counts what torch.cuda.set_sync_debug_mode reports (every
+    synchronizing CUDA call, also those made inside C++), with their messages in `.cuda_messages`."""
     def __init__(self, batch_idx: int):
         self.batch_idx = batch_idx
         self.counter = None
@@ -64,12 +65,12 @@ class CountMinibatch:
         raise ProbeDone()
 
 
-# Time minibatches `warmup` .. `warmup + count - 1` (one window, the device synchronized at both ends), then end
-# the run. A window of 16 minibatches after 4 warm-up ones holds every lazy-regularization phase in its share
-# (Greg every 4, Dreg every 16 with the default intervals). When `budget_s` (from the probe's creation) runs out
-# first, the window ends early and the result says so (complete=False). `.result`: minibatches, images, seconds,
-# sec_per_kimg, peak_mem_gb, startup_s, complete.
 class TimeMinibatches:
+    """Time minibatches `warmup` .. `warmup + count - 1` (one window, the device synchronized at both ends), then end
+    the run. A window of 16 minibatches after 4 warm-up ones holds every lazy-regularization phase in its share
+    (Greg every 4, Dreg every 16 with the default intervals). When `budget_s` (from the probe's creation) runs out
+    first, the window ends early and the result says so (complete=False). `.result`: minibatches, images, seconds,
+    sec_per_kimg, peak_mem_gb, startup_s, complete."""
     def __init__(self, warmup: int, count: int, budget_s: float, device: torch.device):
         self.warmup, self.count, self.budget_s, self.device = warmup, count, budget_s, device
         self.created = time.perf_counter()

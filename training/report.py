@@ -11,16 +11,16 @@ from training.eval.metrics import evaluate_snapshot, metric_label
 from training.io.images import make_grid, to_uint8
 
 
-# Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU).
 def peak_memory_gb(device) -> float:
+    """Peak memory of this process in GB (CUDA allocator peak on GPU, max resident set size on CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-# Running sums of scalar stats over a tick, averaged over ranks at report time. Values may be Python numbers or
-# 0-dim device tensors: tensors are summed on the device (no host read per minibatch) and read once per tick.
 class TickStats:
+    """Running sums of scalar stats over a tick, averaged over ranks at report time. Values may be Python numbers or
+    0-dim device tensors: tensors are summed on the device (no host read per minibatch) and read once per tick."""
     def __init__(self):
         self.sums = {}
 
@@ -51,8 +51,8 @@ class TickStats:
         return {k: s / c for k, s, c in zip(keys, values[:n], values[n:]) if c > 0}
 
 
-# Print the status line and append one JSON line to stats.jsonl (rank 0).
 def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None:
+    """Print the status line and append one JSON line to stats.jsonl (rank 0)."""
     line = (f"tick {stats['Progress/tick']:<5d} kimg {stats['Progress/kimg']:<8.1f} "
             f"time {stats['Timing/total_sec']:<7.0f}s sec/kimg {stats['Timing/sec_per_kimg']:<7.2f} "
             f"mem {stats['Resources/peak_mem_gb']:.2f}GB")

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
 
 
-# One stage at a point of training: index, resolution (px), fade-in weight alpha in [0, 1], its start (images) and
-# its batch/learning-rate settings.
 @dataclass(frozen=True)
 class Stage:
+    """One stage at a point of training: index, resolution (px), fade-in weight alpha in [0, 1], its start (images) and
+    its batch/learning-rate settings."""
     index: int
     resolution: int
     alpha: float
@@ -23,9 +23,9 @@ class Stage:
     dlr: float
 
 
-# The stages of one run, checked at start-up against the dataset resolution; a pure function of cur_nimg, so a
-# resumed run is at exactly the same stage and fade as the uninterrupted one.
 class Schedule:
+    """The stages of one run, checked at start-up against the dataset resolution; a pure function of cur_nimg, so a
+    resumed run is at exactly the same stage and fade as the uninterrupted one."""
     def __init__(self, cfg, resolution: int, train):
         """The stages for `cfg` (a ScheduleConfig) at a dataset of `resolution` px; `train` (a TrainConfig) gives
         the batch sizes and learning rates of stages without their own."""
@@ -69,8 +69,8 @@ class Schedule:
         self.glr = per_stage("glr", float(train.glr), float)
         self.dlr = per_stage("dlr", float(train.dlr), float)
 
-    # The stage at `cur_nimg`.
     def at(self, cur_nimg: int) -> Stage:
+        """The stage at `cur_nimg`."""
         i = max(k for k, s in enumerate(self.starts) if s <= cur_nimg)
         alpha = 1.0 if i == 0 or self.fade_nimg == 0 else min(1.0, (cur_nimg - self.starts[i]) / self.fade_nimg)
         return Stage(i, self.resolutions[i], float(alpha), self.starts[i], self.batch_size[i], self.batch_gpu[i],
@@ -86,9 +86,10 @@ def make_schedule(cfg, resolution: int, train) -> Optional[Schedule]:
     return Schedule(cfg, resolution, train) if cfg.enabled else None
 
 
-# The reals for a stage (Karras et al. 2018, app. A.1): box-downsampled to the stage resolution and, during a fade,
-# blended like the fakes: lerp(up(down(x)), x, alpha) with the networks' own [1,3,3,1] resampling filters.
 def stage_reals(img: torch.Tensor, resolution: int, alpha: float) -> torch.Tensor:
+    """The reals for a stage (Karras et al. 2018, app. A.1): box-downsampled to the stage resolution and, during a
+    fade, blended like the fakes: lerp(up(down(x)), x, alpha) with the networks' own [1,3,3,1] resampling filters.
+    """
     factor = img.shape[-1] // resolution
     if factor > 1:
         img = F.avg_pool2d(img, factor)
@@ -104,15 +105,15 @@ def stage_reals(img: torch.Tensor, resolution: int, alpha: float) -> torch.Tenso
 _filters = {}
 
 
-# The stage a network is set to, as recorded in snapshots: {'resolution': px, 'alpha': fade}.
 def stage_meta(G) -> dict:
+    """The stage a network is set to, as recorded in snapshots: {'resolution': px, 'alpha': fade}."""
     res, alpha = G.stage
     return {"resolution": int(res), "alpha": float(alpha)}
 
 
-# Put G, D and G_ema at `stage` and give each phase's optimizer the stage's learning rate (times the phase's
-# lazy-regularization ratio).
 def set_stage(nets, phases, stage: Stage) -> None:
+    """Put G, D and G_ema at `stage` and give each phase's optimizer the stage's learning rate (times the phase's lazy-
+    regularization ratio)."""
     for net in nets:
         net.set_stage(stage.resolution, stage.alpha)
     for ph in phases:
@@ -121,10 +122,10 @@ def set_stage(nets, phases, stage: Stage) -> None:
             group["lr"] = lr
 
 
-# A training state written during a progressive run must be at the stage the schedule gives for its cur_nimg (the
-# schedule is a pure function of cur_nimg and the config, which resume checks); a state without the schedule
-# cannot continue with it and vice versa.
 def check_stage_state(state: dict, schedule: Optional[Schedule], cur_nimg: int, source) -> None:
+    """A training state written during a progressive run must be at the stage the schedule gives for its cur_nimg (the
+    schedule is a pure function of cur_nimg and the config, which resume checks); a state without the schedule
+    cannot continue with it and vice versa."""
     saved = state.get("stage")
     if schedule is None:
         if saved is not None:

@@ -26,8 +26,8 @@ PRESETS = {
 }
 
 
-# Constructor keyword arguments (multipliers) of the named preset.
 def presets(name: str) -> dict:
+    """Constructor keyword arguments (multipliers) of the named preset."""
     if name not in PRESETS:
         raise ValueError(f"unknown augmentation preset {name!r}; choose from {sorted(PRESETS)}")
     out = {}
@@ -36,16 +36,17 @@ def presets(name: str) -> dict:
     return out
 
 
-# The augmentation pipe: every transform of app. B, each applied to a sample with probability p * multiplier,
-# in the paper's order (blit, geometric, colour, filter, noise, cutout). Differentiable to second order w.r.t.
-# the images, so it can sit in front of D for every image D sees, R1 reals included. With `sync_free` (the default on
-# a GPU) nothing in forward reads a value back from the device or copies a host number into a tensor: p is a device
-# buffer, every "apply with probability p" is a per-sample torch.where, each stage transforms the whole batch and
-# keeps the untouched samples bit for bit, and the geometric padding is fixed (augment_ops.geometric_margin). On a
-# CPU, where a read costs nothing, the geometric and filter stages transform only the samples drawn for them, with
-# the padding they need (the same images for the same draws, several times cheaper at small p). `p_host` is p as the
-# host last set it (set_p; None when unknown): p_host == 0 skips the whole pipe.
 class AugmentPipe(torch.nn.Module):
+    """The augmentation pipe: every transform of app. B, each applied to a sample with probability p * multiplier, in
+    the paper's order (blit, geometric, colour, filter, noise, cutout). Differentiable to second order w.r.t. the
+    images, so it can sit in front of D for every image D sees, R1 reals included. With `sync_free` (the default on
+    a GPU) nothing in forward reads a value back from the device or copies a host number into a tensor: p is a
+    device buffer, every "apply with probability p" is a per-sample torch.where, each stage transforms the whole
+    batch and keeps the untouched samples bit for bit, and the geometric padding is fixed
+    (augment_ops.geometric_margin). On a CPU, where a read costs nothing, the geometric and filter stages transform
+    only the samples drawn for them, with the padding they need (the same images for the same draws, several times
+    cheaper at small p). `p_host` is p as the host last set it (set_p; None when unknown): p_host == 0 skips the
+    whole pipe."""
     def __init__(self, xflip=0, rotate90=0, xint=0, xint_max=0.125,
                  scale=0, rotate=0, aniso=0, xfrac=0, scale_std=0.2, rotate_max=1, aniso_std=0.2, xfrac_std=0.125,
                  brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0,
@@ -75,8 +76,8 @@ class AugmentPipe(torch.nn.Module):
         self.register_buffer("luma", ops.luma_axis(), persistent=False)
         self.last_geom = None  # the inverse matrices of the last geometric stage (for tests and visualisation)
 
-    # Set p from the host (a fill of the buffer, no copy); p_host remembers it for the p == 0 shortcut.
     def set_p(self, p: float) -> None:
+        """Set p from the host (a fill of the buffer, no copy); p_host remembers it for the p == 0 shortcut."""
         self.p.fill_(float(p))
         self.p_host = float(p)
 
@@ -86,8 +87,8 @@ class AugmentPipe(torch.nn.Module):
         if prefix + "p" in state_dict:
             self.p_host = float(self.p)
 
-    # Augment float images [N, C, H, W] (C = 1 or 3, values around [-1, 1]); p = 0 returns them untouched.
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Augment float images [N, C, H, W] (C = 1 or 3, values around [-1, 1]); p = 0 returns them untouched."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"AugmentPipe expects [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
         self.last_geom = None
@@ -253,8 +254,8 @@ class AugmentPipe(torch.nn.Module):
         return x
 
 
-# The pipe for an `aug` config, with pipe.p set to cfg.p; None for mode 'noaug' (then D sees raw images).
 def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
+    """The pipe for an `aug` config, with pipe.p set to cfg.p; None for mode 'noaug' (then D sees raw images)."""
     mode = cfg.mode
     if mode not in ("ada", "fixed", "noaug"):
         raise ValueError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
@@ -265,12 +266,12 @@ def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
     return pipe
 
 
-# The ADA heuristic (paper §3): r_t = E[sign(D(augmented reals))] over every accumulation round and rank of the
-# last `interval` minibatches; then p += sign(r_t - target) * batch_size * interval / (ada_kimg * 1000), clamped
-# to [0, 1], so p can cross 0 -> 1 in ada_kimg thousand images. `batch_size` is the global minibatch (all ranks).
-# The sum of signs stays on the device (no read per round); the training loop reads it with its other per-step
-# values (`pending` / `update`), or `step` reads it alone.
 class AdaptiveP:
+    """The ADA heuristic (paper §3): r_t = E[sign(D(augmented reals))] over every accumulation round and rank of the
+    last `interval` minibatches; then p += sign(r_t - target) * batch_size * interval / (ada_kimg * 1000), clamped
+    to [0, 1], so p can cross 0 -> 1 in ada_kimg thousand images. `batch_size` is the global minibatch (all ranks).
+    The sum of signs stays on the device (no read per round); the training loop reads it with its other per-step
+    values (`pending` / `update`), or `step` reads it alone."""
     def __init__(self, pipe: AugmentPipe, target: float = 0.6, interval: int = 4, ada_kimg: float = 500,
                  batch_size: int = 64):
         self.pipe, self.target, self.interval = pipe, float(target), int(interval)
@@ -280,17 +281,18 @@ class AdaptiveP:
         self._acc_sum = 0.0  # sum of signs since the last update: a Python float until a device tensor takes over
         self._acc_count = 0  # number of logits since the last update (known on the host)
 
-    # Current p (the pipe's buffer holds the same value in float32).
     @property
     def p(self) -> float:
+        """Current p (the pipe's buffer holds the same value in float32)."""
         return self._p
 
-    # p's step size for the rest of training (ada_kimg_resume after a resume).
     def set_ada_kimg(self, kimg: float) -> None:
+        """p's step size for the rest of training (ada_kimg_resume after a resume)."""
         self.ada_kimg = float(kimg)
 
-    # Add D's raw logits on augmented reals (any shape) to the statistic; call after every D-main round. No sync.
     def accumulate(self, real_logits: torch.Tensor) -> None:
+        """Add D's raw logits on augmented reals (any shape) to the statistic; call after every D-main round. No sync.
+        """
         d = real_logits.detach()
         signs = torch.sign(d).sum(dtype=torch.float64)
         if not isinstance(self._acc_sum, torch.Tensor) or self._acc_sum.device != d.device:
@@ -298,17 +300,17 @@ class AdaptiveP:
         self._acc_sum += signs
         self._acc_count += d.numel()
 
-    # Whether p is updated after minibatch `batch_idx` (0-based; the same on every rank).
     def due(self, batch_idx: int) -> bool:
+        """Whether p is updated after minibatch `batch_idx` (0-based; the same on every rank)."""
         return (batch_idx + 1) % self.interval == 0
 
-    # This rank's [sum of signs, count] since the last update, for the caller's sum over ranks.
     def pending(self) -> list:
+        """This rank's [sum of signs, count] since the last update, for the caller's sum over ranks."""
         return [self._acc_sum, self._acc_count]
 
-    # Update p from the statistic summed over ranks (`pending` of every rank) and reset it. Returns True when p
-    # was updated (False when nothing was accumulated).
     def update(self, total: float, count: float) -> bool:
+        """Update p from the statistic summed over ranks (`pending` of every rank) and reset it. Returns True when p
+        was updated (False when nothing was accumulated)."""
         if isinstance(self._acc_sum, torch.Tensor):
             self._acc_sum.zero_()
         else:
@@ -321,10 +323,10 @@ class AdaptiveP:
         self._set_p(min(max(self._p + adjust, 0.0), 1.0))
         return True
 
-    # After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
-    # (every rank must call step with the same batch_idx; one host read), update p and reset. Returns True when p
-    # was updated.
     def step(self, batch_idx: int) -> bool:
+        """After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
+        (every rank must call step with the same batch_idx; one host read), update p and reset. Returns True when p
+        was updated."""
         if not self.due(batch_idx):
             return False
         return self.update(*dist.sum_to_host(self.pending()))
@@ -333,8 +335,8 @@ class AdaptiveP:
         self._p = p
         self.pipe.set_p(p)
 
-    # Checkpoint state: p, the last r_t and the pending accumulators.
     def state_dict(self) -> dict:
+        """Checkpoint state: p, the last r_t and the pending accumulators."""
         return {"p": self._p, "r_t": self.r_t, "acc_sum": float(self._acc_sum), "acc_count": float(self._acc_count)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -344,8 +346,8 @@ class AdaptiveP:
         self._acc_count = int(state.get("acc_count", 0))
 
 
-# The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume.
 def make_adaptive_p(cfg, pipe: Optional[AugmentPipe], batch_size: int, resumed: bool = False) -> Optional[AdaptiveP]:
+    """The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume."""
     if pipe is None or cfg.mode != "ada":
         return None
     kimg = cfg.ada_kimg_resume if resumed else cfg.ada_kimg

@@ -20,9 +20,9 @@ SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 BAND_EXPECTED_POWER = [10 / 13, 1 / 13, 1 / 13, 1 / 13]
 
 
-# Map integer indices onto [0, n) by mirror reflection without repeating the edge (d c b | a b c d | c b a),
-# for any distance outside the image (the pattern repeats with period 2(n-1)).
 def reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Map integer indices onto [0, n) by mirror reflection without repeating the edge (d c b | a b c d | c b a), for
+    any distance outside the image (the pattern repeats with period 2(n-1))."""
     if n == 1:
         return torch.zeros_like(idx)
     period = 2 * (n - 1)
@@ -30,9 +30,9 @@ def reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
-# Reflect-pad [N, C, H, W] by arbitrary amounts: torch's native 'reflect' (fast) when every pad is below the size,
-# else index gathering with reflect_index (the same pattern, any distance).
 def reflect_pad(x: torch.Tensor, px0: int, px1: int, py0: int, py1: int) -> torch.Tensor:
+    """Reflect-pad [N, C, H, W] by arbitrary amounts: torch's native 'reflect' (fast) when every pad is below the size,
+    else index gathering with reflect_index (the same pattern, any distance)."""
     h, w = x.shape[2], x.shape[3]
     if max(px0, px1) < w and max(py0, py1) < h:
         return F.pad(x, [px0, px1, py0, py1], mode="reflect")
@@ -41,13 +41,13 @@ def reflect_pad(x: torch.Tensor, px0: int, px1: int, py0: int, py1: int) -> torc
     return x.index_select(3, ix).index_select(2, iy)
 
 
-# Blit xflip: mirror the samples where `flip` [N] is true (exact pixel permutation).
 def xflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Blit xflip: mirror the samples where `flip` [N] is true (exact pixel permutation)."""
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-# Blit rotate90: rotate sample n by k[n] quarter turns (torch.rot90 convention; square images only).
 def rotate90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Blit rotate90: rotate sample n by k[n] quarter turns (torch.rot90 convention; square images only)."""
     if x.shape[2] != x.shape[3]:
         raise ValueError(f"rotate90 needs square images, got {tuple(x.shape[2:])}")
     out = x
@@ -56,8 +56,9 @@ def rotate90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Blit integer translation: out[n, :, y, x] = in[n, :, reflect(y - ty[n]), reflect(x - tx[n])] (exact gathers).
 def integer_translate(x: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    """Blit integer translation: out[n, :, y, x] = in[n, :, reflect(y - ty[n]), reflect(x - tx[n])] (exact gathers).
+    """
     n, c, h, w = x.shape
     ix = reflect_index(torch.arange(w, device=x.device)[None, :] - tx[:, None], w)
     iy = reflect_index(torch.arange(h, device=x.device)[None, :] - ty[:, None], h)
@@ -73,9 +74,9 @@ def _matrix(rows, n, device, dtype):
     return torch.stack(flat, dim=1).reshape(n, len(rows), len(rows))
 
 
-# Inverse 2-D similarity blocks (output -> input coordinates) for the geometric group (app. B): the pipeline
-# composes G = G @ inverse(op) in application order, so G maps an output pixel to where it samples the input.
 def translate2d_inv(tx, ty, n, device, dtype=torch.float32):
+    """Inverse 2-D similarity blocks (output -> input coordinates) for the geometric group (app. B): the pipeline
+    composes G = G @ inverse(op) in application order, so G maps an output pixel to where it samples the input."""
     return _matrix([[1, 0, -tx], [0, 1, -ty], [0, 0, 1]], n, device, dtype)
 
 
@@ -88,25 +89,25 @@ def rotate2d_inv(theta, n, device, dtype=torch.float32):
     return _matrix([[c, s, 0], [-s, c, 0], [0, 0, 1]], n, device, dtype)
 
 
-# Centroid offset of a 1-D filter from its geometric centre, in taps: symlets are only nearly linear-phase, and
-# this is their delay at low frequencies, which the resampler compensates in its sampling grid.
 def filter_delay(f) -> float:
+    """Centroid offset of a 1-D filter from its geometric centre, in taps: symlets are only nearly linear-phase, and
+    this is their delay at low frequencies, which the resampler compensates in its sampling grid."""
     f = np.asarray(f, dtype=np.float64)
     return float((np.arange(len(f)) * f).sum() / f.sum() - (len(f) - 1) / 2)
 
 
-# The reflect padding around the geometric resampling (pixels: x0, x1, y0, y1): NVIDIA's rule caps the margin that
-# the transformed corners need at the image size minus one; a fixed margin at that cap needs no read of the random
-# transforms (a host sync on a GPU) and covers everything the capped rule covers. Sample points beyond it read
-# zeros, as there.
 def geometric_margin(h: int, w: int) -> tuple:
+    """The reflect padding around the geometric resampling (pixels: x0, x1, y0, y1): NVIDIA's rule caps the margin that
+    the transformed corners need at the image size minus one; a fixed margin at that cap needs no read of the random
+    transforms (a host sync on a GPU) and covers everything the capped rule covers. Sample points beyond it read
+    zeros, as there."""
     return w - 1, w - 1, h - 1, h - 1
 
 
-# The margin (x0, x1, y0, y1) that the matrices G actually need: where the extreme output points land in the input,
-# plus the up-filter and bilinear support, capped as geometric_margin. Reads G back (for the CPU path, where that is
-# free): the same images as the fixed margin, on a smaller padded image.
 def needed_margin(G: torch.Tensor, h: int, w: int, taps: int, delay: float) -> tuple:
+    """The margin (x0, x1, y0, y1) that the matrices G actually need: where the extreme output points land in the
+    input, plus the up-filter and bilinear support, capped as geometric_margin. Reads G back (for the CPU path,
+    where that is free): the same images as the fixed margin, on a smaller padded image."""
     q = taps // 2 - 1
     x0, x1 = -q / 2 - 0.25 - delay / 2 - (w - 1) / 2, (2 * w + q - 1) / 2 - 0.25 - delay / 2 - (w - 1) / 2
     y0, y1 = -q / 2 - 0.25 - delay / 2 - (h - 1) / 2, (2 * h + q - 1) / 2 - 0.25 - delay / 2 - (h - 1) / 2
@@ -120,12 +121,13 @@ def needed_margin(G: torch.Tensor, h: int, w: int, taps: int, delay: float) -> t
     return tuple(min(max(0, math.ceil(m)), c) for m, c in zip(need, cap))
 
 
-# Apply the inverse affine matrices G [N, 3, 3] (output -> input, pixel units, origin at the image centre, x right,
-# y down) to x [N, C, H, W]: reflect-pad by `margin` (x0, x1, y0, y1; default geometric_margin), upsample 2x with the wavelet
-# low-pass `hz` (1-D, even length), sample bilinearly on a 2x output grid, low-pass + downsample 2x with the
-# time-reversed filter (an orthonormal wavelet makes up -> down an exact identity), output H x W (app. B). `delay`
-# is filter_delay(hz) (computed once by the caller, so that nothing here reads the filter back from the device).
 def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, margin=None, delay=None) -> torch.Tensor:
+    """Apply the inverse affine matrices G [N, 3, 3] (output -> input, pixel units, origin at the image centre, x
+    right, y down) to x [N, C, H, W]: reflect-pad by `margin` (x0, x1, y0, y1; default geometric_margin), upsample
+    2x with the wavelet low-pass `hz` (1-D, even length), sample bilinearly on a 2x output grid, low-pass +
+    downsample 2x with the time-reversed filter (an orthonormal wavelet makes up -> down an exact identity), output
+    H x W (app. B). `delay` is filter_delay(hz) (computed once by the caller, so that nothing here reads the filter
+    back from the device)."""
     if x.dtype in (torch.float16, torch.bfloat16):  # half-precision grid coordinates would be off by ~0.1 px
         return geometric_transform(x.float(), G, hz, margin, delay).to(x.dtype)
     n, c, h, w = x.shape
@@ -152,14 +154,14 @@ def geometric_transform(x: torch.Tensor, G: torch.Tensor, hz: torch.Tensor, marg
     return upfirdn2d.upfirdn2d(y, hz.to(x.dtype), down=2, flip_filter=True)
 
 
-# The luma axis v = [1, 1, 1, 0] / sqrt(3) in homogeneous RGB (app. B: luma flip, hue and saturation act around it);
-# the pipe keeps it as a buffer, made once.
 def luma_axis(device=None, dtype=torch.float32):
+    """The luma axis v = [1, 1, 1, 0] / sqrt(3) in homogeneous RGB (app. B: luma flip, hue and saturation act around
+    it); the pipe keeps it as a buffer, made once."""
     return torch.tensor([1, 1, 1, 0], device=device, dtype=dtype) / math.sqrt(3)
 
 
-# Per-sample 4x4 colour blocks (homogeneous RGB, acting on column vectors).
 def translate3d(t, n, device, dtype=torch.float32):
+    """Per-sample 4x4 colour blocks (homogeneous RGB, acting on column vectors)."""
     return _matrix([[1, 0, 0, t], [0, 1, 0, t], [0, 0, 1, t], [0, 0, 0, 1]], n, device, dtype)
 
 
@@ -167,8 +169,8 @@ def scale3d(s, n, device, dtype=torch.float32):
     return _matrix([[s, 0, 0, 0], [0, s, 0, 0], [0, 0, s, 0], [0, 0, 0, 1]], n, device, dtype)
 
 
-# Rotation by theta [N] around the unit axis v (first three entries), by Rodrigues' formula.
 def rotate3d(v, theta, device, dtype=torch.float32):
+    """Rotation by theta [N] around the unit axis v (first three entries), by Rodrigues' formula."""
     n = theta.shape[0]
     vx, vy, vz = v[0], v[1], v[2]
     c, s = torch.cos(theta), torch.sin(theta)
@@ -179,9 +181,9 @@ def rotate3d(v, theta, device, dtype=torch.float32):
                     [0, 0, 0, 1]], n, device, dtype)
 
 
-# Apply colour matrices M [N, 4, 4] to x: RGB uses the full affine map; a one-channel image is treated as grey
-# (r = g = b), mapped, and averaged back to one channel.
 def apply_color(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Apply colour matrices M [N, 4, 4] to x: RGB uses the full affine map; a one-channel image is treated as grey (r
+    = g = b), mapped, and averaged back to one channel."""
     M = M.to(x.dtype)
     if x.shape[1] == 3:
         return torch.einsum("nij,njhw->nihw", M[:, :3, :3], x) + M[:, :3, 3, None, None]
@@ -192,10 +194,10 @@ def apply_color(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"colour transforms need 1 or 3 channels, got {x.shape[1]}")
 
 
-# Four zero-phase 1-D band filters (low to high: [0, pi/8], [pi/8, pi/4], [pi/4, pi/2], [pi/2, pi]) that sum to a
-# unit impulse, built from the wavelet `h`: its autocorrelation a is a half-band low-pass (orthonormality makes
-# a[2k] = 0 for k != 0), dilating a by 2 and 4 and cascading halves the cut-off, and the bands are differences.
 def bandpass_bank(h) -> torch.Tensor:
+    """Four zero-phase 1-D band filters (low to high: [0, pi/8], [pi/8, pi/4], [pi/4, pi/2], [pi/2, pi]) that sum to a
+    unit impulse, built from the wavelet `h`: its autocorrelation a is a half-band low-pass (orthonormality makes
+    a[2k] = 0 for k != 0), dilating a by 2 and 4 and cascading halves the cut-off, and the bands are differences."""
     h = np.asarray(h, dtype=np.float64)
     a = np.convolve(h, h[::-1])
     a = a / a.sum()
@@ -215,8 +217,8 @@ def bandpass_bank(h) -> torch.Tensor:
     return torch.tensor(np.stack(bands), dtype=torch.float32)
 
 
-# Filter sample n of x with its own symmetric odd-length 1-D filter f[n] along x and then y (reflect padding).
 def filter_per_sample(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Filter sample n of x with its own symmetric odd-length 1-D filter f[n] along x and then y (reflect padding)."""
     n, c, h, w = x.shape
     r = f.shape[1] // 2
     x = reflect_pad(x, r, r, r, r).reshape(1, n * c, h + 2 * r, w + 2 * r)
@@ -226,8 +228,8 @@ def filter_per_sample(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, h, w)
 
 
-# Cutout: zero a box of `size` (fraction of the image) centred at (cx, cy) [N] (fractions), where `apply` [N].
 def cutout(x: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: float, apply: torch.Tensor) -> torch.Tensor:
+    """Cutout: zero a box of `size` (fraction of the image) centred at (cx, cy) [N] (fractions), where `apply` [N]."""
     n, _, h, w = x.shape
     gx = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5) / w
     gy = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5) / h

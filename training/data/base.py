@@ -19,9 +19,9 @@ class BaseDataset(torch.utils.data.Dataset):
 
     xflip = False
 
-    # Number of images (raw indices) the source holds, before any subset and mirroring.
     @property
     def raw_size(self) -> int:
+        """Number of images (raw indices) the source holds, before any subset and mirroring."""
         raise NotImplementedError
 
     # Number of images in use (without the mirrored half).

@@ -28,8 +28,9 @@ _TOOL_HINT = ("convert the images with scripts/dataset_tool.py --source <folder>
               "--resolution <power of two>")
 
 
-# Raised for a dataset whose files are not in the expected form; a ValueError so callers can catch it broadly.
 class DatasetError(ValueError):
+    """Raised for a dataset whose files are not in the expected form; a ValueError so callers can catch it broadly.
+    """
     pass
 
 
@@ -46,15 +47,16 @@ class _FileSource:
         self._zip = None
         self._zip_pid = None
 
-    # The open archive; reopened in each process so that forked DataLoader workers never share a file offset.
     def zip(self) -> zipfile.ZipFile:
+        """The open archive; reopened in each process so that forked DataLoader workers never share a file offset.
+        """
         if self._zip is None or self._zip_pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
             self._zip_pid = os.getpid()
         return self._zip
 
-    # Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out.
     def names(self) -> list[str]:
+        """Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out."""
         if self.is_zip:
             names = [n for n in self.zip().namelist() if not n.endswith("/")]
         else:
@@ -65,8 +67,8 @@ class _FileSource:
                     names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
         return sorted(n for n in names if not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/")))
 
-    # Sorted relative names of the image files.
     def image_names(self) -> list[str]:
+        """Sorted relative names of the image files."""
         return [n for n in self.names() if n.lower().endswith(IMAGE_EXTENSIONS)]
 
     def exists(self, name: str) -> bool:
@@ -84,8 +86,8 @@ class _FileSource:
         with open(os.path.join(self.path, name), "rb") as f:
             return f.read()
 
-    # A human-readable location of one file, for error messages.
     def where(self, name: str) -> str:
+        """A human-readable location of one file, for error messages."""
         return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
 
     # Drop the archive handle when pickled (spawned DataLoader workers reopen it).
@@ -224,8 +226,8 @@ class ImageDataset(BaseDataset):
             pool.shutdown(wait=True, cancel_futures=True)
         return kinds
 
-    # Open every image in use and raise DatasetError naming the first bad file (see the class docstring).
     def validate(self) -> None:
+        """Open every image in use and raise DatasetError naming the first bad file (see the class docstring)."""
         self._scan(check_channels=self._num_channels)
 
     # Read dataset.json (if any) into a float32 [raw_size, label_dim] array, or None for an unlabeled dataset.
@@ -280,9 +282,9 @@ class ImageDataset(BaseDataset):
             return onehot
         return np.asarray(values, dtype=np.float32).reshape(len(values), dim)
 
-    # Number of image files found (before max_size and xflip).
     @property
     def raw_size(self) -> int:
+        """Number of image files found (before max_size and xflip)."""
         return len(self._fnames)
 
     def _num_items(self) -> int:
@@ -304,8 +306,8 @@ class ImageDataset(BaseDataset):
     def _raw_label(self, raw: int) -> np.ndarray:
         return self._labels[raw].copy()
 
-    # The relative file name behind item `idx`.
     def get_fname(self, idx) -> str:
+        """The relative file name behind item `idx`."""
         return self._fnames[self._raw(idx)]
 
 

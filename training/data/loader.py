@@ -20,9 +20,9 @@ MIN_BATCHES_IN_FLIGHT = 4
 CPU_WORKERS = 0
 
 
-# Training processes on this machine: torchrun (and so `accelerate launch --multi_gpu`) sets LOCAL_WORLD_SIZE in
-# each of them; 1 when it is not set (a single process).
 def local_process_count() -> int:
+    """Training processes on this machine: torchrun (and so `accelerate launch --multi_gpu`) sets LOCAL_WORLD_SIZE in
+    each of them; 1 when it is not set (a single process)."""
     try:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
@@ -37,26 +37,27 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-# Worker processes per training process for data.num_workers=null: on an accelerator, the cores of this
-# process's share of the machine less one for the process itself (which launches the kernels and pins memory),
-# at least 1 (a worker overlaps loading with the GPU's step even on a shared core) and at most MAX_WORKERS;
-# on the CPU, CPU_WORKERS.
 def default_num_workers(device_type: str, local_processes: int) -> int:
+    """Worker processes per training process for data.num_workers=null: on an accelerator, the cores of this process's
+    share of the machine less one for the process itself (which launches the kernels and pins memory), at least 1 (a
+    worker overlaps loading with the GPU's step even on a shared core) and at most MAX_WORKERS; on the CPU,
+    CPU_WORKERS."""
     if device_type == "cpu":
         return CPU_WORKERS
     share = _cores() // max(1, int(local_processes))
     return max(1, min(MAX_WORKERS, share - 1))
 
 
-# An endless iterator of (uint8 images [N, C, H, W], float32 labels [N, L]) CPU tensors in exactly the sampler's
-# order, whatever num_workers is (workers hand back batches in the order they were asked for). Images stay uint8
-# (a quarter of the bytes to copy and pin; the loop scales them to [-1, 1] on the device), pinned when the device
-# is CUDA so the copy can overlap. The loader draws its workers' base seed from its own generator seeded with
-# `seed`, never from the global RNG (exact resume depends on that). Workers run at 1 torch thread each, watch
-# their parent (they exit within ~5 s of it being killed), and are shut down when the iterator is dropped (the
-# loop drops it for a new one when a progressive stage changes the batch). Workers persist (the sampler is endless,
-# so this only matters if the loader is ever iterated again) and keep 2 batches each, at least 4 in all, ahead.
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: torch.device, seed: int):
+    """An endless iterator of (uint8 images [N, C, H, W], float32 labels [N, L]) CPU tensors in exactly the sampler's
+    order, whatever num_workers is (workers hand back batches in the order they were asked for). Images stay uint8
+    (a quarter of the bytes to copy and pin; the loop scales them to [-1, 1] on the device), pinned when the device
+    is CUDA so the copy can overlap. The loader draws its workers' base seed from its own generator seeded with
+    `seed`, never from the global RNG (exact resume depends on that). Workers run at 1 torch thread each, watch
+    their parent (they exit within ~5 s of it being killed), and are shut down when the iterator is dropped (the
+    loop drops it for a new one when a progressive stage changes the batch). Workers persist (the sampler is
+    endless, so this only matters if the loader is ever iterated again) and keep 2 batches each, at least 4 in all,
+    ahead."""
     num_workers = int(num_workers)
     if num_workers < 0:
         raise ValueError(f"make_loader: num_workers must be >= 0, got {num_workers}")

@@ -3,9 +3,9 @@ import numpy as np
 import torch
 
 
-# Item k of rank r is position k * world + r of the endless stream perm(seed, 0) ++ perm(seed, 1) ++ ...; so the
-# ranks never overlap, and `start` (items already consumed by this rank) resumes the stream exactly.
 class InfiniteSampler(torch.utils.data.Sampler):
+    """Item k of rank r is position k * world + r of the endless stream perm(seed, 0) ++ perm(seed, 1) ++ ...; so the
+    ranks never overlap, and `start` (items already consumed by this rank) resumes the stream exactly."""
     def __init__(self, size: int, rank: int = 0, num_replicas: int = 1, seed: int = 0, shuffle: bool = True,
                  start: int = 0):
         if size <= 0:
@@ -21,8 +21,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self._epoch = None
         self._perm = None
 
-    # The dataset index at global stream position `pos`.
     def index_at(self, pos: int) -> int:
+        """The dataset index at global stream position `pos`."""
         epoch, offset = divmod(pos, self.size)
         if not self.shuffle:
             return offset

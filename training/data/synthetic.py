@@ -88,9 +88,9 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-# The scene of image `index` in resolution-free units: (shape, foreground RGB, top and bottom background RGB, the
-# shape's half size, its centre x and y), all in [0, 1].
 def scene(index: int, num_classes: int = 4, seed: int = 0) -> tuple:
+    """The scene of image `index` in resolution-free units: (shape, foreground RGB, top and bottom background RGB, the
+    shape's half size, its centre x and y), all in [0, 1]."""
     rng = _rng([seed, index])
     shape = SHAPES[index % num_classes]
     fg = _hsv_to_rgb(rng.uniform(), rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))
@@ -101,9 +101,9 @@ def scene(index: int, num_classes: int = 4, seed: int = 0) -> tuple:
     return shape, fg, top, bottom, half, cx, cy
 
 
-# Draw image `index` for `seed` at `resolution` as uint8 [3, R, R]; parameters are drawn in resolution-free units,
-# so the same index shows the same scene at every resolution.
 def render(index: int, resolution: int, num_classes: int = 4, seed: int = 0) -> np.ndarray:
+    """Draw image `index` for `seed` at `resolution` as uint8 [3, R, R]; parameters are drawn in resolution-free units,
+    so the same index shows the same scene at every resolution."""
     shape, fg, top, bottom, half, cx, cy = scene(index, num_classes, seed)
 
     # The pixels are those of a 4x4 supersampled shape mask (2x2 above 256 px to bound memory), averaged for
@@ -193,18 +193,19 @@ class SyntheticDataset(BaseDataset):
     def _label_size(self) -> int:
         return self.num_classes if self.use_labels else 0
 
-    # A short string that changes whenever the images would (used by training/eval/metrics.py as a cache key).
     @property
     def content_hash(self) -> str:
+        """A short string that changes whenever the images would (used by training/eval/metrics.py as a cache key).
+        """
         return (f"synthetic-v{RENDER_VERSION}-seed{self.seed}-res{self._res}-cls{self.num_classes}"
                 f"-n{self._n}")
 
-    # Nothing on disk to check; present for interface parity with ImageDataset.
     def validate(self) -> None:
+        """Nothing on disk to check; present for interface parity with ImageDataset."""
         return None
 
-    # The shape class of item `idx`.
     def get_class(self, idx) -> int:
+        """The shape class of item `idx`."""
         return self._raw(idx) % self.num_classes
 
     # One-hot float32 [num_classes] of the image's shape class.

@@ -22,10 +22,10 @@ DEFAULT_URL = NVIDIA_URL
 FEATURE_DIM = 2048
 
 
-# TF32 off for convolutions and matmuls inside the block (and the previous settings back after it): metrics are
-# computed in full float32 whatever train.tf32 says, as the reference FID/KID implementations compute them.
 @contextlib.contextmanager
 def full_fp32():
+    """TF32 off for convolutions and matmuls inside the block (and the previous settings back after it): metrics are
+    computed in full float32 whatever train.tf32 says, as the reference FID/KID implementations compute them."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -34,13 +34,14 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-# Raised when no detector file can be found or fetched; says where to get one and how to point at it.
 class DetectorNotFound(FileNotFoundError):
+    """Raised when no detector file can be found or fetched; says where to get one and how to point at it."""
     pass
 
 
-# conv -> BatchNorm(eps=1e-3) -> ReLU, named `conv`/`bn` like torchvision's BasicConv2d (hence the file's keys).
 class BasicConv2d(nn.Module):
+    """conv -> BatchNorm(eps=1e-3) -> ReLU, named `conv`/`bn` like torchvision's BasicConv2d (hence the file's keys).
+    """
     def __init__(self, cin, cout, **kw):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
@@ -55,8 +56,8 @@ def _tf_avg_pool(x):
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-# 35x35 block (Mixed_5b/c/d): 1x1, 5x5, double 3x3 and pooled branches.
 class FIDInceptionA(nn.Module):
+    """35x35 block (Mixed_5b/c/d): 1x1, 5x5, double 3x3 and pooled branches."""
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
@@ -75,8 +76,8 @@ class FIDInceptionA(nn.Module):
         return torch.cat([a, b, c, d], 1)
 
 
-# Grid reduction 35 -> 17 (Mixed_6a).
 class InceptionB(nn.Module):
+    """Grid reduction 35 -> 17 (Mixed_6a)."""
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -90,8 +91,8 @@ class InceptionB(nn.Module):
         return torch.cat([a, b, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-# 17x17 block with factorized 7x7 convolutions (Mixed_6b..e).
 class FIDInceptionC(nn.Module):
+    """17x17 block with factorized 7x7 convolutions (Mixed_6b..e)."""
     def __init__(self, cin, channels_7x7):
         super().__init__()
         c7 = channels_7x7
@@ -117,8 +118,8 @@ class FIDInceptionC(nn.Module):
         return torch.cat([a, b, c, d], 1)
 
 
-# Grid reduction 17 -> 8 (Mixed_7a).
 class InceptionD(nn.Module):
+    """Grid reduction 17 -> 8 (Mixed_7a)."""
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -134,8 +135,8 @@ class InceptionD(nn.Module):
         return torch.cat([a, b, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-# 8x8 block with split 1x3/3x1 branches (Mixed_7b: TF avg-pool; Mixed_7c: the FID graph's max-pool).
 class FIDInceptionE(nn.Module):
+    """8x8 block with split 1x3/3x1 branches (Mixed_7b: TF avg-pool; Mixed_7c: the FID graph's max-pool)."""
     def __init__(self, cin, pool: str):
         super().__init__()
         if pool not in ("avg", "max"):
@@ -164,10 +165,10 @@ class FIDInceptionE(nn.Module):
         return torch.cat([a, b, c, self.branch_pool(p)], 1)
 
 
-# The FID Inception-v3 (TF 2015-12-05 graph): uint8 [N,3,H,W] -> bilinear 299x299 -> [-1,1] -> pool3 [N,2048].
-# Attribute names follow torchvision/pytorch-fid so pytorch-fid's weight file loads with strict=True
-# (`fc`, the 1008-way classifier, is kept only for that; features never use it).
 class FIDInceptionV3(nn.Module):
+    """The FID Inception-v3 (TF 2015-12-05 graph): uint8 [N,3,H,W] -> bilinear 299x299 -> [-1,1] -> pool3 [N,2048].
+    Attribute names follow torchvision/pytorch-fid so pytorch-fid's weight file loads with strict=True (`fc`, the
+    1008-way classifier, is kept only for that; features never use it)."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
@@ -205,9 +206,10 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-# One interface over both file kinds: `features(img_uint8 [N,C,H,W]) -> float32 [N,2048]` on the detector's device.
-# `id` ("<file>:<sha256[:16]>") labels every metric result, so numbers from different files are never mixed.
 class Detector:
+    """One interface over both file kinds: `features(img_uint8 [N,C,H,W]) -> float32 [N,2048]` on the detector's
+    device. `id` ("<file>:<sha256[:16]>") labels every metric result, so numbers from different files are never
+    mixed."""
     def __init__(self, net, kind: str, file_name: str, sha256: str, device):
         self.net = net.eval().to(device)
         if kind == "state_dict":
@@ -253,8 +255,9 @@ def _not_found_message(reason: str, searched) -> str:
             f"({cache_root()}, set by GANFORGE_CACHE).")
 
 
-# Find the detector file: explicit path/URL -> $GANFORGE_INCEPTION -> cache dir -> download (unless offline).
 def resolve_detector_path(path_or_url=None, cache_dir=None, allow_download=None) -> str:
+    """Find the detector file: explicit path/URL -> $GANFORGE_INCEPTION -> cache dir -> download (unless offline).
+    """
     if allow_download is None:
         allow_download = not offline_env()
     explicit_cache = cache_dir is not None or "GANFORGE_CACHE" in os.environ
@@ -292,8 +295,8 @@ def resolve_detector_path(path_or_url=None, cache_dir=None, allow_download=None)
                                                   searched)) from e
 
 
-# Load the detector from a resolved file: TorchScript is used as-is, a state dict goes into FIDInceptionV3.
 def load_detector_file(path: str, device=None) -> Detector:
+    """Load the detector from a resolved file: TorchScript is used as-is, a state dict goes into FIDInceptionV3."""
     device = device if device is not None else dist.device()
     name, sha = os.path.basename(path), file_sha256(path)
     if path.endswith(".pkl"):
@@ -331,8 +334,8 @@ def load_detector(path_or_url=None, cache_dir=None, device=None, allow_download=
     return load_detector_file(path, device)
 
 
-# For the training loop: the detector, or None after saying once (rank 0) that metrics are off and why.
 def try_load_detector(path_or_url=None, cache_dir=None, device=None, allow_download=None):
+    """For the training loop: the detector, or None after saying once (rank 0) that metrics are off and why."""
     try:
         return load_detector(path_or_url, cache_dir, device, allow_download)
     except DetectorNotFound as e:

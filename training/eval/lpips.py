@@ -4,6 +4,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torchvision.models.vgg import cfgs, make_layers
 
 from training import dist
 from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
@@ -25,17 +26,16 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
 
 
-# Raised when no perceptual weights can be found or fetched; says which files, URLs and settings to use.
 class PerceptualWeightsNotFound(FileNotFoundError):
+    """Raised when no perceptual weights can be found or fetched; says which files, URLs and settings to use."""
     pass
 
 
-# LPIPS-VGG16 as one module with NVIDIA's calling convention: images in [0, 255] -> per-layer channel-normalized
-# features scaled by sqrt(lin weight / (H*W)) and concatenated, so that ||f(a) - f(b)||^2 is LPIPS(a, b).
 class VGG16LPIPS(nn.Module):
+    """LPIPS-VGG16 as one module with NVIDIA's calling convention: images in [0, 255] -> per-layer channel-normalized
+    features scaled by sqrt(lin weight / (H*W)) and concatenated, so that ||f(a) - f(b)||^2 is LPIPS(a, b)."""
     def __init__(self):
         super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
         features = make_layers(cfgs["D"], batch_norm=False)  # torchvision's vgg16().features, same indices
         bounds = (0,) + tuple(i + 1 for i in TAP_INDICES)
         self.slices = nn.ModuleList(nn.Sequential(*[features[j] for j in range(a, b)])
@@ -44,9 +44,9 @@ class VGG16LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
 
-    # Load torchvision's VGG16 state dict (keys features.N.weight/bias; classifier keys ignored) and the LPIPS
-    # linear layers (keys linK.model.1.weight, [1, C, 1, 1], non-negative).
     def load_weights(self, vgg_state: dict, lin_state: dict, vgg_name: str = "vgg16", lin_name: str = "lin"):
+        """Load torchvision's VGG16 state dict (keys features.N.weight/bias; classifier keys ignored) and the LPIPS
+        linear layers (keys linK.model.1.weight, [1, C, 1, 1], non-negative)."""
         feats = {k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")}
         want = {}
         for s, a in zip(self.slices, (0,) + tuple(i + 1 for i in TAP_INDICES)):
@@ -75,8 +75,8 @@ class VGG16LPIPS(nn.Module):
             self.lins[i].data.copy_(w)
         return self
 
-    # The five tapped activations of images in [0, 255] (LPIPS input scaling applied).
     def taps(self, img: torch.Tensor) -> list:
+        """The five tapped activations of images in [0, 255] (LPIPS input scaling applied)."""
         x = (img.to(torch.float32) / 127.5 - 1 - self.shift) / self.scale
         out = []
         for s in self.slices:
@@ -84,8 +84,8 @@ class VGG16LPIPS(nn.Module):
             out.append(x)
         return out
 
-    # NVIDIA's calling convention; only resize_images=False and return_lpips=True are supported.
     def forward(self, img: torch.Tensor, resize_images: bool = False, return_lpips: bool = True) -> torch.Tensor:
+        """NVIDIA's calling convention; only resize_images=False and return_lpips=True are supported."""
         if resize_images or not return_lpips:
             raise ValueError("VGG16LPIPS supports only resize_images=False, return_lpips=True")
         parts = []
@@ -94,9 +94,9 @@ class VGG16LPIPS(nn.Module):
             parts.append((f * (lin / (f.shape[2] * f.shape[3])).sqrt()).flatten(1))
         return torch.cat(parts, dim=1)
 
-    # LPIPS written out as in the paper: unit-normalize channels, squared difference, 1x1 linear weights,
-    # spatial mean, sum over layers. Returns [N].
     def lpips(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+        """LPIPS written out as in the paper: unit-normalize channels, squared difference, 1x1 linear weights, spatial
+        mean, sum over layers. Returns [N]."""
         total = 0
         for f0, f1, lin in zip(self.taps(img0), self.taps(img1), self.lins):
             f0 = f0 / (f0.square().sum(dim=1, keepdim=True).sqrt() + EPS)
@@ -105,9 +105,9 @@ class VGG16LPIPS(nn.Module):
         return total
 
 
-# The perceptual distance used by the projector, whichever file it came from: `features(img_0_255)` gives
-# vectors whose squared L2 distance is LPIPS; `distance(a, b)` does that per sample.
 class Perceptual:
+    """The perceptual distance used by the projector, whichever file it came from: `features(img_0_255)` gives vectors
+    whose squared L2 distance is LPIPS; `distance(a, b)` does that per sample."""
     def __init__(self, net, kind: str, source: str, device="cpu"):
         self.net = net.eval().to(device)
         for p in self.net.parameters():  # (ScriptModules have no requires_grad_)
@@ -172,10 +172,10 @@ def _find_or_fetch(candidates, url, cache_dir, allow_download, what):
             f"download of {url} failed ({type(e).__name__}: {e})", candidates)) from e
 
 
-# Resolve the weights: explicit paths -> $GANFORGE_VGG16 / $GANFORGE_LPIPS_LIN -> cache dir (NVIDIA's file, or
-# torchvision's + the lin layers; torchvision's also from torch hub's cache) -> download -> error.
-# Returns ('torchscript', path, None) or ('state_dict', vgg_path, lin_path).
 def resolve_weights(vgg16=None, lpips_lin=None, cache_dir=None, allow_download=None) -> tuple:
+    """Resolve the weights: explicit paths -> $GANFORGE_VGG16 / $GANFORGE_LPIPS_LIN -> cache dir (NVIDIA's file, or
+    torchvision's + the lin layers; torchvision's also from torch hub's cache) -> download -> error. Returns
+    ('torchscript', path, None) or ('state_dict', vgg_path, lin_path)."""
     if allow_download is None:
         allow_download = not offline_env()
     explicit_cache = cache_dir is not None or "GANFORGE_CACHE" in os.environ
@@ -218,8 +218,8 @@ def _load_state(path: str, what: str) -> dict:
     return state
 
 
-# Build the Perceptual from resolved files.
 def load_files(kind: str, vgg_path: str, lin_path=None, device="cpu") -> Perceptual:
+    """Build the Perceptual from resolved files."""
     if kind == "torchscript":
         with warnings.catch_warnings():  # TorchScript is deprecated, but NVIDIA's file is TorchScript
             warnings.simplefilter("ignore")

@@ -22,9 +22,9 @@ FULL_HASH_BYTES = 256 << 20
 SAMPLE_COUNT = 64
 
 
-# Parse a metric name: fid50k_full, kid50k_full, fid<N>[k][_full], kid<N>[k][_full] -> (kind, num_gen, num_real).
-# num_real is None for `_full` (all real images), else N.
 def parse_metric(name: str):
+    """Parse a metric name: fid50k_full, kid50k_full, fid<N>[k][_full], kid<N>[k][_full] -> (kind, num_gen, num_real).
+    num_real is None for `_full` (all real images), else N."""
     m = re.fullmatch(r"(fid|kid)(\d+)(k?)(_full)?", name)
     if m is None or int(m.group(2)) == 0:
         raise ValueError(f"unknown metric {name!r}: expected fid<N>, kid<N>, fid<N>k, kid<N>k, optionally "
@@ -33,11 +33,11 @@ def parse_metric(name: str):
     return m.group(1), n, (None if m.group(4) else n)
 
 
-# Fréchet distance between N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017, eq. 6):
-# ||mu1 - mu2||^2 + Tr(s1 + s2 - 2 (s1 s2)^(1/2)), in float64 with scipy's sqrtm. A non-finite root
-# (singular product) is retried with eps*I added to both covariances; imaginary parts from round-off are
-# dropped, and a large imaginary diagonal (> 1e-3) is an error, as in the standard implementations.
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017, eq. 6): ||mu1 - mu2||^2 + Tr(s1 + s2 - 2
+    (s1 s2)^(1/2)), in float64 with scipy's sqrtm. A non-finite root (singular product) is retried with eps*I added
+    to both covariances; imaginary parts from round-off are dropped, and a large imaginary diagonal (> 1e-3) is an
+    error, as in the standard implementations."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
@@ -56,10 +56,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
-# Unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3 (Bińkowski et al. 2018, eq. 4),
-# averaged over `num_subsets` random subsets of m = min(n_r, n_g, max_subset_size) items from each set:
-# MMD^2_u = [sum_{i!=j} k(g_i,g_j) + sum_{i!=j} k(r_i,r_j)] / (m(m-1)) - 2 sum_{i,j} k(g_i,r_j) / m^2.
 def kid(feat_r, feat_g, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3 (Bińkowski et al. 2018, eq. 4), averaged
+    over `num_subsets` random subsets of m = min(n_r, n_g, max_subset_size) items from each set: MMD^2_u =
+    [sum_{i!=j} k(g_i,g_j) + sum_{i!=j} k(r_i,r_j)] / (m(m-1)) - 2 sum_{i,j} k(g_i,r_j) / m^2."""
     feat_r, feat_g = np.asarray(feat_r, np.float64), np.asarray(feat_g, np.float64)
     if feat_r.ndim != 2 or feat_g.ndim != 2 or feat_r.shape[1] != feat_g.shape[1]:
         raise ValueError(f"kid: expected [n, d] feature arrays with equal d, got {feat_r.shape} and {feat_g.shape}")
@@ -140,9 +140,9 @@ class FeatureStats:
             arrays["features"] = self.get_all()
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
-    # Read a file written by `save`; returns (stats, meta).
     @classmethod
     def load(cls, path: str):
+        """Read a file written by `save`; returns (stats, meta)."""
         with np.load(path, allow_pickle=False) as z:
             s = cls(capture_all=bool(z["capture_all"]), capture_mean_cov=bool(z["capture_mean_cov"]))
             s.num_items, s.num_features = int(z["num_items"]), int(z["num_features"]) or None
@@ -185,18 +185,18 @@ def _path_hash(path: str) -> str:
     return h.hexdigest()
 
 
-# Number of unmirrored items: datasets opened with xflip=True (ImageDataset, SyntheticDataset) hold the
-# mirrored copies at indices >= len // 2, and metrics never use those.
 def num_unmirrored(dataset) -> int:
+    """Number of unmirrored items: datasets opened with xflip=True (ImageDataset, SyntheticDataset) hold the mirrored
+    copies at indices >= len // 2, and metrics never use those."""
     return len(dataset) // 2 if getattr(dataset, "xflip", False) else len(dataset)
 
 
-# The dataset-content part of the cache key, in order of preference: the dataset's own `content_hash`
-# (method or string), else the files under `dataset.path` (see _path_hash) plus which files the items are
-# (`get_fname`, so a max_size subset is another key) or, lacking that, the arrays of SAMPLE_COUNT evenly
-# spaced items; else the raw image arrays -- all items if they total at most FULL_HASH_BYTES, else
-# SAMPLE_COUNT evenly spaced items. The item count is always part of it.
 def dataset_content_hash(dataset) -> str:
+    """The dataset-content part of the cache key, in order of preference: the dataset's own `content_hash` (method or
+    string), else the files under `dataset.path` (see _path_hash) plus which files the items are (`get_fname`, so a
+    max_size subset is another key) or, lacking that, the arrays of SAMPLE_COUNT evenly spaced items; else the raw
+    image arrays -- all items if they total at most FULL_HASH_BYTES, else SAMPLE_COUNT evenly spaced items. The item
+    count is always part of it."""
     n = num_unmirrored(dataset)
     own = getattr(dataset, "content_hash", None)
     if own is not None:
@@ -221,12 +221,12 @@ def dataset_content_hash(dataset) -> str:
     return f"{kind}:{h.hexdigest()}"
 
 
-# A dataset seen at a lower resolution, for metrics of a generator at a progressive stage: each item is the
-# dataset's uint8 [C,H,W] image box-downsampled by the integer factor H // resolution (the area average over each
-# factor x factor block, as F.avg_pool2d and training/schedule.stage_reals do), rounded half up to uint8:
-# (sum + f*f // 2) // (f*f), exact in integers. Labels, length and mirroring are the dataset's; the stats cache key
-# gets the resolution and the dataset's own content hash plus the factor.
 class StageView:
+    """A dataset seen at a lower resolution, for metrics of a generator at a progressive stage: each item is the
+    dataset's uint8 [C,H,W] image box-downsampled by the integer factor H // resolution (the area average over each
+    factor x factor block, as F.avg_pool2d and training/schedule.stage_reals do), rounded half up to uint8: (sum +
+    f*f // 2) // (f*f), exact in integers. Labels, length and mirroring are the dataset's; the stats cache key gets
+    the resolution and the dataset's own content hash plus the factor."""
     def __init__(self, dataset, resolution: int):
         full = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
         name = getattr(dataset, "name", "dataset")
@@ -257,14 +257,14 @@ class StageView:
         get_label = getattr(self.dataset, "get_label", None)
         return get_label(i) if get_label is not None else self.dataset[i][1]
 
-    # The underlying dataset's content key plus the downsampling (see dataset_content_hash).
     def content_hash(self) -> str:
+        """The underlying dataset's content key plus the downsampling (see dataset_content_hash)."""
         return f"{dataset_content_hash(self.dataset)}|box{self.factor}-round-half-up"
 
 
-# The stage G outputs when it is below the dataset's resolution or mid-fade, as (resolution, alpha); None for a
-# full-resolution generator (no `stage` attribute, or the default (full, 1.0)).
 def generator_stage(G, dataset_resolution):
+    """The stage G outputs when it is below the dataset's resolution or mid-fade, as (resolution, alpha); None for a
+    full-resolution generator (no `stage` attribute, or the default (full, 1.0))."""
     stage = getattr(G, "stage", None)
     if stage is None:
         return None
@@ -317,12 +317,12 @@ def _extract(stats, detector, batches, images_iter):
     return stats
 
 
-# Features of the first `max_items` unmirrored real images (all if None; their mirrors appended when xflip) as
-# FeatureStats, cached in `cache_dir` (default <GANFORGE_CACHE>/dataset-stats; False disables) under a key of
-# dataset content (dataset_content_hash), resolution, mirroring, count, detector id and resize filter.
 def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 64, xflip: bool = False,
                           cache_dir=None, capture_all: bool = False, capture_mean_cov: bool = True,
                           num_workers: int = 0) -> FeatureStats:
+    """Features of the first `max_items` unmirrored real images (all if None; their mirrors appended when xflip) as
+    FeatureStats, cached in `cache_dir` (default <GANFORGE_CACHE>/dataset-stats; False disables) under a key of
+    dataset content (dataset_content_hash), resolution, mirroring, count, detector id and resize filter."""
     images = _Images(dataset, xflip)
     count = len(images) if max_items is None else min(len(images), int(max_items))
     if count == 0:
@@ -363,9 +363,9 @@ def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 6
     return stats
 
 
-# Labels for generated images drawn from the dataset's labels: global index i -> label of a dataset item picked
-# by a generator seeded with (seed, i), so the draw does not depend on how items are split across ranks.
 def dataset_label_sampler(dataset, seed: int = 0):
+    """Labels for generated images drawn from the dataset's labels: global index i -> label of a dataset item picked by
+    a generator seeded with (seed, i), so the draw does not depend on how items are split across ranks."""
     get_label = getattr(dataset, "get_label", None) or (lambda j: dataset[j][1])
 
     def sample(indices):
@@ -374,12 +374,12 @@ def dataset_label_sampler(dataset, seed: int = 0):
     return sample
 
 
-# Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1]). Latent i is
-# drawn from a generator seeded with (seed, i): each rank makes its share, and the images do not depend on the
-# number of processes. Labels come from c_sampler(global indices) when G.c_dim > 0.
 def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_sampler=None,
                             truncation_psi: float = 1, noise_mode: str = "const", seed: int = 0,
                             capture_all: bool = False, capture_mean_cov: bool = True) -> FeatureStats:
+    """Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1]). Latent i is drawn
+    from a generator seeded with (seed, i): each rank makes its share, and the images do not depend on the number of
+    processes. Labels come from c_sampler(global indices) when G.c_dim > 0."""
     c_dim = int(getattr(G, "c_dim", 0) or 0)
     if c_dim > 0 and c_sampler is None:
         raise ValueError(f"compute_generator_stats: G.c_dim={c_dim} needs c_sampler (e.g. dataset_label_sampler)")
@@ -401,14 +401,14 @@ def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_s
     return _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, images())
 
 
-# One metric (see parse_metric) for G against `dataset`; the same call on every rank, same result everywhere.
-# Reals are never mirrored. Returns {metric, value, num_gen, num_real, detector, detector_hash, resolution, ...}.
-# A G at a progressive stage below the dataset's resolution is compared with the reals box-downsampled to the
-# stage (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G
-# mid-fade) also carries stage_alpha and dataset_resolution, with resolution = the stage's.
 def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir=None, seed: int = 0,
                 truncation_psi: float = 1, noise_mode: str = "const", c_sampler=None, num_workers: int = 0,
                 kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    """One metric (see parse_metric) for G against `dataset`; the same call on every rank, same result everywhere.
+    Reals are never mirrored. Returns {metric, value, num_gen, num_real, detector, detector_hash, resolution, ...}.
+    A G at a progressive stage below the dataset's resolution is compared with the reals box-downsampled to the
+    stage (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G
+    mid-fade) also carries stage_alpha and dataset_resolution, with resolution = the stage's."""
     kind, num_gen, num_real = parse_metric(name)
     t0 = time.time()
     want_all, want_moments = kind == "kid", kind == "fid"
@@ -441,18 +441,18 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     return record
 
 
-# The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
-# (fid50k_full@16px), else the plain name.
 def metric_label(record: dict) -> str:
+    """The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
+    (fid50k_full@16px), else the plain name."""
     res, full = record.get("resolution"), record.get("dataset_resolution")
     if res is not None and full is not None and int(res) < int(full):
         return f"{record['metric']}@{int(res)}px"
     return str(record["metric"])
 
 
-# Append one result to <run_dir>/metric-<name>.jsonl (append + flush + fsync, one line per write) with the
-# snapshot and kimg; call from the main process. Returns the written record.
 def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
+    """Append one result to <run_dir>/metric-<name>.jsonl (append + flush + fsync, one line per write) with the
+    snapshot and kimg; call from the main process. Returns the written record."""
     record = dict(result, snapshot=None if snapshot is None else os.path.basename(str(snapshot)),
                   kimg=kimg, timestamp=time.time())
     os.makedirs(run_dir, exist_ok=True)
@@ -486,9 +486,9 @@ def update_best(run_dir: str, record: dict) -> bool:
     return True
 
 
-# For the training loop, every `metrics_every` kimg, on every rank: compute `metrics` for G_ema, append each
-# to metric-<name>.jsonl and track the best (main rank). Returns the records (with is_best) on every rank.
 def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, **kwargs) -> list:
+    """For the training loop, every `metrics_every` kimg, on every rank: compute `metrics` for G_ema, append each to
+    metric-<name>.jsonl and track the best (main rank). Returns the records (with is_best) on every rank."""
     records = []
     for name in metrics:
         result = calc_metric(name, G, dataset, detector, **kwargs)

@@ -25,8 +25,8 @@ STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
 TEMP_RE = temp_pattern(r"training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors")
 
 
-# A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code.
 class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code."""
     pass
 
 
@@ -40,8 +40,9 @@ def _cpu_state(module) -> dict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-# Save G, D and G_ema (unwrapped modules) with their constructor arguments and the resolved config as metadata.
 def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+    """Save G, D and G_ema (unwrapped modules) with their constructor arguments and the resolved config as metadata.
+    """
     tensors = {}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         if net is not None:
@@ -91,8 +92,8 @@ def load_snapshot(path, device="cpu") -> dict:
     return out
 
 
-# The RNG states of this process (Python, NumPy, torch CPU and CUDA) as tensors and plain data.
 def get_rng_state() -> dict:
+    """The RNG states of this process (Python, NumPy, torch CPU and CUDA) as tensors and plain data."""
     py_version, py_keys, py_gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {"python_version": py_version, "python": torch.tensor(py_keys, dtype=torch.int64),
@@ -104,8 +105,8 @@ def get_rng_state() -> dict:
     return state
 
 
-# Restore RNG states saved by `get_rng_state`.
 def set_rng_state(state: dict) -> None:
+    """Restore RNG states saved by `get_rng_state`."""
     random.setstate((state["python_version"], tuple(int(k) for k in state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
@@ -134,23 +135,23 @@ def _feed(h, obj) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
-# sha256 of a training state's content (every tensor and value), stored in the state as 'sha256'.
 def state_digest(state: dict) -> str:
+    """sha256 of a training state's content (every tensor and value), stored in the state as 'sha256'."""
     h = hashlib.sha256()
     _feed(h, {k: v for k, v in state.items() if k != "sha256"})
     return h.hexdigest()
 
 
-# Save the full training state (a dict of tensors and plain data) for `torch.load(weights_only=True)`, with the
-# sha256 of its content inside.
 def write_state_file(path, state: dict) -> None:
+    """Save the full training state (a dict of tensors and plain data) for `torch.load(weights_only=True)`, with the
+    sha256 of its content inside."""
     state = dict(state, sha256=state_digest(state))
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-# Load a training state without executing code (weights_only refuses any pickle that carries code) and verify its
-# checksum; raises CheckpointError naming the file and what is wrong with it.
 def read_state_file(path) -> dict:
+    """Load a training state without executing code (weights_only refuses any pickle that carries code) and verify its
+    checksum; raises CheckpointError naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training state not found")
@@ -173,8 +174,8 @@ def read_state_file(path) -> dict:
     return state
 
 
-# Checkpoint files in a run directory, newest first, as (kimg, path).
 def list_states(run_dir) -> list:
+    """Checkpoint files in a run directory, newest first, as (kimg, path)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -182,10 +183,10 @@ def list_states(run_dir) -> list:
     return sorted(found, reverse=True)
 
 
-# The newest training state in `run_dir` that loads and passes its checksum, as (path, state), or None when there
-# is no training state. Unusable newer ones are skipped with a warning naming them; when every one is unusable
-# the run is not silently restarted: CheckpointError lists them.
 def newest_intact_state(run_dir, log=print):
+    """The newest training state in `run_dir` that loads and passes its checksum, as (path, state), or None when there
+    is no training state. Unusable newer ones are skipped with a warning naming them; when every one is unusable the
+    run is not silently restarted: CheckpointError lists them."""
     bad = []
     for _, path in list_states(run_dir):
         try:
@@ -203,8 +204,8 @@ def newest_intact_state(run_dir, log=print):
     return None
 
 
-# Delete temporary files left by a write that was killed before its rename (they are never valid checkpoints).
 def remove_stale_temps(run_dir) -> list:
+    """Delete temporary files left by a write that was killed before its rename (they are never valid checkpoints)."""
     run_dir = Path(run_dir)
     removed = [p for p in run_dir.iterdir() if TEMP_RE.match(p.name)] if run_dir.is_dir() else []
     for p in removed:
@@ -212,8 +213,8 @@ def remove_stale_temps(run_dir) -> list:
     return removed
 
 
-# The best record of each metric (metric-<name>-best.json), as {name: record}; unreadable files are left out.
 def best_metrics(run_dir) -> dict:
+    """The best record of each metric (metric-<name>-best.json), as {name: record}; unreadable files are left out."""
     out = {}
     for p in sorted(Path(run_dir).glob("metric-*-best.json")):
         try:
@@ -224,9 +225,9 @@ def best_metrics(run_dir) -> dict:
     return out
 
 
-# Delete all but the newest `keep` training states (keep <= 0: keep all) and the ones at the kimg of a best
-# metric's snapshot. Returns the deleted paths.
 def prune_states(run_dir, keep: int, protect=()) -> list:
+    """Delete all but the newest `keep` training states (keep <= 0: keep all) and the ones at the kimg of a best
+    metric's snapshot. Returns the deleted paths."""
     if keep is None or keep <= 0:
         return []
     states = list_states(run_dir)
@@ -237,8 +238,8 @@ def prune_states(run_dir, keep: int, protect=()) -> list:
     return doomed
 
 
-# The kimg of each best metric's snapshot (network-snapshot-<kimg>.safetensors), for prune_states.
 def best_kimgs(run_dir) -> set:
+    """The kimg of each best metric's snapshot (network-snapshot-<kimg>.safetensors), for prune_states."""
     out = set()
     for record in best_metrics(run_dir).values():
         m = SNAPSHOT_RE.match(str(record.get("snapshot") or ""))

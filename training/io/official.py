@@ -14,18 +14,18 @@ from networks.generator import Generator
 from training.io.files import load_strict
 
 
-# Raised when a pickle asks for anything outside the short list of globals the official format needs.
 class UnsafePickleError(pickle.UnpicklingError):
+    """Raised when a pickle asks for anything outside the short list of globals the official format needs."""
     pass
 
 
-# Raised when the file is a valid official pickle but holds a network ganforge cannot represent.
 class UnsupportedNetworkError(ValueError):
+    """Raised when the file is a valid official pickle but holds a network ganforge cannot represent."""
     pass
 
 
-# Raised when the file's structure is not the official persistence layout (missing keys, wrong types).
 class OfficialFormatError(ValueError):
+    """Raised when the file's structure is not the official persistence layout (missing keys, wrong types)."""
     pass
 
 
@@ -206,8 +206,8 @@ _ALLOWED = {
 }
 
 
-# pickle.Unpickler whose find_class only looks names up in _ALLOWED: it never imports a module.
 class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class only looks names up in _ALLOWED: it never imports a module."""
     def __init__(self, file, source='<bytes>'):
         super().__init__(file)
         self.source = source
@@ -253,8 +253,8 @@ def _finish(obj, seen=None):
     return out
 
 
-# Unpickle bytes with the restricted unpickler and return plain data (dicts, lists, tensors, records).
 def safe_loads(data, source='<bytes>'):
+    """Unpickle bytes with the restricted unpickler and return plain data (dicts, lists, tensors, records)."""
     return _safe_unpickle(io.BytesIO(data), source)
 
 
@@ -270,8 +270,8 @@ def _safe_unpickle(file, source):
         raise OfficialFormatError(f'{source}: not a valid network pickle ({type(e).__name__}: {e})') from None
 
 
-# Read a file with the restricted unpickler.
 def safe_load(path):
+    """Read a file with the restricted unpickler."""
     with open(path, 'rb') as f:
         return _safe_unpickle(f, os.fspath(path))
 
@@ -339,10 +339,9 @@ def _check_supported(record, where):
             f'only StyleGAN2 synthesis is supported')
 
 
-# Load an official network pickle as {'G','D','G_ema': {class_name, module_name, init_kwargs, state_dict,
-# param_names} | None,
-# 'training_set_kwargs': dict | None}; never imports or runs anything from the file.
 def load_official_pkl(path):
+    """Load an official network pickle as {'G','D','G_ema': {class_name, module_name, init_kwargs, state_dict,
+    param_names} | None, 'training_set_kwargs': dict | None}; never imports or runs anything from the file."""
     path = os.fspath(path)
     data = safe_load(path)
     if not isinstance(data, dict):
@@ -435,9 +434,9 @@ def _discriminator_config(kwargs, where):
     return config
 
 
-# One network record from load_official_pkl -> (kind 'G' | 'D', ganforge constructor kwargs, state dict,
-# renamed keys {official: ganforge}).
 def official_to_ganforge(record, where='network'):
+    """One network record from load_official_pkl -> (kind 'G' | 'D', ganforge constructor kwargs, state dict, renamed
+    keys {official: ganforge})."""
     if record['class_name'] == 'Generator':
         kind, config = 'G', _generator_config(record['init_kwargs'], where)
     elif record['class_name'] == 'Discriminator':

@@ -9,18 +9,18 @@ from training import dist
 from training.io.files import atomic_open
 
 
-# The cache root: $GANFORGE_CACHE or ~/.cache/ganforge.
 def cache_root() -> str:
+    """The cache root: $GANFORGE_CACHE or ~/.cache/ganforge."""
     return os.environ.get("GANFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ganforge")
 
 
-# Whether downloads are forbidden ($GANFORGE_OFFLINE set to anything but '', '0', 'false', 'no').
 def offline_env() -> bool:
+    """Whether downloads are forbidden ($GANFORGE_OFFLINE set to anything but '', '0', 'false', 'no')."""
     return os.environ.get("GANFORGE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
-# Whether `path` is a TorchScript archive (a zip holding code/ or constants.pkl) rather than a state dict.
 def is_torchscript(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (a zip holding code/ or constants.pkl) rather than a state dict."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -28,8 +28,8 @@ def is_torchscript(path: str) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-# sha256 of a file, read in 1 MiB chunks.
 def file_sha256(path: str) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
