@@ -81,6 +81,8 @@ class TrainConfig:
     loss: str = "ns"                   # adversarial loss: ns (non-saturating logistic) | hinge | wgan-gp
     wgan_lambda: float = 10.0          # wgan-gp only: gradient-penalty weight lambda (replaces R1; r1_gamma unused)
     wgan_drift: float = 0.001          # wgan-gp only: drift term eps_drift * D(x)^2 on reals (ProGAN)
+    freeze_d: int = 0                  # transfer learning: D's first this many layers, from the top resolution, stay
+                                       # frozen (NVIDIA's --freezed; layers: fromRGB, conv0, conv1 (and skip) per block)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class LogConfig:
     wandb: str = "disabled"            # wandb mode: disabled | offline | online
     wandb_project: str = "ganforge"    # wandb project name
     progress: bool = True              # show a progress bar (rank 0)
+    trackers: List[str] = field(default_factory=list)  # Accelerate trackers: wandb, tensorboard ([] = only stats.jsonl)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class MetricsConfig:
     every_kimg: Optional[float] = None  # evaluation interval (kimg); null = at every snapshot
     detector: Optional[str] = None     # Inception file or URL; null = GANFORGE_INCEPTION, the cache, then download
     batch: int = 32                    # images per process per feature-extraction batch
+    mirror: Optional[bool] = None      # reals include their x-flips (2N, as NVIDIA's with --mirror); null = data.xflip
 
 
 @dataclass
