@@ -212,6 +212,37 @@ class Discriminator(nn.Module):
         """(resolution, alpha) of the stage D takes."""
         return self.stage_res, self.stage_alpha
 
+    def freezable_layers(self) -> list:
+        """D's layers in the order Freeze-D counts them (NVIDIA's --freezed, Mo et al. 2020): layer i (from 0) is
+        frozen by freeze_d > i. Per block, from the highest resolution down: its fromRGB where the plain architecture
+        has one (the entry block; every block with skip), conv0, conv1 and, with resnet, the skip; so 4 + 3 per
+        lower block (resnet), 3 per block (skip), 3 + 2 per lower block (orig). The 4x4 epilogue (b4) and the label
+        mapping are not counted and never frozen. Returns [(layer name, [module names])]: the modules ganforge adds to
+        NVIDIA's D count as no layer and go with their block's conv0 (the self-attention, which sits just before
+        conv0, and the extra fromRGB of `grow`)."""
+        out = []
+        for res in self.block_resolutions:
+            name, block = f"b{res}", getattr(self, f"b{res}")
+            has_rgb = block.in_channels == 0 or self.architecture == "skip"
+            attached = [f"{name}.{m}" for m in ("attn", "fromrgb")
+                        if hasattr(block, m) and (m == "attn" or not has_rgb)]
+            if has_rgb:
+                out.append((f"{name}.fromrgb", [f"{name}.fromrgb"]))
+            out.append((f"{name}.conv0", [f"{name}.conv0"] + attached))
+            out.append((f"{name}.conv1", [f"{name}.conv1"]))
+            if self.architecture == "resnet":
+                out.append((f"{name}.skip", [f"{name}.skip"]))
+        return out
+
+    def frozen_parameters(self, freeze_d: int) -> dict:
+        """{name: parameter} of D's first `freeze_d` layers (freezable_layers), in named_parameters order; a count
+        beyond the number of layers freezes every block, never the epilogue or the label mapping."""
+        if isinstance(freeze_d, bool) or not isinstance(freeze_d, int) or freeze_d < 0:
+            raise ValueError(f"freeze_d must be a non-negative integer, got {freeze_d!r}")
+        modules = [m for _, names in self.freezable_layers()[:freeze_d] for m in names]
+        prefixes = tuple(m + "." for m in modules)
+        return {n: p for n, p in self.named_parameters() if n.startswith(prefixes)}
+
     def forward(self, img, c, update_emas: bool = False, force_fp32: bool = False):
         """Logits for images at the stage resolution. During a fade (Karras et al. 2018, fig. 2) the stage's new block
         output is blended with the images downsampled into the previous stage's entry: x = lerp(fromRGB(down(img)),

@@ -7,12 +7,14 @@ import time
 import uuid
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import PIL.Image
 import torch
 from tqdm import tqdm
 
 from training import dist
+from training.config import parse_bool
 from training.io.checkpoint import atomic_write, load_snapshot
 from training.io.images import save_png, to_uint8
 from training.eval.lpips import PerceptualWeightsNotFound, load_lpips
@@ -71,6 +73,29 @@ def save_gif(frames, path, duration_ms: int = 80) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def save_mp4(frames, path, fps: int = 10, bitrate: str = "16M") -> None:
+    """Save frames (uint8 [H, W, C], C = 1 or 3, even sides) as an H.264 mp4 with the ffmpeg binary that imageio-ffmpeg
+    ships, at NVIDIA's fps (10) and bitrate (16M); written to a temporary name in the same folder, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
+    writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", bitrate=bitrate,
+                                macro_block_size=1, ffmpeg_log_level="error")
+    try:
+        for f in frames:
+            writer.append_data(np.repeat(f, 3, axis=2) if f.shape[-1] == 1 else f)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+
+
+def nvidia_aliases(outdir: Path, name: str, video: bool) -> list:
+    """For a single target image: (ganforge file, NVIDIA's name) pairs, NVIDIA's projector writing target.png,
+    proj.png, projected_w.npz and proj.mp4 (the same layout: w [1, num_ws, w_dim] under key `w`)."""
+    pairs = [(f"{name}_target.png", "target.png"), (f"{name}_proj.png", "proj.png"),
+             (f"{name}_w.npz", "projected_w.npz")] + ([(f"{name}_proj.mp4", "proj.mp4")] if video else [])
+    return [(outdir / a, outdir / b) for a, b in pairs]
+
+
 def image_metrics(target: np.ndarray, proj: np.ndarray, perceptual) -> dict:
     """PSNR, SSIM and (when available) LPIPS of one target/projection pair of uint8 [C, H, W] arrays."""
     out = {"psnr": float(psnr(target[None], proj[None])[0]), "ssim": float(ssim(target[None], proj[None])[0]),
@@ -111,20 +136,26 @@ def gather_parts(outdir: Path, token: str, payload: dict, poll_s: float = 0.5):
 
 
 def main(argv=None):
+    """Project the targets (see --help); NVIDIA's option spellings are accepted. Returns 0."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--network", required=True, help="snapshot (.safetensors) or official .pkl")
     p.add_argument("--target", required=True, help="an image, or a folder of images")
     p.add_argument("--outdir", required=True)
-    p.add_argument("--steps", type=int, default=1000, help="optimization steps per target")
+    p.add_argument("--steps", "--num-steps", dest="steps", type=int, default=1000,
+                   help="optimization steps per target (--num-steps: NVIDIA's spelling)")
     p.add_argument("--w-plus", action="store_true", help="optimize one w per layer (W+) instead of one w (W)")
     p.add_argument("--batch", type=int, default=8, help="targets optimized together per process")
-    p.add_argument("--seed", type=int, default=0, help="target i uses seed + i (i: index in the sorted folder)")
+    p.add_argument("--seed", type=int, default=303,
+                   help="target i uses seed + i (i: index in the sorted folder); default 303, NVIDIA's")
     p.add_argument("--loss", default="lpips", choices=["lpips", "fallback"],
                    help="lpips (needs VGG16 weights) or fallback (pixel + D features, not LPIPS)")
     p.add_argument("--vgg16", default=None, help="NVIDIA vgg16.pt, or torchvision vgg16-397923af.pth")
     p.add_argument("--lpips-lin", default=None, help="LPIPS linear layers vgg.pth (with torchvision's VGG16)")
-    p.add_argument("--save-video", action="store_true", help="also write <name>_progress.gif (target | projection)")
-    p.add_argument("--video-every", type=int, default=None, help="GIF frame interval in steps (default steps/50)")
+    p.add_argument("--save-video", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="also write <name>_proj.mp4 and <name>_progress.gif (target | projection); a bare "
+                        "--save-video means true")
+    p.add_argument("--video-every", type=int, default=None,
+                   help="video/GIF frame interval in steps (default steps/50; 1 = every step, as NVIDIA's video)")
     p.add_argument("--w-avg-samples", type=int, default=10000, help="z samples that estimate w_avg and w_std")
     p.add_argument("--noise-reg", type=float, default=1e5, help="noise regularization weight")
     p.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional G)")
@@ -210,6 +241,7 @@ def main(argv=None):
             save_png(targets[j].transpose(1, 2, 0), outdir / f"{name}_target.png")
             if args.save_video:
                 save_gif(frames[j], outdir / f"{name}_progress.gif")
+                save_mp4(frames[j], outdir / f"{name}_proj.mp4")
             save_png(projs[j].transpose(1, 2, 0), outdir / f"{name}_proj.png")
             w = r["w"][j:j + 1].numpy().astype(np.float32)
             atomic_write(outdir / f"{name}_w.npz", lambda f, w=w: np.savez(f, w=w))
@@ -253,6 +285,10 @@ def main(argv=None):
                    else None for k in ("psnr", "ssim", "lpips")}
         doc = dict(settings=settings, summary=summary, images=images)
         atomic_write(outdir / "projection.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
+        if Path(args.target).is_file():  # one target: also NVIDIA's file names, for tools that expect them
+            for src, dst in nvidia_aliases(outdir, names[0], args.save_video):
+                if src.is_file() and src != dst:
+                    atomic_write(dst, lambda f, src=src: f.write(src.read_bytes()))
         print(f"Wrote {len(images)} projections to {outdir} (mean PSNR {summary['psnr']}, SSIM {summary['ssim']}, "
               f"LPIPS {summary['lpips']})")
     return 0

@@ -114,15 +114,15 @@ def test_download_is_atomic(tmp_path, monkeypatch, umask_022):
             f.write(b"weights")
         os.chmod(tmp, 0o600)
         os.replace(tmp, dst)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fetch)
+    monkeypatch.setattr(weights, "transfer", fetch)
     path = weights.download("https://example.com/w.pt?x=1", str(tmp_path / "d"))
     assert path == str(tmp_path / "d" / "w.pt") and open(path, "rb").read() == b"weights"
     assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(tmp_path / "d") == ["w.pt"]
 
     def fail(url, dst, progress=True):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
-    with pytest.raises(ConnectionError):
+        raise weights.DownloadError("no network")
+    monkeypatch.setattr(weights, "transfer", fail)
+    with pytest.raises(weights.DownloadError):
         weights.download("https://example.com/v.pt", str(tmp_path / "d"))
     assert os.listdir(tmp_path / "d") == ["w.pt"]
 

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 import _metrics_dist_worker as W  # noqa: E402
 from training.eval import inception, metrics  # noqa: E402
+from training.io import weights  # noqa: E402
 from training.eval.inception import DetectorNotFound, load_detector  # noqa: E402
 
 # The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
@@ -33,7 +34,7 @@ def _isolated(monkeypatch, tmp_path):
 
     def no_network(*a, **k):
         raise AssertionError("test tried to download")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(weights, "transfer", no_network)
 
 
 # One intra-op thread: on a shared 2-core machine, waking a second thread costs more per op than these tiny ops,
@@ -247,7 +248,7 @@ def test_detector_resolution_order_and_atomic_download(tmp_path, monkeypatch):
         fetched.append(url)
         assert os.path.dirname(dst) == str(tmp_path / "d") and not dst.endswith(inception.NVIDIA_FILE)
         shutil.copy(src, dst)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(weights, "transfer", fake_download)
     det = load_detector(cache_dir=str(tmp_path / "d"), allow_download=True, device="cpu")
     assert fetched == [inception.NVIDIA_URL]
     assert sorted(os.listdir(tmp_path / "d")) == [inception.NVIDIA_FILE]

@@ -1,4 +1,5 @@
 """Structured (dataclass) configs for Hydra: the schema and defaults of every config group, with units."""
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,11 @@ class ModelConfig:
     w_dim: int = 512                   # intermediate latent w dimensionality
     map_layers: int = 8                # mapping network depth (FC layers)
     map_lr_mult: float = 0.01          # learning-rate multiplier of the mapping network
-    channel_base: int = 32768          # channels at resolution r = min(channel_base / r, channel_max)
+    channel_base: Optional[int] = 32768  # channels at resolution r = min(channel_base / r, channel_max); null: auto
     channel_max: int = 512             # channel cap (feature maps)
     g_arch: str = "skip"               # generator architecture: orig | skip | resnet
     d_arch: str = "resnet"             # discriminator architecture: orig | skip | resnet
-    mbstd_group: int = 4               # minibatch-std group size (samples); must divide the per-device batch
+    mbstd_group: Optional[int] = 4     # minibatch-std group size (samples); must divide the per-device batch; null: auto
     mbstd_channels: int = 1            # minibatch-std feature maps appended
     conv_clamp: Optional[float] = 256  # clamp of conv outputs (absolute value); null = no clamp
     num_fp16_res: int = 0              # CUDA only: highest resolutions run in float16 (0 = off)
@@ -50,21 +51,21 @@ class DataConfig:
 class TrainConfig:
     """Optimization, regularization, schedule and bookkeeping (train group)."""
     kimg: float = 25000                # training length (thousands of real images shown to D)
-    batch_size: int = 32               # total batch over all processes and accumulation rounds (images)
+    batch_size: Optional[int] = 32     # total batch over all processes and accumulation rounds (images); null: auto
     batch_gpu: Optional[int] = None    # per-process batch of one accumulation round (images); null = all at once
-    glr: float = 0.002                 # G learning rate (Adam step size)
-    dlr: float = 0.002                 # D learning rate (Adam step size)
+    glr: Optional[float] = 0.002       # G learning rate (Adam step size); null: auto
+    dlr: Optional[float] = 0.002       # D learning rate (Adam step size); null: auto
     beta1: float = 0.0                 # Adam beta1
     beta2: float = 0.99                # Adam beta2
     eps: float = 1e-8                  # Adam epsilon
-    r1_gamma: float = 10.0             # R1 weight gamma (StyleGAN2 eq.: gamma/2 * ||grad D||^2)
+    r1_gamma: Optional[float] = 10.0   # R1 weight gamma (StyleGAN2 eq.: gamma/2 * ||grad D||^2); null: auto
     r1_interval: int = 16              # lazy R1: every this many minibatches (0 = every minibatch, not lazy)
     pl_weight: float = 2.0             # path-length regularization weight (0 = off)
     pl_interval: int = 4               # lazy path length: every this many minibatches
     pl_batch_shrink: int = 2           # path length on batch / this
     pl_decay: float = 0.01             # decay of the running mean path length (per evaluation)
     style_mixing_prob: float = 0.9     # probability of mixing two latents per minibatch
-    ema_kimg: float = 10.0             # G_ema half-life (kimg)
+    ema_kimg: Optional[float] = 10.0   # G_ema half-life (kimg); null: auto
     ema_rampup: Optional[float] = None # cap the EMA half-life at cur_nimg * this (fraction); null = no ramp-up
     tick_kimg: float = 4.0             # progress report interval (kimg)
     snap: int = 50                     # checkpoint interval (ticks)
@@ -81,8 +82,9 @@ class TrainConfig:
     loss: str = "ns"                   # adversarial loss: ns (non-saturating logistic) | hinge | wgan-gp
     wgan_lambda: float = 10.0          # wgan-gp only: gradient-penalty weight lambda (replaces R1; r1_gamma unused)
     wgan_drift: float = 0.001          # wgan-gp only: drift term eps_drift * D(x)^2 on reals (ProGAN)
-    freeze_d: int = 0                  # transfer learning: D's first this many layers, from the top resolution, stay
-                                       # frozen (NVIDIA's --freezed; layers: fromRGB, conv0, conv1 (and skip) per block)
+    freeze_d: Optional[int] = None     # transfer learning: D's first this many layers, from the top resolution, stay
+                                       # frozen (NVIDIA's --freezed; layers: fromRGB, conv0, conv1, skip per block);
+                                       # null = the resumed run's or the resume= file's own count, else 0
 
 
 @dataclass
@@ -189,14 +191,36 @@ def auto_settings(resolution: int, num_processes: int) -> dict:
                 ema_kimg=batch * 10 / 32)
 
 
-# With model.auto, the config with the 'auto' settings for the dataset's resolution and the process count (a new
-# object; the given one is unchanged); without it, the config itself.
+# The keys model.auto derives, as (group, key, auto_settings name): null in conf/model/auto.yaml, so that a value
+# given on the command line stays.
+AUTO_KEYS = (("model", "mbstd_group", "mbstd_group"), ("model", "channel_base", "channel_base"),
+             ("train", "batch_size", "batch_size"), ("train", "glr", "lr"), ("train", "dlr", "lr"),
+             ("train", "r1_gamma", "r1_gamma"), ("train", "ema_kimg", "ema_kimg"))
+
+
 def apply_auto(cfg: Config, resolution: int, num_processes: int) -> Config:
-    """Return `cfg` with NVIDIA's 'auto' rules applied when model.auto is set (a new Config)."""
-    if not cfg.model.auto:
-        return cfg
-    s = auto_settings(resolution, num_processes)
-    model = dataclasses.replace(cfg.model, mbstd_group=s["mbstd_group"], channel_base=s["channel_base"])
-    train = dataclasses.replace(cfg.train, batch_size=s["batch_size"], glr=s["lr"], dlr=s["lr"],
-                                r1_gamma=s["r1_gamma"], ema_kimg=s["ema_kimg"])
-    return dataclasses.replace(cfg, model=model, train=train)
+    """Return `cfg` with NVIDIA's 'auto' rules filling the derived keys that are null (a new Config; with
+    model.auto off, `cfg` itself). A derived key left null without model.auto is an error naming it."""
+    groups = {"model": cfg.model, "train": cfg.train}
+    if cfg.model.auto:
+        s = auto_settings(resolution, num_processes)
+        for group, key, name in AUTO_KEYS:
+            if getattr(groups[group], key) is None:
+                groups[group] = dataclasses.replace(groups[group], **{key: s[name]})
+        cfg = dataclasses.replace(cfg, **groups)
+    unset = [f"{group}.{key}" for group, key, _ in AUTO_KEYS if getattr(getattr(cfg, group), key) is None]
+    if unset:
+        raise ValueError(f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} null, which only model.auto "
+                         f"fills in: give {'a value' if len(unset) == 1 else 'values'} or use model=auto")
+    return cfg
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case) as a bool: for command-line options written as NVIDIA's scripts
+    take them (`--mirror 1`, `--save-video true`)."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0), got {text!r}")

@@ -22,12 +22,14 @@ from training.eval.metrics import parse_metric
 from training.io import checkpoint as ckpt
 from training.io.images import make_grid, save_image_grid, save_png
 from training.loss import StyleGAN2Loss
-from training.phases import check_batch, make_phases, optimizer_step, sample_labels, update_ema
+from training.phases import (check_batch, freeze_summary, make_phases, optimizer_step, resolve_freeze_d,
+                             sample_labels, update_ema)
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
-from training.report import TickStats, evaluate_metrics, init_wandb, log_grid, peak_memory_gb, write_report
+from training.report import TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
 from training.resume import check_config, load_weights, resolve_resume_all, truncate_stats, write_config_files
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import KeepRNG, TrainState
+from training.trackers import open_trackers
 
 
 def grid_setup(dataset, seed: int, grid_size, z_dim: int):
@@ -132,7 +134,21 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                          pl_batch_shrink=t.pl_batch_shrink, pl_decay=t.pl_decay, autocast=accelerator.autocast,
                          backward=accelerator.backward, loss_type=t.loss, wgan_lambda=t.wgan_lambda,
                          wgan_drift=t.wgan_drift, grad_scaler=accelerator.scaler)
-    phases = make_phases(G, D, t, use_pl=t.pl_weight != 0, use_r1=loss.has_d_reg)
+    # Where to start: the run directory's newest intact training state, else cfg.resume (a training state or run
+    # directory: everything; a snapshot: weights only, for transfer learning), else from scratch.
+    if dist.is_main():
+        for p in ckpt.remove_stale_temps(run_dir):
+            print(f"Removed {p}, left by a checkpoint write that was interrupted", flush=True)
+    plan = resolve_resume_all(cfg.resume, run_dir, log=dist.print0)
+    # Freeze-D: train.freeze_d, or when it is null the resumed run's or the weights file's own count (recorded in the
+    # resolved config, so that a full resume freezes the same layers); those layers are in no optimizer.
+    freeze_d = resolve_freeze_d(requested.train.freeze_d, plan)
+    if freeze_d != t.freeze_d:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, freeze_d=freeze_d))
+        t = cfg.train
+    if freeze_d:
+        dist.print0(freeze_summary(D, freeze_d))
+    phases = make_phases(G, D, t, use_pl=t.pl_weight != 0, use_r1=loss.has_d_reg, freeze_d=freeze_d)
     unique = list({id(ph.opt): ph.opt for ph in phases}.values())
     wrapped = accelerator.prepare(*unique)
     by_id = {id(o): w for o, w in zip(unique, wrapped if isinstance(wrapped, (list, tuple)) else [wrapped])}
@@ -143,13 +159,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
         augment_pipe = augment_pipe.to(device)
     loss.augment_pipe = augment_pipe
 
-    # Where to start: the run directory's newest intact training state, else cfg.resume (a training state or run
-    # directory: everything; a snapshot: weights only, for transfer learning), else from scratch. ada_kimg_resume (a
-    # faster p) only when starting from another run's weights; a full resume continues exactly.
-    if dist.is_main():
-        for p in ckpt.remove_stale_temps(run_dir):
-            print(f"Removed {p}, left by a checkpoint write that was interrupted", flush=True)
-    plan = resolve_resume_all(cfg.resume, run_dir, log=dist.print0)
+    # ada_kimg_resume (a faster p) only when starting from another run's weights; a full resume continues exactly.
     resumed = plan["kind"] == "state"
     ada = make_adaptive_p(cfg.aug, augment_pipe, batch_size=batch_size, resumed=plan["kind"] == "weights")
     state = TrainState(G, D, G_ema, phases, loss, augment_pipe, ada, accelerator.scaler, config=config_dict(cfg),
@@ -208,7 +218,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
         return make_loader(dataset, sampler, batch_gpu, num_workers, device, t.seed)
     loader = open_loader(batch_gpu)
 
-    # Fixed grid latents and labels; reals.png once; metrics detector; logging (stats.jsonl, progress bar, wandb
+    # Fixed grid latents and labels; reals.png once; metrics detector; logging (stats.jsonl, progress bar, trackers
     # live on rank 0).
     grid_w, grid_h = t.grid_size
     grid_idx, grid_z, grid_c = grid_setup(dataset, t.seed, t.grid_size, G.z_dim)
@@ -217,7 +227,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
         save_png(make_grid(np.stack([dataset[i][0] for i in grid_idx]).transpose(0, 2, 3, 1), grid_w, grid_h),
                  run_dir / "reals.png")
     metric_names, detector = _load_metrics(cfg.metrics, device)
-    wandb_run = init_wandb(cfg.log, config_dict(cfg), run_dir) if dist.is_main() else None
+    # Trackers (log.trackers, log.wandb) log against cur_nimg; TensorBoard hides what an earlier session logged after
+    # the resume point, as stats.jsonl dropped it (a no-op object on other ranks).
+    trackers = open_trackers(cfg.log, config_dict(cfg), run_dir, purge_step=c.cur_nimg + 1 if resumed else 0)
     pbar = None
     if dist.is_main() and cfg.log.progress:
         pbar = tqdm(total=total_nimg / 1000, initial=c.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
@@ -282,7 +294,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             break
 
         if at_tick:
-            # 1. Report: status line, stats.jsonl, wandb.
+            # 1. Report: status line, stats.jsonl, trackers.
             now = time.time()
             stats = tick_stats.reduce(device)
             kimg_done = (cur_nimg - tick_start_nimg) / 1000
@@ -299,7 +311,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                 stats.update({"Progress/stage": stage.index, "Progress/resolution": stage.resolution,
                               "Progress/fade": stage.alpha, "Progress/batch_size": batch_size})
             if dist.is_main():
-                write_report(stats, run_dir, pbar, wandb_run, first_report)
+                write_report(stats, run_dir, pbar, trackers, cur_nimg)
 
             # 2. Snapshot image grid of G_ema (fixed latents, constant noise).
             if dist.is_main() and t.image_snap and (done or c.cur_tick % t.image_snap == 0):
@@ -308,7 +320,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                 if images.shape[-1] < dataset.resolution:  # A progressive stage: shown at the dataset's size.
                     images = torch.nn.functional.interpolate(images, size=dataset.resolution, mode="nearest")
                 save_image_grid(images, run_dir / f"fakes{cur_nimg // 1000:06d}.png", (grid_w, grid_h))
-                log_grid(wandb_run, images, (grid_w, grid_h), c.cur_tick)
+                log_grid(trackers, images, (grid_w, grid_h), cur_nimg)
 
             # 3. Checkpoint: snapshot (weights) and full training state (rank 0 writes, every rank contributes RNG),
             # saved with the next tick's counters: a resumed run continues exactly where this one goes on.
@@ -326,7 +338,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             if metrics_due:
                 with KeepRNG():
                     evaluate_metrics(G_ema, dataset, detector, metric_names, run_dir, cur_nimg, cfg.metrics, pbar,
-                                     wandb_run, c.cur_tick)
+                                     trackers, cur_nimg)
                 c.metrics_nimg = cur_nimg
 
             # 5. Stop.
@@ -351,17 +363,17 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             if c.batch_idx % phase.interval != 0:
                 continue
             phase.opt.zero_grad(set_to_none=True)
-            phase.module.requires_grad_(True)
+            phase.set_trainable(True)
             for real_img, real_c in zip(reals, real_cs):
                 gen_z = torch.randn([batch_gpu, G.z_dim], device=device)
                 gen_c = sample_labels(dataset, batch_gpu, device)
                 tick_stats.add(loss.accumulate_gradients(phase.name, real_img, real_c, gen_z, gen_c,
                                                          gain=phase.interval / rounds))
-            phase.module.requires_grad_(False)
+            phase.set_trainable(False)
 
             # 7. Step: gradients averaged over ranks; a non-finite one is made zero on every rank and counted on the
             # device (the streak and the count reach the host at the next step boundary's read).
-            params = [p for p in phase.module.parameters() if p.grad is not None]
+            params = [p for p in phase.params if p.grad is not None]
             faults.corrupt_grads(params, cur_nimg)
             bad = optimizer_step(phase.opt, params, accelerator.scaler)
             if bad is not None:
@@ -383,9 +395,8 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     if pbar is not None:
         pbar.close()
     if stopped is not None:
-        return _stop(stopped, state, run_dir, tick_start_nimg, t.max_nonfinite, wandb_run)
-    if wandb_run is not None:
-        wandb_run.finish()
+        return _stop(stopped, state, run_dir, tick_start_nimg, t.max_nonfinite, trackers)
+    trackers.finish()
     if dist.is_main():
         (run_dir / "DONE").write_text(json.dumps({"kimg": c.cur_nimg / 1000}))
     dist.barrier()
@@ -395,13 +406,12 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
 # After a stop request at a step boundary: write the training state there (counters as they are, so a resumed
 # run finishes the current tick) and return, or, after too many non-finite steps, keep the last good state (the
 # current one when every weight is finite, else the newest checkpoint) and raise NonFiniteError.
-def _stop(reason, state: TrainState, run_dir, tick_start_nimg, max_nonfinite, wandb_run) -> dict:
+def _stop(reason, state: TrainState, run_dir, tick_start_nimg, max_nonfinite, trackers) -> dict:
     cur_nimg = state.counters.cur_nimg
     good = reason != "nonfinite" or all_finite(state.nets.values(), [state.loss.pl_mean])
     path = state.save(run_dir, cur_nimg, counters=state.counters.at_stop(tick_start_nimg), snapshot=False) \
         if good else None
-    if wandb_run is not None:
-        wandb_run.finish()
+    trackers.finish()
     dist.barrier()
     if reason == "nonfinite":
         if path is None:

@@ -1,10 +1,15 @@
-"""The G and D phases of a minibatch (lazy regularization), the optimizer step they end with, and G's EMA."""
+"""The G and D phases of a minibatch (lazy regularization, Freeze-D), the optimizer step they end with, and G's EMA."""
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from training import dist
+from training.io import official
 
 
 @dataclass
@@ -14,7 +19,9 @@ class Phase:
     `name` is the loss's phase ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth'); `network` is 'G' or 'D';
     the phase runs every `interval` minibatches (lazy regularization, StyleGAN2 sec. 3.1). A network's main and
     regularization phases share one optimizer: `owns_opt` marks the phase that saves and loads its state.
-    `lr_ratio` is the Adam lr multiplier of the lazy-regularization compensation, k / (k + 1).
+    `lr_ratio` is the Adam lr multiplier of the lazy-regularization compensation, k / (k + 1). `params` are the
+    parameters the phase trains, those in its optimizer (default: all of the module's; D's without its frozen
+    layers under Freeze-D): the loop turns requires_grad on for them only (set_trainable).
     """
     name: str
     network: str
@@ -23,25 +30,93 @@ class Phase:
     interval: int
     owns_opt: bool
     lr_ratio: float = 1.0
+    params: Optional[list] = None
+
+    def __post_init__(self):
+        if self.params is None:
+            self.params = list(self.module.parameters())
+
+    def set_trainable(self, flag: bool) -> None:
+        """requires_grad on (before the phase's backward passes) or off (after) for the phase's own parameters;
+        frozen ones keep requires_grad False, so they get no gradient, while gradients with respect to the inputs
+        (R1) still pass through them."""
+        for p in self.params:
+            p.requires_grad_(flag)
 
 
-def make_phases(G, D, train, use_pl: bool, use_r1: bool) -> list:
+def make_phases(G, D, train, use_pl: bool, use_r1: bool, freeze_d: Optional[int] = None) -> list:
     """The phases for G and D under `train` (a TrainConfig): with lazy regularization every k minibatches, Adam's
-    lr and betas are compensated by k/(k+1) so that the combined updates match an unregularized schedule."""
+    lr and betas are compensated by k/(k+1) so that the combined updates match an unregularized schedule.
+
+    `freeze_d` (default: train.freeze_d; see resolve_freeze_d): D's first this many layers (Freeze-D,
+    Discriminator.freezable_layers) are left out of D's optimizer and of the phases' `params`, and get
+    requires_grad False.
+    """
+    if freeze_d is None:
+        freeze_d = train.freeze_d or 0
+    frozen = {id(p) for p in D.frozen_parameters(freeze_d).values()} if freeze_d else set()
+    for p in D.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
     phases = []
     for network, module, lr, interval, active in (("G", G, train.glr, train.pl_interval, use_pl),
                                                   ("D", D, train.dlr, train.r1_interval, use_r1)):
-        params = list(module.parameters())
+        params = [p for p in module.parameters() if id(p) not in frozen]
         if not active or interval in (None, 0, 1):
             opt = torch.optim.Adam(params, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
-            phases.append(Phase(network + ("both" if active else "main"), network, module, opt, 1, True))
+            phases.append(Phase(network + ("both" if active else "main"), network, module, opt, 1, True,
+                                params=params))
         else:
             ratio = interval / (interval + 1)
             opt = torch.optim.Adam(params, lr=lr * ratio, betas=(train.beta1 ** ratio, train.beta2 ** ratio),
                                    eps=train.eps)
-            phases.append(Phase(network + "main", network, module, opt, 1, True, ratio))
-            phases.append(Phase(network + "reg", network, module, opt, interval, False, ratio))
+            phases.append(Phase(network + "main", network, module, opt, 1, True, ratio, params=params))
+            phases.append(Phase(network + "reg", network, module, opt, interval, False, ratio, params=params))
     return phases
+
+
+def source_freeze_d(path) -> Optional[int]:
+    """The Freeze-D count a weights file was trained with, or None when it records none: an official pickle's D
+    block_kwargs.freeze_layers (NVIDIA's --freezed), a ganforge snapshot's train.freeze_d (its resolved config) or,
+    in a snapshot converted from an official pickle (scripts/convert_official.py), the imported freeze_d."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return official.read_freeze_layers(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+    value = config["train"].get("freeze_d") if isinstance(config.get("train"), dict) else config.get("freeze_d")
+    return int(value) if value is not None else None
+
+
+def resolve_freeze_d(requested: Optional[int], plan: dict) -> int:
+    """The Freeze-D count of a run starting from `plan` (training.resume.resolve_resume's): `requested`
+    (train.freeze_d) when it is set, 0 included; when it is null, the resumed run's own (its training state's
+    resolved config), or the weights file's (source_freeze_d: an official pickle's freeze_layers, a snapshot's
+    train.freeze_d), else 0. The loop records the result in the resolved config, so that a full resume of the run
+    freezes the same layers."""
+    value = requested
+    if value is None and plan.get("kind") == "state":
+        saved = plan["state"].get("config")
+        value = (json.loads(saved) if isinstance(saved, str) else saved or {}).get("train", {}).get("freeze_d")
+    elif value is None and plan.get("kind") == "weights":
+        value = source_freeze_d(plan["path"])
+    value = 0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
+    return value
+
+
+def freeze_summary(D, freeze_d: int) -> str:
+    """One line for the log: which of D's layers Freeze-D keeps frozen and how many parameters still train."""
+    layers = D.freezable_layers()
+    frozen = D.frozen_parameters(freeze_d)
+    n_frozen, n_all = sum(p.numel() for p in frozen.values()), sum(p.numel() for p in D.parameters())
+    names = [name for name, _ in layers[:freeze_d]]
+    span = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]} ... {names[-1]}"
+    more = (f" (freeze_d={freeze_d}: all blocks; the epilogue and the label mapping train)"
+            if freeze_d > len(layers) else "")
+    return (f"Freeze-D: D's first {min(freeze_d, len(layers))} of {len(layers)} layers stay frozen ({span}){more}; "
+            f"{n_all - n_frozen:,} of {n_all:,} D parameters train")
 
 
 def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int) -> tuple:

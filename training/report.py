@@ -1,4 +1,4 @@
-"""Reporting from the training loop: per-tick stats over ranks, the status line, stats.jsonl, metrics, wandb."""
+"""Reporting from the training loop: per-tick stats over ranks, the status line, stats.jsonl, metrics, trackers."""
 import json
 import resource
 import time
@@ -51,8 +51,9 @@ class TickStats:
         return {k: s / c for k, s, c in zip(keys, values[:n], values[n:]) if c > 0}
 
 
-def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) -> None:
-    """Print the status line and append one JSON line to stats.jsonl (rank 0)."""
+def write_report(stats: dict, run_dir: Path, pbar, trackers, step: int) -> None:
+    """Print the status line, append one JSON line to stats.jsonl and log its numbers to the trackers (a
+    training.trackers.Trackers, or None) at `step` (cur_nimg) (rank 0)."""
     line = (f"tick {stats['Progress/tick']:<5d} kimg {stats['Progress/kimg']:<8.1f} "
             f"time {stats['Timing/total_sec']:<7.0f}s sec/kimg {stats['Timing/sec_per_kimg']:<7.2f} "
             f"mem {stats['Resources/peak_mem_gb']:.2f}GB")
@@ -65,19 +66,20 @@ def write_report(stats: dict, run_dir: Path, pbar, wandb_run, is_start: bool) ->
     with open(run_dir / "stats.jsonl", "a") as f:
         f.write(json.dumps(stats) + "\n")
         f.flush()
-    if wandb_run is not None and not is_start:
-        wandb_run.log({k: v for k, v in stats.items() if isinstance(v, (int, float))},
-                      step=int(stats["Progress/tick"]))
+    if trackers:
+        trackers.log_scalars(stats, step)
 
 
-def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics, pbar, wandb_run, tick) -> None:
-    """Compute the metrics `names` for G_ema at `cur_nimg` (`metrics`: the MetricsConfig), print and log them (the
-    records are written by the metrics module). At a progressive stage below full resolution a metric is labelled
-    with it (fid50k_full@16px) in the printout and the wandb key, so stage values never share a curve with
-    full-resolution ones."""
+def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics, pbar, trackers, step) -> None:
+    """Compute the metrics `names` for G_ema at `cur_nimg` (`metrics`: the MetricsConfig), print them and log them as
+    'Metrics/<label>' at `step` to `trackers` (anything with log(values, step=...), or None); the records are written
+    by the metrics module. At a progressive stage below full resolution a metric is labelled with it
+    (fid50k_full@16px) in the printout and the tracker key, so stage values never share a curve with full-resolution
+    ones."""
     kimg = cur_nimg // 1000
     records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
-                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000, batch_size=metrics.batch)
+                                f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000, batch_size=metrics.batch,
+                                mirror=metrics.mirror)
     for r in records:
         label = metric_label(r)
         fade = f", fade {r['stage_alpha']:.2f}" if r.get("stage_alpha", 1.0) < 1 else ""
@@ -85,25 +87,11 @@ def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics
                f"{fade})")
         if dist.is_main():
             (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
-        if wandb_run is not None:
-            wandb_run.log({f"Metrics/{label}": r["value"]}, step=tick)
+        if trackers:
+            trackers.log({f"Metrics/{label}": r["value"]}, step=step)
 
 
-def init_wandb(log, config: dict, run_dir: Path):
-    """The wandb run (rank 0) when log.wandb is 'offline' or 'online' (`log`: the LogConfig; `config`: the whole
-    config as plain data, recorded with the run); None when 'disabled'."""
-    if log.wandb == "disabled":
-        return None
-    if log.wandb not in ("offline", "online"):
-        raise ValueError(f"log.wandb must be disabled, offline or online, got {log.wandb!r}")
-    import wandb  # optional and heavy: only when asked for
-    return wandb.init(project=log.wandb_project, dir=str(run_dir), mode=log.wandb, config=config,
-                      name=run_dir.name, id=run_dir.name.replace("/", "-"), resume="allow")
-
-
-def log_grid(wandb_run, images, grid_size, tick: int) -> None:
-    """Log an image grid (float images in [-1, 1]) to wandb at `tick` (nothing without a wandb run)."""
-    if wandb_run is None:
-        return
-    import wandb  # optional and heavy: only when a run is logging to it
-    wandb_run.log({"fakes": wandb.Image(make_grid(to_uint8(images), *grid_size))}, step=tick)
+def log_grid(trackers, images, grid_size, step: int) -> None:
+    """Log an image grid (float images in [-1, 1]) as 'fakes' to the trackers at `step` (nothing without any)."""
+    if trackers:
+        trackers.log_images("fakes", make_grid(to_uint8(images), *grid_size), step)

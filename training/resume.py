@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from training import dist
-from training.io import checkpoint as ckpt
+from training.io import checkpoint as ckpt, weights
 from training.io.files import atomic_write, load_strict
 from training.state import ResumeError
 
@@ -70,7 +70,8 @@ def resolve_resume(resume, run_dir, log=print) -> dict:
     """Where to start (this rank decides alone): {'kind': 'fresh'}, {'kind': 'state', 'path', 'state'} (full
     resume) or {'kind': 'weights', 'path'} (G, D, G_ema only). The run directory's own newest intact checkpoint
     wins, so that rerunning the same command continues the run; `resume` (the resume= setting) is used when there
-    is none."""
+    is none. An http(s) URL is downloaded into the cache (weights.fetch) and then treated as that file; the plan
+    then also holds its 'url'."""
     run_dir = Path(run_dir)
     if resume == "none":
         existing = [p.name for _, p in ckpt.list_states(run_dir)]
@@ -88,7 +89,8 @@ def resolve_resume(resume, run_dir, log=print) -> dict:
         return {"kind": "state", "path": str(own[0]), "state": own[1]}
     if resume is None:
         return {"kind": "fresh"}
-    path = Path(os.path.expanduser(str(resume)))
+    extra = {"url": resume} if weights.is_url(resume) else {}
+    path = Path(_fetch_resume(resume))
     expected = "a training-state-*.pt, a run directory, a network-snapshot .safetensors, an official .pkl, or none"
     if not path.exists():
         raise ResumeError(f"resume={resume}: no such file or directory (expected {expected})")
@@ -98,15 +100,24 @@ def resolve_resume(resume, run_dir, log=print) -> dict:
             raise ResumeError(f"resume={resume}: no training-state-*.pt in this directory (expected {expected})")
         return {"kind": "state", "path": str(found[0]), "state": found[1]}
     if path.suffix in (".safetensors", ".pkl"):
-        return {"kind": "weights", "path": str(path)}
+        return {"kind": "weights", "path": str(path), **extra}
     if path.suffix == ".pt":
-        return {"kind": "state", "path": str(path), "state": ckpt.read_state_file(path)}
+        return {"kind": "state", "path": str(path), "state": ckpt.read_state_file(path), **extra}
     raise ResumeError(f"resume={resume}: unknown file type {path.suffix!r} (expected {expected})")
+
+
+# resume= as a local path: a URL is fetched into the cache (a DownloadError becomes a ResumeError naming it).
+def _fetch_resume(resume) -> str:
+    try:
+        return weights.fetch(str(resume), what="resume file")
+    except weights.DownloadError as e:
+        raise ResumeError(f"resume={resume}: {e}") from e
 
 
 def resolve_resume_all(resume, run_dir, log=print) -> dict:
     """resolve_resume on rank 0, shared with every rank (an error on rank 0 is raised on every rank); every rank
-    then loads the same file."""
+    then loads the same file. A resume= URL is downloaded by rank 0; the other ranks of its machine find it in the
+    cache, and a rank on another node without a shared file system downloads it into its own cache."""
     full = {}
 
     def decide():
@@ -116,6 +127,8 @@ def resolve_resume_all(resume, run_dir, log=print) -> dict:
     if dist.is_main():
         return full
     plan = dict(shared)
+    if plan.get("url") and not os.path.isfile(plan["path"]):  # another node, without rank 0's cache
+        plan["path"] = _fetch_resume(plan["url"])
     if plan["kind"] == "state":
         plan["state"] = ckpt.read_state_file(plan["path"])
     return plan

@@ -4,22 +4,19 @@ import json
 import os
 import re
 import time
-import zipfile
+from typing import Optional
 
 import numpy as np
 import scipy.linalg
 import torch
 
 from training import dist
+from training.eval.content_hash import dataset_content_hash, num_unmirrored
 from training.eval.inception import cache_root, full_fp32
 from training.io.files import atomic_write
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
 STATS_VERSION = 1
-# Datasets (files or arrays) up to this many bytes are hashed in full; larger ones are sampled (see content_hash).
-FULL_HASH_BYTES = 256 << 20
-# Number of evenly spaced files/items whose bytes are hashed when a dataset is too large to hash in full.
-SAMPLE_COUNT = 64
 
 
 def parse_metric(name: str):
@@ -154,73 +151,6 @@ class FeatureStats:
         return s, meta
 
 
-# Hash of a file or folder on disk. Up to FULL_HASH_BYTES every byte is hashed (names + contents, so a copy
-# elsewhere still matches). Larger: a zip contributes each member's name, size and CRC-32 (content-based
-# and cheap); a large folder or other file contributes names, sizes and mtimes plus the bytes of
-# SAMPLE_COUNT evenly spaced files -- an in-place edit that keeps size and mtime and misses the sample
-# would go unnoticed (documented limitation).
-def _path_hash(path: str) -> str:
-    h = hashlib.sha256()
-    if os.path.isfile(path):
-        files, root = [path], os.path.dirname(path)
-    else:
-        root = path
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    sizes = [os.path.getsize(f) for f in files]
-    full = sum(sizes) <= FULL_HASH_BYTES
-    sample = set(files if full else files[:: max(1, len(files) // SAMPLE_COUNT)])
-    for f, size in zip(files, sizes):
-        h.update(f"{os.path.relpath(f, root)}\0{size}\0".encode())
-        if f.endswith(".zip") and zipfile.is_zipfile(f) and not full:
-            with zipfile.ZipFile(f) as z:
-                for info in z.infolist():
-                    h.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\0".encode())
-            continue
-        if not full:
-            h.update(f"{os.stat(f).st_mtime_ns}\0".encode())
-        if f in sample:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
-def num_unmirrored(dataset) -> int:
-    """Number of unmirrored items: datasets opened with xflip=True (ImageDataset, SyntheticDataset) hold the mirrored
-    copies at indices >= len // 2, and metrics never use those."""
-    return len(dataset) // 2 if getattr(dataset, "xflip", False) else len(dataset)
-
-
-def dataset_content_hash(dataset) -> str:
-    """The dataset-content part of the cache key, in order of preference: the dataset's own `content_hash` (method or
-    string), else the files under `dataset.path` (see _path_hash) plus which files the items are (`get_fname`, so a
-    max_size subset is another key) or, lacking that, the arrays of SAMPLE_COUNT evenly spaced items; else the raw
-    image arrays -- all items if they total at most FULL_HASH_BYTES, else SAMPLE_COUNT evenly spaced items. The item
-    count is always part of it."""
-    n = num_unmirrored(dataset)
-    own = getattr(dataset, "content_hash", None)
-    if own is not None:
-        return f"own:{own() if callable(own) else own}:n{n}"
-    first = np.ascontiguousarray(dataset[0][0]) if n else np.zeros(0, np.uint8)
-    h = hashlib.sha256(f"{n}\0{first.shape}\0{first.dtype}\0".encode())
-    sample = range(0, n, max(1, n // SAMPLE_COUNT))
-    path = getattr(dataset, "path", None)
-    if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
-        h.update(_path_hash(os.fspath(path)).encode())
-        get_fname = getattr(dataset, "get_fname", None)
-        if get_fname is not None:
-            h.update("\0".join(str(get_fname(i)) for i in range(n)).encode())
-            sample = ()
-        kind = "files"
-    else:
-        kind = "arrays"
-        if first.nbytes * n <= FULL_HASH_BYTES:
-            sample = range(n)
-    for i in sample:
-        h.update(np.ascontiguousarray(dataset[i][0]).tobytes())
-    return f"{kind}:{h.hexdigest()}"
-
-
 class StageView:
     """A dataset seen at a lower resolution, for metrics of a generator at a progressive stage: each item is the
     dataset's uint8 [C,H,W] image box-downsampled by the integer factor H // resolution (the area average over each
@@ -274,8 +204,9 @@ def generator_stage(G, dataset_resolution):
     return res, alpha
 
 
-# Unmirrored items of a dataset as a torch Dataset of uint8 images; with xflip, index >= n is the mirror of
-# index - n.
+# The real images metrics use as a torch Dataset of uint8 images: the n unmirrored items, then, with xflip, their
+# mirrors (index >= n is the mirror of index - n): NVIDIA's order for a dataset opened with xflip, so the first
+# max_items of it are the same images as theirs.
 class _Images(torch.utils.data.Dataset):
     def __init__(self, dataset, xflip: bool):
         self.dataset, self.xflip, self.n = dataset, xflip, num_unmirrored(dataset)
@@ -304,7 +235,8 @@ def _rank_batches(num_items: int, batch_size: int):
 
 # Run the detector over batches of global indices on every rank; gather features and indices from all ranks
 # and append each gathered batch in global index order, so the statistics (and KID's subsets) match one process.
-def _extract(stats, detector, batches, images_iter):
+# progress(done, total), when given, is called on every rank after each gathered batch with the global counts.
+def _extract(stats, detector, batches, images_iter, progress=None, total=None):
     dev = dist.device() if dist.get_world_size() > 1 else detector.device  # collectives run on dist.device()
     for idx in batches:
         if idx:
@@ -314,15 +246,19 @@ def _extract(stats, detector, batches, images_iter):
         feats = dist.all_gather_cat(feats)
         order = torch.argsort(dist.all_gather_cat(torch.tensor(idx, dtype=torch.long, device=dev)))
         stats.append(feats[order])
+        if progress is not None:
+            progress(stats.num_items, total)
     return stats
 
 
 def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 64, xflip: bool = False,
                           cache_dir=None, capture_all: bool = False, capture_mean_cov: bool = True,
-                          num_workers: int = 0) -> FeatureStats:
-    """Features of the first `max_items` unmirrored real images (all if None; their mirrors appended when xflip) as
-    FeatureStats, cached in `cache_dir` (default <GANFORGE_CACHE>/dataset-stats; False disables) under a key of
-    dataset content (dataset_content_hash), resolution, mirroring, count, detector id and resize filter."""
+                          num_workers: int = 0, progress=None) -> FeatureStats:
+    """Features of the real set as FeatureStats: the N unmirrored images, followed with xflip by their N mirrors (2N
+    items), of which the first `max_items` (all if None). Cached in `cache_dir` (default
+    <GANFORGE_CACHE>/dataset-stats; False disables) under a key of dataset content (dataset_content_hash), resolution,
+    mirroring, count, detector id and resize filter. progress(done, total) is called as batches finish (once with
+    done = total on a cache hit)."""
     images = _Images(dataset, xflip)
     count = len(images) if max_items is None else min(len(images), int(max_items))
     if count == 0:
@@ -339,7 +275,7 @@ def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 6
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(dataset, "name", "dataset")))
         path = os.path.join(cache_dir or os.path.join(cache_root(), "dataset-stats"),
-                            f"{name}-{resolution}-{count}-{digest}.npz")
+                            f"{name}-{resolution}-{count}{'-mirror' if xflip else ''}-{digest}.npz")
         # A hit needs a valid file on the main rank (its stored key must equal ours) and the file on every rank.
         hit, cached = os.path.isfile(path), None
         if hit and dist.is_main():
@@ -351,12 +287,15 @@ def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 6
                 hit = False
         votes = dist.all_reduce_sum(torch.tensor([float(hit)], device=dist.device()))
         if int(votes.item()) == dist.get_world_size():
-            return cached if cached is not None else FeatureStats.load(path)[0]
+            stats = cached if cached is not None else FeatureStats.load(path)[0]
+            if progress is not None:
+                progress(stats.num_items, count)
+            return stats
     batches = _rank_batches(count, batch_size)
     mine = [i for b in batches for i in b]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
-    stats = _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, iter(loader))
+    stats = _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, iter(loader), progress, count)
     if path is not None and dist.is_main():
         stats.save(path, key)
     dist.barrier()
@@ -376,10 +315,11 @@ def dataset_label_sampler(dataset, seed: int = 0):
 
 def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_sampler=None,
                             truncation_psi: float = 1, noise_mode: str = "const", seed: int = 0,
-                            capture_all: bool = False, capture_mean_cov: bool = True) -> FeatureStats:
+                            capture_all: bool = False, capture_mean_cov: bool = True, progress=None) -> FeatureStats:
     """Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1]). Latent i is drawn
     from a generator seeded with (seed, i): each rank makes its share, and the images do not depend on the number of
-    processes. Labels come from c_sampler(global indices) when G.c_dim > 0."""
+    processes. Labels come from c_sampler(global indices) when G.c_dim > 0. progress(done, total) as in
+    compute_dataset_stats."""
     c_dim = int(getattr(G, "c_dim", 0) or 0)
     if c_dim > 0 and c_sampler is None:
         raise ValueError(f"compute_generator_stats: G.c_dim={c_dim} needs c_sampler (e.g. dataset_label_sampler)")
@@ -398,32 +338,50 @@ def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_s
             with torch.no_grad():
                 img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
             yield (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, images())
+    return _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, images(), progress, int(num_gen))
+
+
+def real_set_mirrored(dataset, mirror=None) -> bool:
+    """Whether the reals include their x-flips: `mirror` when given, else the dataset's own `xflip` (how it was
+    opened; the training loop opens it with data.xflip, so a mirrored run is measured against its mirrored set)."""
+    return bool(getattr(dataset, "xflip", False)) if mirror is None else bool(mirror)
 
 
 def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir=None, seed: int = 0,
                 truncation_psi: float = 1, noise_mode: str = "const", c_sampler=None, num_workers: int = 0,
-                kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+                kid_subsets: int = 100, kid_subset_size: int = 1000, mirror: Optional[bool] = None,
+                progress=None) -> dict:
     """One metric (see parse_metric) for G against `dataset`; the same call on every rank, same result everywhere.
-    Reals are never mirrored. Returns {metric, value, num_gen, num_real, detector, detector_hash, resolution, ...}.
-    A G at a progressive stage below the dataset's resolution is compared with the reals box-downsampled to the
-    stage (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G
-    mid-fade) also carries stage_alpha and dataset_resolution, with resolution = the stage's."""
+
+    The reals are the dataset's N unmirrored images, and with `mirror` (None: the dataset's own xflip, see
+    real_set_mirrored) also their N x-flips, as NVIDIA's metrics use the training set as it was mirrored: `_full`
+    metrics use all N (2N) of them, the others the first num_real of that sequence (originals first). Returns
+    {metric, value, num_gen, num_real, mirror, detector, detector_hash, resolution, dataset, ...}. A G at a
+    progressive stage below the dataset's resolution is compared with the reals box-downsampled to the stage
+    (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G mid-fade)
+    also carries stage_alpha and dataset_resolution, with resolution = the stage's. progress(what, done, total), when
+    given, is called on every rank as images are processed, `what` being "reals" or "generated"."""
     kind, num_gen, num_real = parse_metric(name)
     t0 = time.time()
     want_all, want_moments = kind == "kid", kind == "fid"
+    mirror = real_set_mirrored(dataset, mirror)
     if c_sampler is None and int(getattr(G, "c_dim", 0) or 0) > 0:
         c_sampler = dataset_label_sampler(dataset, seed)
     full_res = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
     stage = generator_stage(G, full_res)
     reals = StageView(dataset, stage[0]) if stage is not None and stage[0] < full_res else dataset
-    real = compute_dataset_stats(reals, detector, max_items=num_real, batch_size=batch_size, xflip=False,
+
+    def report(what):  # calc_metric's progress(what, done, total) as the stats functions' progress(done, total)
+        return None if progress is None else (lambda done, total: progress(what, done, total))
+
+    real = compute_dataset_stats(reals, detector, max_items=num_real, batch_size=batch_size, xflip=mirror,
                                  cache_dir=cache_dir, capture_all=want_all, capture_mean_cov=want_moments,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, progress=report("reals"))
     with full_fp32():  # G's images too, not only the detector's features
         gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
                                       truncation_psi=truncation_psi, noise_mode=noise_mode, seed=seed,
-                                      capture_all=want_all, capture_mean_cov=want_moments)
+                                      capture_all=want_all, capture_mean_cov=want_moments,
+                                      progress=report("generated"))
     value = None
     if dist.is_main():  # the matrix square root / KID subsets run once, then the number is shared
         if kind == "fid":
@@ -431,10 +389,10 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
         else:
             value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
     value = dist.broadcast_object(value)
-    record = dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items,
+    record = dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items, mirror=mirror,
                   detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
                   detector_kind=detector.kind, resize=detector.resize, resolution=getattr(reals, "resolution", None),
-                  dataset=getattr(reals, "name", None), xflip=False, truncation_psi=truncation_psi, seed=seed,
+                  dataset=getattr(reals, "name", None), truncation_psi=truncation_psi, seed=seed,
                   world_size=dist.get_world_size(), time_sec=time.time() - t0)
     if stage is not None:
         record.update(resolution=stage[0], stage_alpha=stage[1], dataset_resolution=int(full_res))
@@ -468,8 +426,9 @@ def update_best(run_dir: str, record: dict) -> bool:
     """Keep the best (lowest: FID, KID) record per metric in <run_dir>/metric-<name>-best.json; True if `record` is.
 
     Compared only at the same resolution: a record at a higher resolution than the best replaces it, one at a lower
-    resolution (an earlier progressive stage) never does; at the same, one from another detector replaces it (the
-    numbers are not comparable), else the lower value wins. No resolution compares as the same. Atomic write."""
+    resolution (an earlier progressive stage) never does; at the same, one from another detector or against another
+    real set (mirrored or not; a record without `mirror` was not) replaces it (the numbers are not comparable), else
+    the lower value wins. No resolution compares as the same. Atomic write."""
     path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
     best = None
     if os.path.isfile(path):
@@ -480,18 +439,22 @@ def update_best(run_dir: str, record: dict) -> bool:
         if rb is not None and rr is not None and int(rb) != int(rr):
             if int(rr) < int(rb):
                 return False
-        elif best.get("detector_hash") == record.get("detector_hash") and best["value"] <= record["value"]:
+        elif (best.get("detector_hash") == record.get("detector_hash")
+              and bool(best.get("mirror", False)) == bool(record.get("mirror", False))
+              and best["value"] <= record["value"]):
             return False
     atomic_write(path, lambda f: json.dump(record, f, sort_keys=True, indent=1), mode="w")
     return True
 
 
-def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, **kwargs) -> list:
+def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, mirror: Optional[bool] = None,
+                      **kwargs) -> list:
     """For the training loop, every `metrics_every` kimg, on every rank: compute `metrics` for G_ema, append each to
-    metric-<name>.jsonl and track the best (main rank). Returns the records (with is_best) on every rank."""
+    metric-<name>.jsonl and track the best (main rank). `mirror` (metrics.mirror; None: the dataset's xflip) and the
+    other keyword arguments go to calc_metric. Returns the records (with is_best) on every rank."""
     records = []
     for name in metrics:
-        result = calc_metric(name, G, dataset, detector, **kwargs)
+        result = calc_metric(name, G, dataset, detector, mirror=mirror, **kwargs)
         if dist.is_main():
             record = append_metric_jsonl(run_dir, result, snapshot, kimg)
             record["is_best"] = update_best(run_dir, record)

@@ -15,7 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from networks.discriminator import Discriminator
 from networks.generator import Generator
-from training.io import official
+from training.io import official, weights
 # atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
 from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
 
@@ -59,10 +59,12 @@ def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optio
 def load_snapshot(path, device="cpu") -> dict:
     """Build G, D, G_ema from a snapshot: a ganforge .safetensors, or an official .pkl through the safe importer.
 
-    Returns dict(G, D, G_ema, config, meta); networks absent from the file are None. A network whose tensors do
-    not fit the architecture recorded with it is a ValueError naming the file and the keys.
+    `path` may be an http(s) URL: it is downloaded once into the cache (training.io.weights.fetch; a failure is a
+    weights.DownloadError naming the URL and the cache path). Returns dict(G, D, G_ema, config, meta); networks
+    absent from the file are None. A network whose tensors do not fit the architecture recorded with it is a
+    ValueError naming the file and the keys.
     """
-    path = Path(path)
+    path = Path(weights.fetch(path, what="network"))
     if not path.is_file():
         raise FileNotFoundError(f"snapshot not found: {path}")
     if path.suffix == ".pkl":

@@ -365,7 +365,8 @@ def load_official_pkl(path):
     return out
 
 
-# Official keys ganforge has no use for: they only select memory layouts, fp16 kernels or training-time options.
+# Official keys that are no constructor argument of ganforge's networks: memory layouts, fp16 kernels, and D's
+# training-time Freeze-D count (freeze_layers; build_networks keeps it in the imported config as 'freeze_d').
 _IGNORED = {'fp16_channels_last', 'channels_last', 'fused_modconv_default', 'freeze_layers'}
 # Official constructor keys ganforge's G and D accept under the same name and meaning.
 _G_TOP = ('z_dim', 'c_dim', 'w_dim', 'img_resolution', 'img_channels')
@@ -434,6 +435,21 @@ def _discriminator_config(kwargs, where):
     return config
 
 
+# NVIDIA's Freeze-D count (--freezed) from an official D's kwargs (block_kwargs.freeze_layers), or None.
+def _freeze_layers(kwargs, where):
+    value = (kwargs.get('block_kwargs') or {}).get('freeze_layers')
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise OfficialFormatError(f'{where} block_kwargs: freeze_layers={value!r} is not a non-negative integer')
+    return value
+
+
+def read_freeze_layers(path):
+    """The Freeze-D count (NVIDIA's --freezed: D's block_kwargs.freeze_layers) an official pickle's D was trained
+    with, or None when the file has no D or its D records none."""
+    record = load_official_pkl(path)['D']
+    return None if record is None else _freeze_layers(record['init_kwargs'], f'{os.fspath(path)} [D]')
+
+
 def official_to_ganforge(record, where='network'):
     """One network record from load_official_pkl -> (kind 'G' | 'D', ganforge constructor kwargs, state dict, renamed
     keys {official: ganforge})."""
@@ -454,7 +470,9 @@ def build_networks(path, device='cpu'):
 
     Returns load_snapshot's shape: {'G', 'D', 'G_ema': module | None, 'config': {source, G_kwargs, D_kwargs,
     renamed, training_set_kwargs, ...}, 'meta': {'<net>_kwargs': constructor kwargs}}. A state dict that does not
-    fit the network its kwargs describe is an OfficialFormatError listing the keys.
+    fit the network its kwargs describe is an OfficialFormatError listing the keys. D's Freeze-D count
+    (block_kwargs.freeze_layers) is a training option, not part of the network: it is kept as config['freeze_d']
+    when the pickle records one (its frozen layers' weights, stored by NVIDIA as buffers, load like the others).
     """
     data = load_official_pkl(path)
     config = {'source': os.path.basename(os.fspath(path)), 'source_format': 'official StyleGAN2 network pickle',
@@ -471,4 +489,6 @@ def build_networks(path, device='cpu'):
         out[key] = load_strict(net, state_dict, where, OfficialFormatError).eval().requires_grad_(False).to(device)
         config[f'{kind}_kwargs'] = out['meta'][f'{key}_kwargs'] = kwargs
         config['renamed'].update({f'{key}.{k}': v for k, v in renamed.items()})
+        if kind == 'D' and (freeze := _freeze_layers(record['init_kwargs'], where)) is not None:
+            config['freeze_d'] = freeze
     return out
