@@ -79,7 +79,7 @@ class TrainState:
     def nets(self) -> dict:
         return {"G": self.G, "D": self.D, "G_ema": self.G_ema}
 
-    def _fields(self, source="the training state") -> dict:
+    def _fields(self, source="the training state", counters: Optional[Counters] = None) -> dict:
         """The table of fields: key -> (save, load, present). `present` is False for a part this run does not
         have (no scaler, ADA or stage); a required field missing from a file is an error, an absent optional
         one is skipped. Fields load in this order (world_size first: counters and RNG depend on it)."""
@@ -92,7 +92,7 @@ class TrainState:
             "opt": (lambda: [ph.opt.state_dict() for ph in opts], lambda v: self._load_opts(v, opts, source), True),
             "phases": (lambda: [[ph.name, ph.interval] for ph in self.phases],
                        lambda v: self._check_phases(v, source), True),
-            "counters": (lambda: dataclasses.asdict(self.counters), self._load_counters, True),
+            "counters": (lambda: dataclasses.asdict(counters or self.counters), self._load_counters, True),
             "pl_mean": (lambda: self.loss.pl_mean.detach().cpu(), lambda v: self.loss.pl_mean.copy_(v), True),
             "rng": (lambda: dist.all_gather_object(ckpt.get_rng_state()), self._load_rng, True),
             "fingerprints": (lambda: self._fingerprints(), lambda v: self._check_fingerprints(v, source), True),
@@ -110,14 +110,8 @@ class TrainState:
     def state_dict(self, counters: Optional[Counters] = None) -> dict:
         """The training state as tensors and plain data (collective). `counters` replace the current ones in it
         (a checkpoint at a tick saves the next tick's)."""
-        saved = self.counters
-        if counters is not None:
-            self.counters = counters
-        try:
-            state = {"format": STATE_FORMAT, "version": STATE_VERSION}
-            state.update({k: save() for k, (save, _, present) in self._fields().items() if present})
-        finally:
-            self.counters = saved
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION}
+        state.update({k: save() for k, (save, _, present) in self._fields(counters=counters).items() if present})
         return state
 
     def load_state_dict(self, state: dict, source="the training state") -> None:

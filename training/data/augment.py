@@ -140,26 +140,26 @@ class AugmentPipe(torch.nn.Module):
         touched = torch.zeros([n], dtype=torch.bool, device=dev)
         one = torch.ones([n], device=dev)
         p_rot = 1 - (1 - (p * self.rotate).clamp(max=1)).clamp(min=0).sqrt()
+
+        def rotate(G, touched):  # drawn twice: before and after the anisotropic scale
+            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.rotate_max
+            m = self._coin(n, p_rot, dev)
+            return G @ ops.rotate2d_inv(torch.where(m, theta, 0), n, dev), touched | m
+
         if self.scale > 0:
             s = torch.exp2(torch.randn([n], device=dev) * self.scale_std)
             m = self._coin(n, p * self.scale, dev)
             G = G @ ops.scale2d_inv(torch.where(m, s, one), torch.where(m, s, one), n, dev)
             touched |= m
         if self.rotate > 0:
-            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.rotate_max
-            m = self._coin(n, p_rot, dev)
-            G = G @ ops.rotate2d_inv(torch.where(m, theta, 0), n, dev)
-            touched |= m
+            G, touched = rotate(G, touched)
         if self.aniso > 0:
             s = torch.exp2(torch.randn([n], device=dev) * self.aniso_std)
             m = self._coin(n, p * self.aniso, dev)
             G = G @ ops.scale2d_inv(torch.where(m, s, one), torch.where(m, 1 / s, one), n, dev)
             touched |= m
         if self.rotate > 0:
-            theta = (torch.rand([n], device=dev) * 2 - 1) * math.pi * self.rotate_max
-            m = self._coin(n, p_rot, dev)
-            G = G @ ops.rotate2d_inv(torch.where(m, theta, 0), n, dev)
-            touched |= m
+            G, touched = rotate(G, touched)
         if self.xfrac > 0:
             t = torch.randn([n, 2], device=dev) * self.xfrac_std
             m = self._coin(n, p * self.xfrac, dev)
