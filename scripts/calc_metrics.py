@@ -1,4 +1,4 @@
-"""Compute FID/KID of a snapshot's G_ema: `[accelerate launch] scripts/calc_metrics.py --network S [--data D]`."""
+"""Compute FID/KID/SWD of a snapshot's G_ema: `[accelerate launch] scripts/calc_metrics.py --network S [--data D]`."""
 import argparse
 import json
 import os
@@ -10,7 +10,7 @@ from training import dist
 from training.config import parse_bool
 from training.data.dataset import open_dataset
 from training.eval.inception import DetectorNotFound, load_detector
-from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric
+from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric, swd_floor
 from training.io.checkpoint import load_snapshot
 
 
@@ -25,7 +25,8 @@ def parse_args(argv=None):
                    help="reals include their x-flips (2N images), true|false; default: the snapshot config's "
                         "data.xflip (an official .pkl: its training_set_kwargs.xflip)")
     p.add_argument("--metrics", default="fid50k_full",
-                   help="comma-separated: fid50k_full, kid50k_full, fid<N>[k][_full], kid<N>[k][_full]")
+                   help="comma-separated: fid50k_full, kid50k_full, swd16k (needs no Inception file), "
+                        "(fid|kid|swd)<N>[k][_full]")
     p.add_argument("--detector", default=None,
                    help="Inception file (NVIDIA inception-2015-12-05.pt or pytorch-fid pt_inception-...pth) or "
                         "URL; default: $GANFORGE_INCEPTION, then the cache, then download")
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the generated latents (and KID subsets)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process for reals")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-floor", action="store_true",
+                   help="SWD only: skip the floor (the SWD of two disjoint halves of the reals at the same count)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     return p.parse_args(argv)
 
@@ -123,11 +126,14 @@ def main(argv=None) -> int:
     for name in names:
         parse_metric(name)  # fail on a bad name before any heavy work
     dist.init(cpu=args.cpu)
-    try:
-        detector = load_detector(args.detector)
-    except DetectorNotFound as e:
-        dist.print0(str(e))
-        return 2
+    detector = None
+    if any(parse_metric(name)[0] != "swd" for name in names):  # SWD needs no Inception file
+        try:
+            detector = load_detector(args.detector)
+        except DetectorNotFound as e:
+            dist.print0(str(e))
+            dist.print0("(SWD needs no Inception file: --metrics swd16k)")
+            return 2
     snap = load_snapshot(args.network, device=dist.device())
     G = snap.get("G_ema")
     if G is None:
@@ -155,6 +161,10 @@ def main(argv=None) -> int:
                                  progress=progress)
         finally:
             progress.close()
+        if parse_metric(name)[0] == "swd" and not args.no_floor:  # what a perfect G would get at this count
+            floor = swd_floor(dataset, result["num_gen"], batch_size=args.batch_size,
+                              cache_dir=False if args.no_cache else args.cache_dir, seed=args.seed, mirror=mirror)
+            result.update(floor=floor["value"], floor_levels=floor["levels"], floor_num_real=floor["num_real"])
         if dist.is_main():
             if not args.no_log:
                 result = append_metric_jsonl(run_dir, result, args.network, kimg)

@@ -1,4 +1,4 @@
-"""Worker for test_metrics: FID/KID of a tiny generator against an array dataset, run with 1 or 2 processes."""
+"""Worker for test_metrics: FID/KID/SWD of a tiny generator against an array dataset, run with 1 or 2 processes."""
 import json
 import os
 import sys
@@ -77,8 +77,9 @@ def run_metrics(det_path: str) -> dict:
     dataset = ArrayDataset(make_images(31))
     fid = calc_metric("fid25", G, dataset, detector, batch_size=5, cache_dir=False)
     kid = calc_metric("kid25_full", G, dataset, detector, batch_size=5, cache_dir=False, kid_subsets=10)
+    swd = calc_metric("swd25", G, dataset, None, batch_size=5, cache_dir=False)  # needs no detector
     per_rank = dist.all_gather_cat(torch.tensor([calls[0]], device=dist.device())).tolist()
-    return dict(fid=fid, kid=kid, images_per_rank=per_rank, world_size=dist.get_world_size())
+    return dict(fid=fid, kid=kid, swd=swd, images_per_rank=per_rank, world_size=dist.get_world_size())
 
 
 # argv: detector path, output json; rank 0 writes the result of run_metrics.

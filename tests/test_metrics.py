@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import _metrics_dist_worker as W  # noqa: E402
-from training.eval import inception, metrics  # noqa: E402
+from training.eval import feature_stats, inception, metrics  # noqa: E402
 from training.io import weights  # noqa: E402
 from training.eval.inception import DetectorNotFound, load_detector  # noqa: E402
 
@@ -98,19 +98,19 @@ def test_feature_stats_moments_and_fid_of_set_with_itself_is_zero():
 def test_frechet_distance_sqrtm_fallbacks(monkeypatch):
     s = np.diag([1.0, 4.0])
     calls = []
-    real_sqrtm = metrics.scipy.linalg.sqrtm
+    real_sqrtm = feature_stats.scipy.linalg.sqrtm
 
     def nan_first(a):
         calls.append(a)
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
-    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", nan_first)
+    monkeypatch.setattr(feature_stats.scipy.linalg, "sqrtm", nan_first)
     got = metrics.frechet_distance([0, 0], s, [0, 0], s, eps=1e-3)
     np.testing.assert_allclose(calls[1], (s + 1e-3 * np.eye(2)) @ (s + 1e-3 * np.eye(2)))
     assert got == pytest.approx(10 - 2 * (1.001 + 4.001), rel=1e-9)
 
-    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-5j)
+    monkeypatch.setattr(feature_stats.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-5j)
     assert metrics.frechet_distance([0, 0], s, [1, 0], s) == pytest.approx(1.0, abs=1e-9)
-    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.1j)
+    monkeypatch.setattr(feature_stats.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.1j)
     with pytest.raises(ValueError, match="imaginary"):
         metrics.frechet_distance([0, 0], s, [1, 0], s)
 
@@ -149,6 +149,8 @@ def test_parse_metric_names():
     assert metrics.parse_metric("fid10k") == ("fid", 10000, 10000)
     assert metrics.parse_metric("kid1k") == ("kid", 1000, 1000)
     assert metrics.parse_metric("fid200") == ("fid", 200, 200)
+    assert metrics.parse_metric("swd16k") == ("swd", 16000, 16000)
+    assert metrics.parse_metric("swd2k_full") == ("swd", 2000, None)
     for bad in ("fid", "is50k", "fid0", "fid10m", "ppl_wend"):
         with pytest.raises(ValueError, match=bad):
             metrics.parse_metric(bad)
@@ -389,10 +391,11 @@ def test_same_fid_and_kid_from_one_and_two_processes(tmp_path):
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
     assert r1["images_per_rank"] == [25 + 25 + 31 + 25]
     assert r2["images_per_rank"] == [13 + 13 + 16 + 13, 12 + 12 + 15 + 12]
-    for m in ("fid", "kid"):
+    for m in ("fid", "kid", "swd"):
         assert r2[m]["num_gen"] == r1[m]["num_gen"] and r2[m]["num_real"] == r1[m]["num_real"]
         assert r2[m]["value"] == pytest.approx(r1[m]["value"], rel=1e-6, abs=1e-9)
-    assert r1["fid"]["value"] > 0.01
+    assert r1["fid"]["value"] > 0.01 and r1["swd"]["value"] > 1
+    assert r2["swd"]["levels"] == pytest.approx(r1["swd"]["levels"], rel=1e-6)
 
 
 # With the project's ImageDataset: mirrored halves (xflip=True) are ignored, and another max_size subset of the

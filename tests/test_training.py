@@ -49,6 +49,13 @@ def test_two_tick_run_writes_snapshot_grids_and_stats(two_tick_run):
     assert "tick 2" in proc.stdout and "sec/kimg" in proc.stdout
     cfg = (run_dir / "config.yaml").read_text()
     assert "channel_base: 256" in cfg and "name: tiny" in cfg
+    # Health: the grids' diversity at every image snapshot and a (possibly empty) warning list on every line; the
+    # report page was written and refers to every grid.
+    assert all(isinstance(s["Health/warnings"], list) for s in stats)
+    assert all(0 < s["Health/diversity_fake"] and 0 < s["Health/diversity_real"] for s in stats)
+    page = (run_dir / "report.html").read_text()
+    assert "fakes000000.png" in page and "Health warnings" in page
+    assert (run_dir / "report" / "losses.png").is_file()
 
 
 def test_snapshot_regenerates_the_same_grid(two_tick_run):
@@ -149,12 +156,22 @@ def test_metrics_during_training(tmp_path):
     assert (tmp_path / "run/metric-fid64-best.json").exists()
 
 
-def test_missing_detector_turns_metrics_off_once(tmp_path):
-    args = [a for a in TINY if not a.startswith("metrics=")] + ["train.kimg=0.032"]
+def test_missing_detector_falls_back_to_swd_and_prints_its_floor(tmp_path):
+    args = [a for a in TINY if not a.startswith("metrics=")] + ["train.kimg=0.032", "metrics.fallback=swd64",
+                                                                "run_dir=run"]
     proc = run_train(args, tmp_path)
-    assert proc.stdout.count("Metrics are off") == 1
+    assert proc.stdout.count("Metrics fid50k_full are off; swd64 instead (needs no weights)") == 1
     assert "inception-2015-12-05" in proc.stdout and "metrics.detector" in proc.stdout
-    assert not list((tmp_path / "runs").glob("*/metric-*.jsonl"))
+    records = [json.loads(x) for x in (tmp_path / "run/metric-swd64.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["num_gen"] == 64 and set(records[0]["levels"]) == {"32", "16"}
+    final = [line for line in proc.stdout.splitlines() if line.startswith("SWD (x1e3) of the final G_ema")]
+    assert len(final) == 1 and f"swd64 {records[0]['value']:.2f}" in final[0]
+    floor = float(final[0].rsplit(":", 1)[1])
+    assert "(64 images each)" in final[0] and 0 < floor < records[0]["value"]  # an untrained G is far from it
+    # Without a fallback the Inception metrics are simply off.
+    proc = run_train([a for a in args if not a.startswith(("metrics.fallback", "run_dir"))] +
+                     ["metrics.fallback=null", "run_dir=run2"], tmp_path)
+    assert proc.stdout.count("Metrics fid50k_full are off:") == 1 and not list((tmp_path / "run2").glob("metric-*"))
 
 
 def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):

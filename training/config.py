@@ -98,12 +98,27 @@ class LogConfig:
 
 @dataclass
 class MetricsConfig:
-    """Evaluation during training (metrics group): FID/KID of G_ema with the standard Inception features."""
-    names: List[str] = field(default_factory=lambda: ["fid50k_full"])  # fid50k_full, kid50k_full, fid<N>k, kid<N>k
+    """Evaluation during training (metrics group): FID/KID of G_ema with the standard Inception features, SWD."""
+    names: List[str] = field(default_factory=lambda: ["fid50k_full"])  # fid50k_full, kid50k_full, swd16k, fid<N>k...
+    fallback: Optional[str] = "swd16k"  # used instead of FID/KID when no Inception file is found (needs no weights);
+                                       # null = those metrics are off then
     every_kimg: Optional[float] = None  # evaluation interval (kimg); null = at every snapshot
     detector: Optional[str] = None     # Inception file or URL; null = GANFORGE_INCEPTION, the cache, then download
     batch: int = 32                    # images per process per feature-extraction batch
     mirror: Optional[bool] = None      # reals include their x-flips (2N, as NVIDIA's with --mirror); null = data.xflip
+
+
+@dataclass
+class HealthConfig:
+    """Health warnings (training/health.py) in the status line, stats.jsonl and report.html: their thresholds."""
+    enabled: bool = True              # watch the run and warn
+    warmup_kimg: float = 10.0          # no collapse or overfitting warning before this (kimg)
+    collapse_ratio: float = 0.5        # mode collapse: G_ema grid diversity below this fraction of the reals' grid
+    collapse_drop: float = 0.3         # ... or fallen by this fraction from its peak (fraction) while below the reals'
+    overfit_rt: float = 0.9            # D overfitting: ADA r_t at or above this with augment p >= 0.95 ...
+    overfit_gap: float = 4.0           # ... or mean real minus mean fake D logit above this (logits; loss=ns only)
+    overfit_ticks: int = 5             # ... for this many ticks in a row (ticks)
+    diverge_factor: float = 1000.0     # divergence: 3-tick median of R1 or G loss this many times its smallest (ratio)
 
 
 @dataclass
@@ -148,6 +163,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     outdir: str = "runs"               # parent folder of numbered run directories
     run_dir: Optional[str] = None      # explicit run directory (resumes when it holds a checkpoint)
     resume: Optional[str] = None       # training state or run dir (all), .safetensors/.pkl (weights only), none

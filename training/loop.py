@@ -19,13 +19,15 @@ from training.data.loader import default_num_workers, local_process_count, make_
 from training.data.sampler import InfiniteSampler
 from training.eval import inception
 from training.eval.metrics import parse_metric
+from training.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, HealthMonitor, diversity
 from training.io import checkpoint as ckpt
 from training.io.images import make_grid, save_image_grid, save_png
 from training.loss import StyleGAN2Loss
 from training.phases import (check_batch, freeze_summary, make_phases, optimizer_step, resolve_freeze_d,
                              sample_labels, update_ema)
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
-from training.report import TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
+from training.report import (TickStats, evaluate_metrics, log_grid, peak_memory_gb, read_stats, update_page,
+                             write_report)
 from training.resume import check_config, load_weights, resolve_resume_all, truncate_stats, write_config_files
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import KeepRNG, TrainState
@@ -78,18 +80,23 @@ def _setup_torch(train, device, world: int) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
 
 
-# The metrics detector, loaded once; (names, detector), with no names when its file is missing (said once).
+# The metrics detector, loaded once; (names, detector). SWD needs none; when the Inception file is missing (said
+# once), metrics.fallback (SWD) replaces the Inception metrics, or with no fallback they are off.
 def _load_metrics(metrics, device):
     names = list(metrics.names)
-    for name in names:
+    for name in names + ([metrics.fallback] if metrics.fallback else []):
         parse_metric(name)  # An unknown metric name is an error now, not after hours of training.
-    if not names:
-        return [], None
+    if all(parse_metric(name)[0] == "swd" for name in names):
+        return names, None
     try:
         return names, inception.load_detector(metrics.detector, device=device)
     except inception.DetectorNotFound as e:
-        dist.print0(f"Metrics are off ({', '.join(names)}): {e}")
-        return [], None
+        inception_names = [n for n in names if parse_metric(n)[0] != "swd"]
+        names = list(dict.fromkeys([n for n in names if n not in inception_names] +
+                                   ([metrics.fallback] if metrics.fallback else [])))
+        instead = f"; {', '.join(names)} instead (needs no weights)" if names else ""
+        dist.print0(f"Metrics {', '.join(inception_names)} are off{instead}: {e}")
+        return names, None
 
 
 def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
@@ -223,10 +230,18 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     grid_w, grid_h = t.grid_size
     grid_idx, grid_z, grid_c = grid_setup(dataset, t.seed, t.grid_size, G.z_dim)
     grid_z, grid_c = grid_z.to(device), grid_c.to(device)
-    if dist.is_main() and not (run_dir / "reals.png").exists():
-        save_png(make_grid(np.stack([dataset[i][0] for i in grid_idx]).transpose(0, 2, 3, 1), grid_w, grid_h),
-                 run_dir / "reals.png")
+    if dist.is_main():
+        grid_reals = np.stack([dataset[i][0] for i in grid_idx])
+        if not (run_dir / "reals.png").exists():
+            save_png(make_grid(grid_reals.transpose(0, 2, 3, 1), grid_w, grid_h), run_dir / "reals.png")
     metric_names, detector = _load_metrics(cfg.metrics, device)
+    # Health warnings (rank 0): the reals' grid diversity once; after a resume, the streaks from stats.jsonl.
+    monitor = None
+    if dist.is_main() and cfg.health.enabled:
+        monitor = HealthMonitor(cfg.health, t.loss)
+        real_diversity = diversity(torch.from_numpy(grid_reals)) if len(grid_idx) > 1 else None
+        for row in (read_stats(run_dir) if resumed else []):
+            monitor.feed(row)
     # Trackers (log.trackers, log.wandb) log against cur_nimg; TensorBoard hides what an earlier session logged after
     # the resume point, as stats.jsonl dropped it (a no-op object on other ranks).
     trackers = open_trackers(cfg.log, config_dict(cfg), run_dir, purge_step=c.cur_nimg + 1 if resumed else 0)
@@ -310,15 +325,23 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             if stage is not None:
                 stats.update({"Progress/stage": stage.index, "Progress/resolution": stage.resolution,
                               "Progress/fade": stage.alpha, "Progress/batch_size": batch_size})
-            if dist.is_main():
-                write_report(stats, run_dir, pbar, trackers, cur_nimg)
-
-            # 2. Snapshot image grid of G_ema (fixed latents, constant noise).
+            # G_ema's grid (fixed latents, constant noise) when an image snapshot is due: its diversity joins the
+            # stats, and the health monitor reads them (rank 0).
+            images = None
             if dist.is_main() and t.image_snap and (done or c.cur_tick % t.image_snap == 0):
                 with KeepRNG():
                     images = generate_grid(G_ema, grid_z, grid_c, batch_gpu)
                 if images.shape[-1] < dataset.resolution:  # A progressive stage: shown at the dataset's size.
                     images = torch.nn.functional.interpolate(images, size=dataset.resolution, mode="nearest")
+            if monitor is not None:
+                if images is not None and real_diversity is not None:
+                    stats.update({DIVERSITY_FAKE: diversity(images), DIVERSITY_REAL: real_diversity})
+                stats[WARNINGS_KEY] = [w.as_dict() for w in monitor.feed(stats)]
+            if dist.is_main():
+                write_report(stats, run_dir, pbar, trackers, cur_nimg)
+
+            # 2. Snapshot image grid.
+            if images is not None:
                 save_image_grid(images, run_dir / f"fakes{cur_nimg // 1000:06d}.png", (grid_w, grid_h))
                 log_grid(trackers, images, (grid_w, grid_h), cur_nimg)
 
@@ -338,8 +361,12 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             if metrics_due:
                 with KeepRNG():
                     evaluate_metrics(G_ema, dataset, detector, metric_names, run_dir, cur_nimg, cfg.metrics, pbar,
-                                     trackers, cur_nimg)
+                                     trackers, cur_nimg, final=done)
                 c.metrics_nimg = cur_nimg
+
+            # The run report page (report.html), rewritten at every snapshot (rank 0).
+            if dist.is_main() and (images is not None or snap_due or metrics_due):
+                update_page(run_dir, pbar)
 
             # 5. Stop.
             if done:

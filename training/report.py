@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 
 from training import dist
-from training.eval.metrics import evaluate_snapshot, metric_label
+from training.eval.metrics import evaluate_snapshot, metric_label, parse_metric, swd_floor
+from training.health import WARNINGS_KEY
 from training.io.images import make_grid, to_uint8
+from training.io.records import read_jsonl
+from training.io.run_report import write_run_report
 
 
 def peak_memory_gb(device) -> float:
@@ -61,7 +64,15 @@ def write_report(stats: dict, run_dir: Path, pbar, trackers, step: int) -> None:
                        ("Loss/r1_penalty", "R1"), ("Loss/pl_penalty", "PL")):
         if key in stats:
             line += f" {label} {stats[key]:.3f}"
-    (pbar.write if pbar is not None else print)(line)
+    warnings = stats.get(WARNINGS_KEY) or []
+    kinds = list(dict.fromkeys(w["kind"] for w in warnings))
+    if kinds:
+        line += f" WARN {','.join(kinds)}"
+    write = pbar.write if pbar is not None else print
+    write(line)
+    for w in warnings:  # the quantity and remedy in full when a kind begins
+        if w.get("new", True):
+            write(f"  warning ({w['kind']}): {w['message']}")
     stats = dict(stats, timestamp=time.time())
     with open(run_dir / "stats.jsonl", "a") as f:
         f.write(json.dumps(stats) + "\n")
@@ -70,12 +81,14 @@ def write_report(stats: dict, run_dir: Path, pbar, trackers, step: int) -> None:
         trackers.log_scalars(stats, step)
 
 
-def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics, pbar, trackers, step) -> None:
+def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics, pbar, trackers, step,
+                     final: bool = False) -> None:
     """Compute the metrics `names` for G_ema at `cur_nimg` (`metrics`: the MetricsConfig), print them and log them as
     'Metrics/<label>' at `step` to `trackers` (anything with log(values, step=...), or None); the records are written
     by the metrics module. At a progressive stage below full resolution a metric is labelled with it
     (fid50k_full@16px) in the printout and the tracker key, so stage values never share a curve with full-resolution
-    ones."""
+    ones. With `final` (the end of training), an SWD metric is printed with its floor: the SWD between two disjoint
+    halves of the reals at the same count, the value a perfect generator would get."""
     kimg = cur_nimg // 1000
     records = evaluate_snapshot(G_ema, dataset, detector, names, str(run_dir),
                                 f"network-snapshot-{kimg:06d}.safetensors", cur_nimg / 1000, batch_size=metrics.batch,
@@ -83,15 +96,44 @@ def evaluate_metrics(G_ema, dataset, detector, names, run_dir, cur_nimg, metrics
     for r in records:
         label = metric_label(r)
         fade = f", fade {r['stage_alpha']:.2f}" if r.get("stage_alpha", 1.0) < 1 else ""
-        msg = (f"{label} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, {r['detector']}"
+        msg = (f"{label} {r['value']:.4f} ({r['num_gen']} generated, {r['time_sec']:.0f}s, "
+               f"{r['detector'] or r['detector_id']}"
                f"{fade})")
         if dist.is_main():
             (pbar.write if pbar is not None else print)(msg + (" best so far" if r.get("is_best") else ""))
         if trackers:
             trackers.log({f"Metrics/{label}": r["value"]}, step=step)
+        if final and parse_metric(r["metric"])[0] == "swd":
+            floor = swd_floor(dataset, r["num_gen"], batch_size=metrics.batch, mirror=metrics.mirror)
+            if dist.is_main():
+                levels = ", ".join(f"{px} px {v:.1f}" for px, v in r["levels"].items())
+                (pbar.write if pbar is not None else print)(
+                    f"SWD (x1e3) of the final G_ema against the reals: {label} {r['value']:.2f} ({levels}); floor, "
+                    f"two disjoint halves of the reals ({floor['num_real']} images each): {floor['value']:.2f}")
 
 
 def log_grid(trackers, images, grid_size, step: int) -> None:
     """Log an image grid (float images in [-1, 1]) as 'fakes' to the trackers at `step` (nothing without any)."""
     if trackers:
         trackers.log_images("fakes", make_grid(to_uint8(images), *grid_size), step)
+
+
+def read_stats(run_dir: Path) -> list:
+    """The lines of <run_dir>/stats.jsonl as dicts ([] when there is none)."""
+    path = Path(run_dir) / "stats.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
+# Set once a report page failed: a broken page is said once and never stops training.
+_page_failed = []
+
+
+def update_page(run_dir: Path, pbar) -> None:
+    """Rewrite the run's report.html (training.io.run_report); a failure is printed once and training goes on."""
+    try:
+        write_run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the page is a convenience, the run is not
+        if not _page_failed:
+            _page_failed.append(e)
+            (pbar.write if pbar is not None else print)(f"Warning: report.html not written ({type(e).__name__}: "
+                                                        f"{e}); training goes on")

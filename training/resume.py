@@ -14,7 +14,7 @@ from training.state import ResumeError
 # Config keys that may change when a run resumes (lengths, intervals, logging, metrics, resources); a key ending
 # in '.' stands for its whole group. Every other change is refused with a diff.
 SAFE_KEYS = ("train.kimg", "train.tick_kimg", "train.snap", "train.image_snap", "train.cpu_threads", "train.keep",
-             "train.max_nonfinite", "train.tf32", "data.num_workers", "log.", "metrics.")
+             "train.max_nonfinite", "train.tf32", "data.num_workers", "log.", "metrics.", "health.")
 
 # Keys that say where a run lives, not what it trains.
 IGNORED_KEYS = ("run_dir", "resume", "outdir")

@@ -1,4 +1,4 @@
-"""FID and KID on Inception features: statistics, distributed extraction, dataset-stats cache, JSONL logging."""
+"""FID and KID on Inception features, SWD on pyramid descriptors: distributed extraction, dataset cache, JSONL logs."""
 import hashlib
 import json
 import os
@@ -7,148 +7,32 @@ import time
 from typing import Optional
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from training import dist
 from training.eval.content_hash import dataset_content_hash, num_unmirrored
+from training.eval.feature_stats import FeatureStats, frechet_distance, kid
 from training.eval.inception import cache_root, full_fp32
-from training.io.files import atomic_write
+from training.eval.swd import SWDDescriptors, multiscale_swd
+from training.io.records import append_metric_jsonl, metric_label, update_best  # noqa: F401 (re-exported)
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
 STATS_VERSION = 1
 
 
+# Real descriptors of SWD are cached only up to this size (bytes): they are large (37,632 floats per 32 px image).
+SWD_CACHE_MAX_BYTES = 2 << 30
+
+
 def parse_metric(name: str):
-    """Parse a metric name: fid50k_full, kid50k_full, fid<N>[k][_full], kid<N>[k][_full] -> (kind, num_gen, num_real).
-    num_real is None for `_full` (all real images), else N."""
-    m = re.fullmatch(r"(fid|kid)(\d+)(k?)(_full)?", name)
+    """Parse a metric name: fid50k_full, kid50k_full, swd16k, (fid|kid|swd)<N>[k][_full] -> (kind, num_gen,
+    num_real). num_real is None for `_full` (all real images), else N."""
+    m = re.fullmatch(r"(fid|kid|swd)(\d+)(k?)(_full)?", name)
     if m is None or int(m.group(2)) == 0:
-        raise ValueError(f"unknown metric {name!r}: expected fid<N>, kid<N>, fid<N>k, kid<N>k, optionally "
-                         f"with _full (all reals), e.g. fid50k_full, kid50k_full, fid10k, kid1k")
+        raise ValueError(f"unknown metric {name!r}: expected fid<N>, kid<N>, swd<N>, or with k (thousands), "
+                         f"optionally with _full (all reals), e.g. fid50k_full, kid50k_full, swd16k, fid10k")
     n = int(m.group(2)) * (1000 if m.group(3) else 1)
     return m.group(1), n, (None if m.group(4) else n)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Fréchet distance between N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017, eq. 6): ||mu1 - mu2||^2 + Tr(s1 + s2 - 2
-    (s1 s2)^(1/2)), in float64 with scipy's sqrtm. A non-finite root (singular product) is retried with eps*I added
-    to both covariances; imaginary parts from round-off are dropped, and a large imaginary diagonal (> 1e-3) is an
-    error, as in the standard implementations."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        worst = np.max(np.abs(np.diagonal(covmean).imag))
-        if worst > 1e-3:
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {worst:.3g} > 1e-3")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
-
-
-def kid(feat_r, feat_g, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3 (Bińkowski et al. 2018, eq. 4), averaged
-    over `num_subsets` random subsets of m = min(n_r, n_g, max_subset_size) items from each set: MMD^2_u =
-    [sum_{i!=j} k(g_i,g_j) + sum_{i!=j} k(r_i,r_j)] / (m(m-1)) - 2 sum_{i,j} k(g_i,r_j) / m^2."""
-    feat_r, feat_g = np.asarray(feat_r, np.float64), np.asarray(feat_g, np.float64)
-    if feat_r.ndim != 2 or feat_g.ndim != 2 or feat_r.shape[1] != feat_g.shape[1]:
-        raise ValueError(f"kid: expected [n, d] feature arrays with equal d, got {feat_r.shape} and {feat_g.shape}")
-    d = feat_r.shape[1]
-    m = min(feat_r.shape[0], feat_g.shape[0], max_subset_size)
-    if m < 2:
-        raise ValueError(f"kid: needs at least 2 items in each set, got {feat_r.shape[0]} and {feat_g.shape[0]}")
-    rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(num_subsets):
-        x = feat_g[rng.choice(feat_g.shape[0], m, replace=False)]
-        y = feat_r[rng.choice(feat_r.shape[0], m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        total += within - 2.0 * kxy.sum() / (m * m)
-    return float(total / num_subsets)
-
-
-class FeatureStats:
-    """Running feature statistics: mean and (population, 1/n) covariance merged batch by batch in float64
-    (Chan et al. 1979 pairwise update, stabler than raw sums), and/or all features (float32) for KID."""
-    def __init__(self, capture_all: bool = False, capture_mean_cov: bool = True):
-        self.capture_all, self.capture_mean_cov = capture_all, capture_mean_cov
-        self.num_items, self.num_features = 0, None
-        self._mean = self._m2 = None
-        self._all = []
-
-    def append(self, x) -> None:
-        x = torch.as_tensor(x)
-        if x.ndim != 2:
-            raise ValueError(f"FeatureStats.append expects [n, d] features, got {tuple(x.shape)}")
-        if self.num_features is None:
-            self.num_features = int(x.shape[1])
-        elif x.shape[1] != self.num_features:
-            raise ValueError(f"FeatureStats.append: feature dim {x.shape[1]} != earlier {self.num_features}")
-        n = int(x.shape[0])
-        if n == 0:
-            return
-        if self.capture_all:
-            self._all.append(x.detach().to("cpu", torch.float32).numpy())
-        if self.capture_mean_cov:
-            x64 = x.detach().to(torch.float64)
-            mb = x64.mean(0)
-            xc = x64 - mb
-            m2b = xc.T @ xc
-            if self._mean is None:
-                self._mean, self._m2 = mb, m2b
-            else:
-                na = self.num_items
-                delta = (mb - self._mean).to(self._mean.device)
-                self._mean = self._mean + delta * (n / (na + n))
-                self._m2 = self._m2 + m2b.to(self._m2.device) + torch.outer(delta, delta) * (na * n / (na + n))
-        self.num_items += n
-
-    def get_all(self) -> np.ndarray:
-        if not self.capture_all:
-            raise ValueError("FeatureStats: all features were not captured (capture_all=False)")
-        if not self._all:
-            return np.zeros((0, self.num_features or 0), np.float32)
-        return np.concatenate(self._all, axis=0)
-
-    def get_mean_cov(self):
-        if not self.capture_mean_cov:
-            raise ValueError("FeatureStats: mean/cov were not captured (capture_mean_cov=False)")
-        if self.num_items == 0:
-            raise ValueError("FeatureStats: no items")
-        return self._mean.cpu().numpy().copy(), (self._m2 / self.num_items).cpu().numpy()
-
-    def save(self, path: str, meta: dict) -> None:
-        """Write to `path` atomically (training.io.files.atomic_write); `meta` is stored as JSON."""
-        arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), "num_items": np.array(self.num_items),
-                  "num_features": np.array(self.num_features or 0),
-                  "capture_all": np.array(self.capture_all), "capture_mean_cov": np.array(self.capture_mean_cov)}
-        if self.capture_mean_cov and self.num_items:
-            arrays["mean"] = self._mean.cpu().numpy()
-            arrays["m2"] = self._m2.cpu().numpy()
-        if self.capture_all:
-            arrays["features"] = self.get_all()
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-
-    @classmethod
-    def load(cls, path: str):
-        """Read a file written by `save`; returns (stats, meta)."""
-        with np.load(path, allow_pickle=False) as z:
-            s = cls(capture_all=bool(z["capture_all"]), capture_mean_cov=bool(z["capture_mean_cov"]))
-            s.num_items, s.num_features = int(z["num_items"]), int(z["num_features"]) or None
-            if "mean" in z:
-                s._mean, s._m2 = torch.from_numpy(z["mean"].copy()), torch.from_numpy(z["m2"].copy())
-            if "features" in z:
-                s._all = [z["features"].copy()]
-            meta = json.loads(str(z["meta"]))
-        return s, meta
 
 
 class StageView:
@@ -238,9 +122,11 @@ def _rank_batches(num_items: int, batch_size: int):
 # progress(done, total), when given, is called on every rank after each gathered batch with the global counts.
 def _extract(stats, detector, batches, images_iter, progress=None, total=None):
     dev = dist.device() if dist.get_world_size() > 1 else detector.device  # collectives run on dist.device()
+    indexed = getattr(detector, "indexed", False)  # SWD's descriptors depend on the images' global indices
     for idx in batches:
         if idx:
-            feats = detector.features(next(images_iter)).to(dev)
+            images = next(images_iter)
+            feats = (detector.features(images, idx) if indexed else detector.features(images)).to(dev)
         else:
             feats = torch.zeros((0, detector.feature_dim), dtype=torch.float32, device=dev)
         feats = dist.all_gather_cat(feats)
@@ -363,13 +249,17 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     given, is called on every rank as images are processed, `what` being "reals" or "generated"."""
     kind, num_gen, num_real = parse_metric(name)
     t0 = time.time()
-    want_all, want_moments = kind == "kid", kind == "fid"
+    want_all, want_moments = kind != "fid", kind == "fid"
     mirror = real_set_mirrored(dataset, mirror)
     if c_sampler is None and int(getattr(G, "c_dim", 0) or 0) > 0:
         c_sampler = dataset_label_sampler(dataset, seed)
     full_res = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
     stage = generator_stage(G, full_res)
     reals = StageView(dataset, stage[0]) if stage is not None and stage[0] < full_res else dataset
+    if kind == "swd":  # SWD needs no detector: descriptors of the reals' (stage's) resolution
+        detector = swd_detector(reals, seed)
+        if (num_real or len(reals)) * detector.feature_dim * 4 > SWD_CACHE_MAX_BYTES:
+            cache_dir = False
 
     def report(what):  # calc_metric's progress(what, done, total) as the stats functions' progress(done, total)
         return None if progress is None else (lambda done, total: progress(what, done, total))
@@ -383,13 +273,18 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
                                       capture_all=want_all, capture_mean_cov=want_moments,
                                       progress=report("generated"))
     value = None
-    if dist.is_main():  # the matrix square root / KID subsets run once, then the number is shared
+    if dist.is_main():  # the matrix square root / KID subsets / SWD run once, then the number is shared
         if kind == "fid":
             value = frechet_distance(*real.get_mean_cov(), *gen.get_mean_cov())
-        else:
+        elif kind == "kid":
             value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
+        else:
+            value = swd_between(detector, real.get_all(), gen.get_all(), seed)
     value = dist.broadcast_object(value)
-    record = dict(metric=name, value=value, num_gen=gen.num_items, num_real=real.num_items, mirror=mirror,
+    extra = {}
+    if kind == "swd":
+        extra, value = dict(levels=value["levels"]), value["value"]
+    record = dict(metric=name, value=value, **extra, num_gen=gen.num_items, num_real=real.num_items, mirror=mirror,
                   detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
                   detector_kind=detector.kind, resize=detector.resize, resolution=getattr(reals, "resolution", None),
                   dataset=getattr(reals, "name", None), truncation_psi=truncation_psi, seed=seed,
@@ -399,52 +294,37 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     return record
 
 
-def metric_label(record: dict) -> str:
-    """The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
-    (fid50k_full@16px), else the plain name."""
-    res, full = record.get("resolution"), record.get("dataset_resolution")
-    if res is not None and full is not None and int(res) < int(full):
-        return f"{record['metric']}@{int(res)}px"
-    return str(record["metric"])
+def swd_detector(dataset, seed: int = 0) -> SWDDescriptors:
+    """SWD's descriptor extractor for a dataset's resolution and channels, on this process's device."""
+    image = np.asarray(dataset[0][0])
+    return SWDDescriptors(getattr(dataset, "resolution", None) or image.shape[-1], image.shape[0], dist.device(), seed)
 
 
-def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
-    """Append one result to <run_dir>/metric-<name>.jsonl (append + flush + fsync, one line per write) with the
-    snapshot and kimg; call from the main process. Returns the written record."""
-    record = dict(result, snapshot=None if snapshot is None else os.path.basename(str(snapshot)),
-                  kimg=kimg, timestamp=time.time())
-    os.makedirs(run_dir, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(os.path.join(run_dir, f"metric-{result['metric']}.jsonl"), "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    return record
+def swd_between(detector: SWDDescriptors, real_rows, fake_rows, seed: int = 0) -> dict:
+    """Multi-scale SWD (x1e3) of two sets of descriptor rows (SWDDescriptors.features), computed on this process's
+    device: {'levels': {px: value}, 'value': mean}."""
+    dev = dist.device()
+    split = [detector.split(torch.from_numpy(np.asarray(x)).to(dev)) for x in (real_rows, fake_rows)]
+    return multiscale_swd(*split, detector.channels, detector.resolution, seed)
 
 
-def update_best(run_dir: str, record: dict) -> bool:
-    """Keep the best (lowest: FID, KID) record per metric in <run_dir>/metric-<name>-best.json; True if `record` is.
-
-    Compared only at the same resolution: a record at a higher resolution than the best replaces it, one at a lower
-    resolution (an earlier progressive stage) never does; at the same, one from another detector or against another
-    real set (mirrored or not; a record without `mirror` was not) replaces it (the numbers are not comparable), else
-    the lower value wins. No resolution compares as the same. Atomic write."""
-    path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
-    best = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            best = json.load(f)
-    if best is not None:
-        rb, rr = best.get("resolution"), record.get("resolution")
-        if rb is not None and rr is not None and int(rb) != int(rr):
-            if int(rr) < int(rb):
-                return False
-        elif (best.get("detector_hash") == record.get("detector_hash")
-              and bool(best.get("mirror", False)) == bool(record.get("mirror", False))
-              and best["value"] <= record["value"]):
-            return False
-    atomic_write(path, lambda f: json.dump(record, f, sort_keys=True, indent=1), mode="w")
-    return True
+def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int = 0, mirror=None) -> dict:
+    """SWD between two disjoint halves of the reals, num images each (less when the set has fewer than 2 num: its
+    halves): the value a perfect generator would get at this sample size (the metric's noise floor). Same call on
+    every rank; the reals' descriptors are cached as the metric's. Returns multiscale_swd's dict plus num_real."""
+    detector = swd_detector(dataset, seed)
+    total = len(_Images(dataset, real_set_mirrored(dataset, mirror)))
+    count = min(2 * int(num), total - total % 2)
+    if count * detector.feature_dim * 4 > SWD_CACHE_MAX_BYTES:
+        cache_dir = False
+    real = compute_dataset_stats(dataset, detector, max_items=count, batch_size=batch_size,
+                                 xflip=real_set_mirrored(dataset, mirror), cache_dir=cache_dir, capture_all=True,
+                                 capture_mean_cov=False)
+    value = None
+    if dist.is_main():
+        rows = real.get_all()
+        value = dict(swd_between(detector, rows[: count // 2], rows[count // 2:], seed), num_real=count // 2)
+    return dist.broadcast_object(value)
 
 
 def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, mirror: Optional[bool] = None,

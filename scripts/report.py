@@ -1,0 +1,36 @@
+"""Write a run directory's report page (report.html, its plots in report/): `scripts/report.py RUN_DIR`."""
+import argparse
+import sys
+from pathlib import Path
+
+from training.io.run_report import write_run_report
+
+
+# Command-line arguments (see --help).
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (it holds stats.jsonl)")
+    return p.parse_args(argv)
+
+
+# Entry point: exit 2 for a missing run directory or one without stats.jsonl, 1 for a malformed file in it.
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"report.py: error: {run_dir}: no such run directory", file=sys.stderr)
+        return 2
+    if not (run_dir / "stats.jsonl").is_file():
+        print(f"report.py: error: {run_dir}: no stats.jsonl in it (not a training run directory?)", file=sys.stderr)
+        return 2
+    try:
+        path = write_run_report(run_dir)
+    except ValueError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
