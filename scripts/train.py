@@ -123,8 +123,8 @@ def _metrics(value):
             known.append(name)
         except ValueError:
             unknown.append(name)
-    note = (f"{', '.join(unknown)}: not supported, because ganforge computes FID and KID only (fid<N>[k][_full], "
-            f"kid<N>[k][_full])" if unknown else "")
+    note = (f"{', '.join(unknown)}: not supported, because ganforge computes FID, KID and SWD only "
+            f"((fid|kid|swd)<N>[k][_full])" if unknown else "")
     return Translation([f"metrics.names=[{','.join(known)}]"] if known else ["metrics=none"], note=note)
 
 
@@ -192,9 +192,9 @@ NVIDIA_OPTIONS = [
     NvidiaOption(("--snap",), "2-ADA, 3", "TICKS", "`train.snap=TICKS train.image_snap=TICKS`", _snap),
     NvidiaOption(("--seed",), "2-ADA, 3", "INT", "`train.seed=INT`", _key("train.seed", int)),
     NvidiaOption(("--metrics",), "2-ADA, 3", "A,B|none",
-                 "`metrics.names=[A,B]`; `none`: `metrics=none`. FID and KID only (`fid50k_full`, `kid50k_full`, "
-                 "`fid10k`, ...): `pr50k3*`, `is50k`, `ppl*` and StyleGAN3's `eqt*`/`eqr*` are not supported, "
-                 "because ganforge implements FID and KID only", _metrics),
+                 "`metrics.names=[A,B]`; `none`: `metrics=none`. FID, KID and SWD only (`fid50k_full`, "
+                 "`kid50k_full`, `swd16k`, `fid10k`, ...): `pr50k3*`, `is50k`, `ppl*` and StyleGAN3's `eqt*`/`eqr*` "
+                 "are not supported, because ganforge implements FID, KID and SWD only", _metrics),
     NvidiaOption(("--cond",), "2-ADA, 3", "BOOL", "`data.use_labels=true`", _flag("data.use_labels")),
     NvidiaOption(("--subset",), "2-ADA", "INT", "`data.max_size=INT`", _key("data.max_size", int)),
     NvidiaOption(("--mirror",), "2-ADA, 3", "BOOL", "`data.xflip=true`", _flag("data.xflip")),

@@ -79,6 +79,11 @@ def test_d_overfit_from_ada_at_its_ceiling_and_from_separated_logits():
     got = m.feed(sep[0]), m.feed(sep[1]), m.feed(sep[2])
     assert [bool(g) for g in got] == [False, False, True]
     assert got[2][0].kind == "d_overfit" and got[2][0].value == pytest.approx(5.5) and "aug=ada" in got[2][0].message
+    # A gap past its widest is D's early lead in a healthy run closing (make train: 6.3 at 12 kimg, 4.2 at 24).
+    m = HealthMonitor(cfg)
+    closing = [tick(k, Loss__scores__real=g / 2, Loss__scores__fake=-g / 2)
+               for k, g in enumerate((6.3, 5.3, 5.5, 4.9, 4.2))]
+    assert kinds(m, closing) == [[]] * 5
     # A separation that breaks off resets the streak; hinge or WGAN logits are not judged by this rule.
     assert kinds(m, [tick(4, Loss__scores__real=0.5)]) == [[]]
     m = HealthMonitor(cfg, loss_type="wgan-gp")

@@ -104,8 +104,8 @@ def test_unsupported_and_invalid_options_say_why(tmp_path):
     assert lines[1].startswith("  --desc=try") and "->  not supported, because run folders are named" in lines[1]
     assert lines[2].startswith("  --dry-run") and "->  not supported, because there is no dry-run mode" in lines[2]
     assert "->  not supported, because ganforge has StyleGAN2 networks only" in lines[3]
-    assert lines[4].endswith("->  metrics=none (pr50k3_full: not supported, because ganforge computes FID and KID "
-                             "only (fid<N>[k][_full], kid<N>[k][_full]))")
+    assert lines[4].endswith("->  metrics=none (pr50k3_full: not supported, because ganforge computes FID, KID and "
+                             "SWD only ((fid|kid|swd)<N>[k][_full]))")
     assert "->  invalid: --aug expects one of ada, noaug, fixed, got 'bad'" in lines[5]
     assert lines[6] == "Run instead (with the invalid options above corrected):"
     assert lines[7] == f"  python {SCRIPT} metrics=none train.kimg=1"

@@ -148,12 +148,12 @@ def test_sigterm_then_sigkill_then_rerun_is_bit_exact(reference, tmp_path):
 def test_config_change_and_resume_none_are_refused(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_train(ADA + [KIMG, "run_dir=run", "train.glr=0.001", "model.map_layers=3"], tmp_path, check=False)
     assert proc.returncode == 1
     assert "run/training-state-000000.pt: the config differs" in proc.stderr
     assert "train.glr: 0.0025 → 0.001" in proc.stderr and "model.map_layers: 2 → 3" in proc.stderr
-    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # A refused run writes nothing.
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # A refused run writes nothing.
     from training.resume import resolve_resume
     with pytest.raises(ResumeError, match=r"run already holds checkpoints \(training-state-000000\.pt, "
                                           r"network-snapshot-000000\.safetensors\); resume=none refuses"):

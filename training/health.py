@@ -48,7 +48,7 @@ class HealthMonitor:
     - mode collapse: the diversity of G_ema's grid below collapse_ratio x the reals' grid, or fallen by collapse_drop
       from its peak while below the reals';
     - D overfitting: ADA's r_t >= overfit_rt with p >= 0.95 (at its ceiling), or (non-saturating loss) the mean real
-      logit above the mean fake logit by overfit_gap, for overfit_ticks ticks in a row;
+      logit above the mean fake logit by overfit_gap for overfit_ticks ticks in a row, and now at its widest;
     - divergence: a non-finite loss, skipped (non-finite) steps in the tick, or the 3-tick median of the R1 penalty or
       G loss grown by diverge_factor over its smallest value so far (and above 1).
     `cfg` is the config's HealthConfig; `loss_type` train.loss."""
@@ -57,6 +57,7 @@ class HealthMonitor:
         self.history = {k: [] for k in ("Loss/r1_penalty", "Loss/G/loss")}
         self.min_median = {}
         self.overfit_streak = self.gap_streak = 0
+        self.gaps = []
         self.peak_diversity = None
         self.diversity_fake = self.diversity_real = None
         self.skipped = None
@@ -113,7 +114,9 @@ class HealthMonitor:
         real, fake = stats.get("Loss/scores/real"), stats.get("Loss/scores/fake")
         gap = real - fake if real is not None and fake is not None and self.loss_type == "ns" else None
         self.gap_streak = self.gap_streak + 1 if gap is not None and gap >= c.overfit_gap else 0
-        if warm and self.gap_streak >= c.overfit_ticks:
+        self.gaps = (self.gaps + [gap])[-c.overfit_ticks:]
+        # (Early in a healthy run D leads for a while and the gap then closes: only a gap still at its widest counts.)
+        if warm and self.gap_streak >= c.overfit_ticks and gap >= max(self.gaps):
             add("d_overfit", "Loss/scores/real - Loss/scores/fake", float(gap),
                 f"D's mean logit on reals exceeds that on fakes by {gap:.2f} for {self.gap_streak} "
                 f"ticks: D separates them and G gets little signal; enable ADA (aug=ada), raise "

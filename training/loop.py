@@ -415,7 +415,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
         c.batch_idx += 1
         update_ema(G_ema, G, c.cur_nimg, batch_size, t.ema_kimg, t.ema_rampup)
         if pbar is not None:
-            pbar.update(batch_size / 1000)
+            pbar.update(c.cur_nimg / 1000 - pbar.n)  # (from the count: float increments overshoot the total)
         if probe is not None:
             probe.end(c)
 

@@ -180,6 +180,9 @@ def stats_plots(rows: list, out_dir: Path, stage_kimgs: list, target) -> list:
         if stem == "losses":
             keys = keys + [(k, k[len("Loss/"):]) for k in extra]
         lines = [(*series(rows, key), label, {}) for key, label in keys]
+        if stem == "speed":  # tick 0 has no duration: its 0 sec/kimg is no measurement
+            lines = [([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], label, style)
+                     for xs, ys, label, style in lines]
         lines = [line for line in lines if line[0]]
         if lines:
             hline = (target, f"ADA target {target:g}") if stem == "augment" and target is not None else None
@@ -202,7 +205,8 @@ def metric_plots(metrics: dict, out_dir: Path, stage_kimgs: list) -> list:
                     lines.setdefault((metric_label(r), str(level)), []).append((r["kimg"], value))
         drawn = [([p[0] for p in pts], [p[1] for p in pts],
                   label if level is None else f"{label} level {level}px",
-                  {"marker": "o", "markersize": 3} if level is None else {"linestyle": "--", "linewidth": 0.9})
+                  {"marker": "o", "markersize": 3} if level is None else
+                  {"linestyle": "--", "linewidth": 0.9, "marker": ".", "markersize": 3})
                  for (label, level), pts in lines.items()]
         if drawn:
             stem = "metric-" + re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
