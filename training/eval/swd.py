@@ -110,8 +110,8 @@ def normalize(desc: torch.Tensor, channels: int) -> torch.Tensor:
     return ((d - mean) / std).view(desc.shape[0], -1)
 
 
-# Each row sorted: NumPy's vectorized sort on the CPU (14x faster than torch.sort there: scripts/bench_swd.py), torch's on
-# other devices.
+# Each row sorted: NumPy's vectorized sort on the CPU (14x faster than torch.sort there: scripts/bench_swd.py),
+# torch's on other devices.
 def _sort_rows(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(np.sort(x.numpy(), axis=1))
