@@ -40,8 +40,9 @@ def main(argv=None):
     proj = (dirs.T @ finest.float().T).contiguous()
     cases = [
         (f"torch.sort of 128 x {m} projections (baseline)", lambda: torch.sort(proj, dim=1)),
-        (f"np.sort of the same (used on the CPU)", lambda: np.sort(proj.numpy(), axis=1)),
-        (f"descriptors of {args.images} images, {det.levels} levels", lambda: det.features(images, range(args.images))),
+        ("np.sort of the same (used on the CPU)", lambda: np.sort(proj.numpy(), axis=1)),
+        (f"descriptors of {args.images} images, {det.levels} levels",
+         lambda: det.features(images, range(args.images))),
         (f"normalize one level ({m} x {finest.shape[1]})", lambda: swd.normalize(det.split(rows)[0], 3)),
         ("sliced_wasserstein one level, 4 x 128 dirs", lambda: swd.sliced_wasserstein(finest, finest.flip(0))),
     ]

@@ -26,8 +26,8 @@ from training.loss import StyleGAN2Loss
 from training.phases import (check_batch, freeze_summary, make_phases, optimizer_step, resolve_freeze_d,
                              sample_labels, update_ema)
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
-from training.report import (TickStats, evaluate_metrics, log_grid, peak_memory_gb, read_stats, update_page,
-                             write_report)
+from training.io.records import read_stats
+from training.report import ReportPage, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
 from training.resume import check_config, load_weights, resolve_resume_all, truncate_stats, write_config_files
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import KeepRNG, TrainState
@@ -249,6 +249,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     if dist.is_main() and cfg.log.progress:
         pbar = tqdm(total=total_nimg / 1000, initial=c.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+    page = ReportPage(run_dir, pbar)  # report.html, rewritten at every snapshot (rank 0)
     dist.print0(f"Training for {t.kimg} kimg: batch {batch_size} = {batch_gpu} per process x {world} processes x "
                 f"{rounds} rounds; {len(dataset)} images at {dataset.resolution} px; {num_workers} loader workers "
                 f"per process; run dir {run_dir}")
@@ -364,9 +365,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                                      trackers, cur_nimg, final=done)
                 c.metrics_nimg = cur_nimg
 
-            # The run report page (report.html), rewritten at every snapshot (rank 0).
+            # The run report page, rewritten at every snapshot (rank 0).
             if dist.is_main() and (images is not None or snap_due or metrics_due):
-                update_page(run_dir, pbar)
+                page.update()
 
             # 5. Stop.
             if done:

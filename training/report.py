@@ -10,7 +10,6 @@ from training import dist
 from training.eval.metrics import evaluate_snapshot, metric_label, parse_metric, swd_floor
 from training.health import WARNINGS_KEY
 from training.io.images import make_grid, to_uint8
-from training.io.records import read_jsonl
 from training.io.run_report import write_run_report
 
 
@@ -118,22 +117,17 @@ def log_grid(trackers, images, grid_size, step: int) -> None:
         trackers.log_images("fakes", make_grid(to_uint8(images), *grid_size), step)
 
 
-def read_stats(run_dir: Path) -> list:
-    """The lines of <run_dir>/stats.jsonl as dicts ([] when there is none)."""
-    path = Path(run_dir) / "stats.jsonl"
-    return read_jsonl(path) if path.is_file() else []
+class ReportPage:
+    """One run's report.html (training.io.run_report), rewritten by update() (rank 0): a failure is printed once per
+    run and training goes on."""
+    def __init__(self, run_dir: Path, pbar):
+        self.run_dir, self.pbar, self.failed = run_dir, pbar, False
 
-
-# Set once a report page failed: a broken page is said once and never stops training.
-_page_failed = []
-
-
-def update_page(run_dir: Path, pbar) -> None:
-    """Rewrite the run's report.html (training.io.run_report); a failure is printed once and training goes on."""
-    try:
-        write_run_report(run_dir)
-    except Exception as e:  # noqa: BLE001 - the page is a convenience, the run is not
-        if not _page_failed:
-            _page_failed.append(e)
-            (pbar.write if pbar is not None else print)(f"Warning: report.html not written ({type(e).__name__}: "
-                                                        f"{e}); training goes on")
+    def update(self) -> None:
+        try:
+            write_run_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the page is a convenience, the run is not
+            if not self.failed:
+                self.failed = True
+                (self.pbar.write if self.pbar is not None else print)(
+                    f"Warning: report.html not written ({type(e).__name__}: {e}); training goes on")

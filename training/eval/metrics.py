@@ -258,8 +258,7 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     reals = StageView(dataset, stage[0]) if stage is not None and stage[0] < full_res else dataset
     if kind == "swd":  # SWD needs no detector: descriptors of the reals' (stage's) resolution
         detector = swd_detector(reals, seed)
-        if (num_real or len(reals)) * detector.feature_dim * 4 > SWD_CACHE_MAX_BYTES:
-            cache_dir = False
+        cache_dir = _swd_cache_dir(detector, num_real or len(reals), cache_dir)
 
     def report(what):  # calc_metric's progress(what, done, total) as the stats functions' progress(done, total)
         return None if progress is None else (lambda done, total: progress(what, done, total))
@@ -300,6 +299,11 @@ def swd_detector(dataset, seed: int = 0) -> SWDDescriptors:
     return SWDDescriptors(getattr(dataset, "resolution", None) or image.shape[-1], image.shape[0], dist.device(), seed)
 
 
+# The cache folder for `count` images' SWD descriptors: `cache_dir`, or False (no cache) above SWD_CACHE_MAX_BYTES.
+def _swd_cache_dir(detector: SWDDescriptors, count: int, cache_dir):
+    return False if count * detector.feature_dim * 4 > SWD_CACHE_MAX_BYTES else cache_dir
+
+
 def swd_between(detector: SWDDescriptors, real_rows, fake_rows, seed: int = 0) -> dict:
     """Multi-scale SWD (x1e3) of two sets of descriptor rows (SWDDescriptors.features), computed on this process's
     device: {'levels': {px: value}, 'value': mean}."""
@@ -312,13 +316,11 @@ def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int
     """SWD between two disjoint halves of the reals, num images each (less when the set has fewer than 2 num: its
     halves): the value a perfect generator would get at this sample size (the metric's noise floor). Same call on
     every rank; the reals' descriptors are cached as the metric's. Returns multiscale_swd's dict plus num_real."""
-    detector = swd_detector(dataset, seed)
-    total = len(_Images(dataset, real_set_mirrored(dataset, mirror)))
+    detector, mirror = swd_detector(dataset, seed), real_set_mirrored(dataset, mirror)
+    total = len(_Images(dataset, mirror))
     count = min(2 * int(num), total - total % 2)
-    if count * detector.feature_dim * 4 > SWD_CACHE_MAX_BYTES:
-        cache_dir = False
-    real = compute_dataset_stats(dataset, detector, max_items=count, batch_size=batch_size,
-                                 xflip=real_set_mirrored(dataset, mirror), cache_dir=cache_dir, capture_all=True,
+    real = compute_dataset_stats(dataset, detector, max_items=count, batch_size=batch_size, xflip=mirror,
+                                 cache_dir=_swd_cache_dir(detector, count, cache_dir), capture_all=True,
                                  capture_mean_cov=False)
     value = None
     if dist.is_main():

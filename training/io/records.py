@@ -29,6 +29,12 @@ def read_jsonl(path: Path) -> list:
     return rows
 
 
+
+def read_stats(run_dir) -> list:
+    """The lines of <run_dir>/stats.jsonl as dicts (read_jsonl's rules; [] when there is none)."""
+    path = Path(run_dir) / "stats.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
 def metric_label(record: dict) -> str:
     """The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
     (fid50k_full@16px), else the plain name."""

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from training.io.files import atomic_open, atomic_write  # noqa: E402
-from training.io.records import metric_label, read_jsonl  # noqa: E402
+from training.io.records import metric_label, read_jsonl, read_stats  # noqa: E402
 
 # The page, and the folder of its plots (both inside the run directory; the page refers to them by relative paths).
 REPORT_NAME = "report.html"
@@ -318,7 +318,7 @@ def write_run_report(run_dir, warnings=None) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     stats_path = run_dir / "stats.jsonl"
-    rows = read_jsonl(stats_path) if stats_path.is_file() else []
+    rows = read_stats(run_dir)
     metrics = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
