@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 
 # The process-wide Accelerator (None until `init` is called; single-process helpers still work without it).
@@ -29,9 +30,11 @@ def accelerator():
 
 
 def reset():
-    """Forget the Accelerator (tests run several trainings in one process)."""
+    """Forget the Accelerator and Accelerate's per-process settings (mixed precision), keeping the process group:
+    tests and scripts/gpu_check.py run several trainings in one process, with different mixed precision."""
     global _accelerator
     _accelerator = None
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def is_initialized() -> bool:
