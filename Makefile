@@ -23,11 +23,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	@for b in scripts/bench*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Check a GPU machine in one command (report in gpu-check/): no .venv bootstrap, since a GPU machine may have no
-# package index; it runs with .venv's Python when there is one, else python3 (whose torch must see the GPU).
+# Check a GPU machine in one command within GPU_BUDGET seconds, builds included (report in gpu-check/; README "On a
+# GPU"). No .venv bootstrap, since a GPU machine may have no package index: with .venv it runs .venv's Python; without,
+# python3 (whose torch must see the GPU) with the wheels of .whl/ (scripts/gpu_wheels.sh) in a temporary folder.
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+GPU_BUDGET ?= 360
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py --device cuda --out gpu-check
+	@site=$$(mktemp -d); \
+	if [ "$(GPU_PY)" = python3 ] && ls .whl/*.whl >/dev/null 2>&1; then \
+	  python3 -m pip install -q --no-index --no-deps --no-compile --target $$site .whl/*.whl || exit 1; fi; \
+	PYTHONPATH=$$site:$$PWD $(GPU_PY) scripts/gpu_check.py --device cuda --out gpu-check --budget $(GPU_BUDGET); \
+	status=$$?; rm -rf $$site; exit $$status
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -131,7 +131,7 @@ def build_plan(report: dict, device: torch.device, budget_s: float, small: bool,
                 row["status"] = "dropped: reference rows run at 256 px only (the fused row is the 1024 px number)"
             elif row["ops"] == "fused" and gpu_check_ops.fused_unavailable(device, compute_dtype(row, cuda)):
                 why = gpu_check_ops.fused_unavailable(device, compute_dtype(row, cuda))
-                row["status"] = f"skipped: the fused kernels cannot run this precision here ({why})"
+                row["status"] = f"skipped: a fused op is unavailable for this precision here ({why})"
             elif b < min_run:
                 row["status"] = f"budget: {b:.0f} s left for this run, it needs at least {min_run:.0f} s"
             else:

@@ -69,19 +69,27 @@ def _section(title, note, lines, rows_left_out=0) -> list:
 
 
 def markdown(report: dict, limit: int = MD_LIMIT) -> str:
-    """The report in markdown, at most `limit` characters: the op-speed table (the longest) loses rows from its
-    end first, then the parity table, each saying how many rows are in the JSON only."""
+    """The report in markdown, at most `limit` characters: the op-speed table (the longest) keeps as many rows from
+    its start as fit, then, if need be, the parity table; each says how many rows are in the JSON only."""
     speed = report.get("op_speed") or []
     par = parity_summary(report.get("parity") or [])
-    keep_speed, keep_par = len(speed), len(par)
-    while True:
-        md = _render(report, par[:keep_par], len(par) - keep_par, speed[:keep_speed], len(speed) - keep_speed)
-        if len(md) <= limit or (keep_speed == 0 and keep_par == 0):
-            return md[:limit]
-        if keep_speed:
-            keep_speed = max(0, keep_speed - max(1, (len(md) - limit) // 120))
-        else:
-            keep_par = max(0, keep_par - max(1, (len(md) - limit) // 100))
+    render = lambda k_par, k_speed: _render(report, par[:k_par], len(par) - k_par,  # noqa: E731
+                                            speed[:k_speed], len(speed) - k_speed)
+    md = render(len(par), len(speed))
+    if len(md) <= limit:
+        return md
+    if len(render(len(par), 0)) <= limit:
+        return render(len(par), _most_that_fit(lambda k: len(render(len(par), k)) <= limit, len(speed)))
+    return render(_most_that_fit(lambda k: len(render(k, 0)) <= limit, len(par)), 0)[:limit]
+
+
+# The largest k in [0, n] with fits(k) (fits is monotone: true up to some k), by bisection.
+def _most_that_fit(fits, n: int) -> int:
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _render(report, par, par_left, speed, speed_left) -> str:
