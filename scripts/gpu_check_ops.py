@@ -75,9 +75,9 @@ def large(device: torch.device, budget_s: float) -> list:
 
 
 def speed_plan(device: torch.device, small: bool) -> list:
-    """The op-speed groups in the order they matter: (title, model px, batch, min res, {res: (dtype, layout)}).
-    Training's real shapes: paper256 and stylegan2@1024 as their presets run (float16 channels-last in the four
-    highest resolutions), then paper256 under mixed_precision=bf16 and in float32. On CPU (small) the models are
+    """The op-speed groups in the order they matter: (title, model px, batch, min res, res -> (dtype, layout)).
+    Training's real shapes: paper256 (down to the first float32 resolution) and stylegan2@1024 as their presets run
+    (float16 channels-last in the four highest resolutions), then paper256 under mixed_precision=bf16 and in float32. On CPU (small) the models are
     32 and 64 px at batch 2, and float16 is float32 there (the CPU kernels have no half types) in the same layouts.
     """
     half = torch.float16 if device.type == "cuda" else torch.float32
@@ -86,7 +86,7 @@ def speed_plan(device: torch.device, small: bool) -> list:
 
     def as_trained(top):  # float16 channels-last in the 4 highest resolutions, float32 below
         return lambda r: (half, "channels_last") if r >= top // 8 else (torch.float32, "contiguous")
-    return [("paper256 as trained (num_fp16_res=4)", m256, b256, max(m256 // 16, 4), as_trained(m256)),
+    return [("paper256 as trained (num_fp16_res=4)", m256, b256, m256 // 16, as_trained(m256)),
             ("stylegan2@1024 as trained (num_fp16_res=4)", m1024, b1024, m1024 // 8, as_trained(m1024)),
             ("paper256 mixed_precision=bf16", m256, b256, m256 // 8, lambda r: (torch.bfloat16, "contiguous")),
             ("paper256 fp32", m256, b256, m256 // 8, lambda r: (torch.float32, "contiguous"))]
