@@ -25,14 +25,16 @@ from ops import dispatch
 
 try:  # the training rows need training (and Hydra); without it the op parts still run and the rows say why not
     import gpu_check_training
+    from training import dist
     TRAINING_MISSING = None
 except Exception as e:  # noqa: BLE001 - any import failure (a missing package, a broken module) is reported
-    gpu_check_training = None
+    gpu_check_training = dist = None
     TRAINING_MISSING = f"not run: training cannot be imported ({type(e).__name__}: {e})"
-try:  # the one atomic writer; where training cannot be imported, the (new) report files are written plainly
+try:  # the one atomic writer and error line (standard library only); without training: plain writes and prints
+    from training.errors import UserError, report as report_error
     from training.io.files import atomic_write
 except Exception:  # noqa: BLE001
-    atomic_write = None
+    UserError = report_error = atomic_write = None
 
 # The training rows in plan order: (preset, px on a GPU, ops impl, precision). The reference rows come last and none
 # runs at 1024 px (it would take the budget of everything else).
@@ -202,7 +204,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        message = f"--device cuda, but torch {torch.__version__} sees no CUDA device"
+        if report_error is not None:
+            return report_error(UserError(message))
+        print(f"error: {message}", file=sys.stderr)
         return 2
     small = args.quick or device.type == "cpu"
     if device.type == "cpu":
@@ -228,6 +233,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if gpu_check_training is None:
+    if dist is None:
         sys.exit(code)
-    gpu_check_training.dist.end_process(code)  # leaves a process group cleanly where a run made one
+    dist.end_process(code)  # leaves a process group cleanly where a run made one

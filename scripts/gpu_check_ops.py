@@ -77,9 +77,9 @@ def large(device: torch.device, budget_s: float) -> list:
 def speed_plan(device: torch.device, small: bool) -> list:
     """The op-speed groups in the order they matter: (title, model px, batch, min res, res -> (dtype, layout)).
     Training's real shapes: paper256 (down to the first float32 resolution) and stylegan2@1024 as their presets run
-    (float16 channels-last in the four highest resolutions), then paper256 under mixed_precision=bf16 and in float32. On CPU (small) the models are
-    32 and 64 px at batch 2, and float16 is float32 there (the CPU kernels have no half types) in the same layouts.
-    """
+    (float16 channels-last in the four highest resolutions), then paper256 under mixed_precision=bf16 and in float32.
+    On CPU (small) the models are 32 and 64 px at batch 2, and float16 is float32 there (the CPU kernels have no
+    half types) in the same layouts."""
     half = torch.float16 if device.type == "cuda" else torch.float32
     m256, m1024 = (32, 64) if small else (256, 1024)
     b256, b1024 = (2, 2) if small else (32, 8)

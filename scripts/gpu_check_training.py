@@ -3,7 +3,6 @@ import traceback
 
 import torch
 
-from training import dist  # noqa: F401  (gpu_check ends its process with dist.end_process)
 from training.config import compose_config
 from training.probes import CountMinibatch, TimeMinibatches, run_with_probe
 

@@ -66,8 +66,9 @@ def test_share_keeps_the_floors_and_the_total():
 # The markdown stays under its cap with a full device report (every parity group of 2 ops x 3 dtypes x 2 layouts x
 # 3 orders, 400 op-speed rows): the op-speed table loses rows from its end and says how many are in the JSON only.
 def test_markdown_fits_its_cap():
-    speed = [dict(group="g", case=f"speed case {i} " + "x" * 40, dtype="float16", layout="channels_last", shape=[32, 512, 8, 8],
-                  ms_ref_fwd=1.0, ms_fused_fwd=0.5, ratio_fwd=2.0, status="complete") for i in range(400)]
+    speed = [dict(group="g", case=f"speed case {i} " + "x" * 40, dtype="float16", layout="channels_last",
+                  shape=[32, 512, 8, 8], ms_ref_fwd=1.0, ms_fused_fwd=0.5, ratio_fwd=2.0, status="complete")
+             for i in range(400)]
     parity = [dict(op=op, dtype=dt, layout=lo, order=o, err=1.0, tol=8.0, ok=True, skipped=None, case=f"c{i}",
                    status="complete") for op in ("bias_act", "upfirdn2d") for dt in ("float32", "float16", "bfloat16")
               for lo in ("contiguous", "channels_last") for o in ("fwd", "grad", "grad2") for i in range(10)]
