@@ -122,6 +122,8 @@ def build_plan(report: dict, device: torch.device, budget_s: float, small: bool,
 
     def op_speed(b):
         report["op_speed"] = gpu_check_ops.op_speed(device, b, small)
+        if cuda:
+            torch.cuda.empty_cache()  # the training runs' peak memory is theirs alone
         return _stage_status(report["op_speed"])
 
     def train(row):
