@@ -175,13 +175,13 @@ def build_plan(report: dict, device: torch.device, budget_s: float, small: bool,
 
 
 def passed(report: dict) -> bool:
-    """Whether the check passes: every op built, no parity or large-tensor failure, every training row complete or
-    cut by the budget (no error, no out of memory, not unrunnable), the host-sync target met (or its count left out
-    for the budget). Speed is reported, not judged."""
+    """Whether the check passes: every op built, no stage crashed, no parity or large-tensor failure, every training
+    row complete or cut by the budget (no error, no out of memory, not unrunnable), the host-sync target met (or its
+    count left out for the budget). Speed is reported, not judged."""
     if not report.get("env", {}).get("ok"):
         return False
     bad = lambda s: s.startswith(("FAIL", "error", "out of memory", "not run"))  # noqa: E731
-    rows = report.get("parity", []) + report.get("large", []) + report.get("training", [])
+    rows = report.get("stages", []) + report.get("parity", []) + report.get("large", []) + report.get("training", [])
     syncs = report.get("syncs", {})
     return not any(bad(r.get("status", "error")) for r in rows) and (
         syncs.get("ok", False) or syncs.get("status", "").startswith("budget"))

@@ -93,6 +93,23 @@ def test_auto_decisions_with_and_without_dispatch_decisions(monkeypatch):
     assert gpu_check_ops.auto_decisions() == {"status": "complete", "rows": made}
 
 
+# The verdict: a crashed stage, a failed parity row, a training row that could not run or a missed sync target
+# fails the check; rows cut or skipped for the budget do not.
+def test_passed_judges_rows_and_stages():
+    good = dict(env={"ok": True}, stages=[{"status": "complete"}, {"status": "budget: 3 s left"}],
+                parity=[{"status": "complete"}, {"status": "skipped: no fused kernel for torch.float16 on cpu"}],
+                training=[{"status": "complete"}, {"status": "budget: window cut to 3 of 16 minibatches"},
+                          {"status": "dropped: reference rows run at 256 px only"}], syncs={"ok": True})
+    assert gpu_check.passed(good)
+    assert gpu_check.passed(dict(good, syncs={"status": "budget: 5 s left"}))
+    assert not gpu_check.passed(dict(good, stages=[{"status": "error: ImportError: x"}]))
+    assert not gpu_check.passed(dict(good, parity=[{"status": "FAIL: err above tol"}]))
+    assert not gpu_check.passed(dict(good, training=[{"status": "not run: training cannot be imported (x)"}]))
+    assert not gpu_check.passed(dict(good, training=[{"status": "out of memory: CUDA out of memory"}]))
+    assert not gpu_check.passed(dict(good, syncs={"ok": False, "status": "complete"}))
+    assert not gpu_check.passed(dict(good, env={"ok": False}))
+
+
 # The command that README documents for a bare GPU machine is the one that --help prints.
 def test_documented_command_matches_help():
     out = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--help"], capture_output=True,
