@@ -17,6 +17,7 @@ from ops import _build, dispatch, fused_ops
 from ops.bias_act import activation_funcs, bias_act
 from ops.fused_ops import kernel_calls
 from ops.upfirdn2d import setup_filter, upfirdn2d
+from training.data.augment_ops import SYM6
 
 # The tolerance rule (see `compare`): errors are measured against a float64 truth computed from the same rounded
 # inputs, in units of the dtype's eps times each element's magnitude ("eps units": 1 is one to two ulps there).
@@ -103,7 +104,6 @@ def parity_cases():
     upfirdn2d with up 2, down 2, up/down with a 2-D filter, padding and crop, flip, gain, the [1,3,3,1] filter
     and ADA's 12-tap sym6 (1-D, i.e. separable, as ADA uses it: upsample2d, then down 2 with the flipped filter;
     and as a 12x12 2-D filter)."""
-    from training.data.augment_ops import SYM6  # here, not at the top: gpu_check imports this without training
     cases = [_bias_case(f"{a} clamp=1", dict(act=a, clamp=1.0)) for a in activation_funcs]
     cases += [_bias_case("lrelu alpha=0.3 gain=2 x*64 (|y|~100)", dict(act="lrelu", alpha=0.3, gain=2.0), x_scale=64),
               _bias_case("swish gain=0.7 no bias", dict(act="swish", gain=0.7), bias=False),
