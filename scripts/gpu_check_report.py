@@ -52,6 +52,8 @@ TRAIN_COLS = [("preset", "preset"), ("px", "run_resolution"), ("ops", "ops"), ("
               ("budget s", "budget_s"), ("sec/kimg", "sec_per_kimg"), ("A100 sec/kimg", "nvidia_a100_sec_per_kimg"),
               ("target", "target_sec_per_kimg"), ("peak GB", "peak_mem_gb"), ("minibatches", "minibatches"),
               ("status", _status)]
+# The columns of auto's decisions shown first, where ops.dispatch.decisions() gives them.
+DECISION_COLS = ["op", "dtype", "layout", "variant", "grad", "impl", "reason", "ms_ref", "ms_fused", "err"]
 STAGE_COLS = [("stage", "name"), ("budget s", "budget_s"), ("took s", "seconds"), ("status", _status)]
 
 
@@ -110,7 +112,8 @@ def _render(report, par, par_left, speed, speed_left) -> str:
                     speed_left)
     auto = report.get("auto_decisions") or {}
     rows = auto.get("rows") or []
-    keys = list(dict.fromkeys(k for r in rows for k in r))[:8]
+    keys = list(dict.fromkeys([k for k in DECISION_COLS if any(k in r for r in rows)] +
+                              [k for r in rows for k in r]))[:10]
     out += _section("ops_impl=auto decisions", f"Status: {auto.get('status', 'not run')}.",
                     table(rows[:40], [(k, k) for k in keys]) if rows else [])
     out += _section("Training speed", "Timed runs with aug=fixed aug.p=0.2; reference rows last, none at 1024 px.",
