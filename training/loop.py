@@ -192,7 +192,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                     f"fresh)")
     if ada is not None:
         loss.on_real_logits = ada.accumulate
-    if dist.is_main():  # stats.jsonl keeps the lines up to the resume point (none when starting afresh).
+    if dist.is_main():  # Every start-up check passed: the run directory is made now, never by a failed start.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # stats.jsonl keeps the lines up to the resume point (none when starting afresh).
         write_config_files(run_dir, state.requested)
         truncate_stats(run_dir, c.cur_nimg if resumed else -1)
     if resumed and c.cur_nimg >= total_nimg:
@@ -202,6 +204,8 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             (run_dir / "DONE").write_text(json.dumps({"kimg": c.cur_nimg / 1000}))
         dist.barrier()
         return dataclasses.asdict(c)
+    if dist.is_main():  # A finished run extended by a larger train.kimg is unfinished until it gets there.
+        (run_dir / "DONE").unlink(missing_ok=True)
 
     # A stage's total batch, per-process batch and accumulation rounds (ADA's step size follows the batch); the
     # stage at the start (or resume) point sets them now, its resolution and learning rates at the first step.
