@@ -374,9 +374,9 @@ def finished_line(run_dir: Path, done_kimg: float, kimg: float) -> str:
 
 def live_run_error(run_dir: Path) -> RunTimeFailure:
     """The error for a start that would resume a run another process is training."""
-    return RunTimeFailure(f"{run_dir} is being trained by {runlock.holder(run_dir)} (it holds {runlock.lock_path(run_dir)})"
-                          f": wait for it to finish or stop it, then rerun to continue it; or pass run_dir=<another "
-                          f"dir> (with resume={run_dir} to start from its checkpoint)")
+    return RunTimeFailure(f"{run_dir} is being trained by {runlock.holder(run_dir)} (lock file "
+                          f"{runlock.lock_path(run_dir)}): wait for it to finish or stop it, then rerun to continue "
+                          f"it; or pass run_dir=<another dir> (with resume={run_dir} to start from its checkpoint)")
 
 
 def _numbered_runs(outdir: Path) -> list:

@@ -57,7 +57,7 @@ def try_lock(run_dir):
 
 
 def holder(run_dir) -> str:
-    """Who holds `run_dir`'s lock, as 'pid <pid> on <host> (since <time>)', from what the holder wrote."""
+    """Who holds `run_dir`'s lock, as 'pid <pid> on <host> since <time>', from what the holder wrote."""
     info = {}
     for _ in range(20):  # The holder writes it just after locking: an empty file is read again.
         try:
@@ -67,5 +67,5 @@ def holder(run_dir) -> str:
         if info:
             break
         time.sleep(0.05)
-    since = f" (since {info['started']})" if info.get("started") else ""
+    since = f" since {info['started']}" if info.get("started") else ""
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{since}"
