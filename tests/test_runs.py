@@ -15,10 +15,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from training.io import checkpoint as ckpt
+from training.io.run_report import format_value
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _metrics_dist_worker as W  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -29,7 +34,7 @@ TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=25
 
 
 def env_for(cwd):
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_OPS_IMPL="ref",
                 GANFORGE_CACHE=str(Path(cwd) / "cache"), PYTHONPATH=str(ROOT))
 
 
@@ -224,12 +229,15 @@ def test_dataset_recorded_absolute_and_another_dataset_is_noticed(tmp_path):
 
 def test_calc_metrics_rewrites_the_report_page(finished, tmp_path):
     run = copy_run(finished, tmp_path)
-    assert "swd64" not in (run / "report.html").read_text()
-    proc = script("calc_metrics.py", ["--network", str(run / "network-snapshot-000000.safetensors"),
-                                      "--metrics", "swd64", "--no-floor"], tmp_path)
+    detector = tmp_path / "tiny-detector.pt"  # a stand-in Inception (tests/_metrics_dist_worker.py)
+    torch.jit.save(torch.jit.script(W.TinyDetector(dim=2048)), str(detector))
+    assert "fid32" not in (run / "report.html").read_text()
+    proc = script("calc_metrics.py", ["--network", str(run / "network-snapshot-000000.safetensors"), "--metrics",
+                                      "fid32", "--detector", str(detector), "--no-cache", "--no-progress"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (run / "metric-swd64.jsonl").is_file()
-    assert "swd64" in (run / "report.html").read_text()
+    value = json.loads((run / "metric-fid32.jsonl").read_text().splitlines()[-1])["value"]
+    page = (run / "report.html").read_text()
+    assert f"fid32: <b>{format_value(value)}</b>" in page  # the header's newest value of each metric
 
 
 # Train with every minibatch slowed by SLEEP seconds (training.loop.update_ema wrapped) and, when STOP is set,
