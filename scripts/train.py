@@ -384,15 +384,15 @@ def _numbered_runs(outdir: Path) -> list:
     return sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := RUN_RE.match(p.name)) and p.is_dir())
 
 
-def _resumable(p: Path, cfg: Config) -> bool:
-    """Whether numbered run `p` was started by the same command: its config.json differs from `cfg` at most in keys
-    that are safe to change on resume, and it has the same resume= setting."""
+def _resumable(p: Path, cfg: Config, same_resume: bool = True) -> bool:
+    """Whether run `p` was started by the same command: its config.json differs from `cfg` at most in keys that are
+    safe to change on resume, and (with `same_resume`) it has the same resume= setting; never with resume=none."""
     try:
         saved = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return False
     refused, _ = config_changes(saved, config_dict(cfg))
-    return not refused and saved.get("resume") == cfg.resume
+    return not refused and cfg.resume != "none" and (not same_resume or saved.get("resume") == cfg.resume)
 
 
 def choose_run_dir(cfg: Config):
@@ -400,14 +400,14 @@ def choose_run_dir(cfg: Config):
     nothing to train (a finished run), and no lock is taken.
 
     `run_dir` if given. Else the newest numbered run of the same description started by the same command (see
-    `_resumable`; never with resume=none): continued when unfinished or when train.kimg is now larger than the kimg
-    it finished at, else the message. Else the next free number in `outdir` ("00000-<dataset>-<preset>"): a number
+    `_resumable`): continued when unfinished or when train.kimg is now larger than the kimg it finished at, else the
+    message (also for `run_dir` with a config that may resume it). Else the next free number in `outdir` ("00000-<dataset>-<preset>"): a number
     is free when no folder has it and no other process holds its lock (runlock.lock_path). A directory another
     process holds is a RunTimeFailure naming it (pid, host). The directory itself is created by the training loop,
     once every start-up check has passed."""
     def claim(p: Path):
-        done = finished_kimg(p)
-        if done is not None and round(cfg.train.kimg * 1000) <= round(done * 1000):
+        done = finished_kimg(p)  # (a changed config or resume=none goes on to the loop's refusal)
+        if done is not None and round(cfg.train.kimg * 1000) <= round(done * 1000) and _resumable(p, cfg, False):
             return p, None, finished_line(p, done, cfg.train.kimg)
         lock = runlock.try_lock(p)
         if lock is None:
@@ -419,10 +419,9 @@ def choose_run_dir(cfg: Config):
     outdir = Path(cfg.outdir)
     desc = describe(cfg)
     runs = _numbered_runs(outdir)
-    if cfg.resume != "none":
-        for _, p in reversed(runs):
-            if p.name.endswith("-" + desc) and _resumable(p, cfg):
-                return claim(p)
+    for _, p in reversed(runs):
+        if p.name.endswith("-" + desc) and _resumable(p, cfg):
+            return claim(p)
     n = runs[-1][0] + 1 if runs else 0
     while True:
         p = outdir / f"{n:05d}-{desc}"
