@@ -20,7 +20,7 @@ from training.io import runlock
 from training.io.checkpoint import CheckpointError, CheckpointWriteError
 from training.loop import training_loop
 from training.preempt import NonFiniteError
-from training.resume import config_changes
+from training.resume import absolute_data_path, config_changes
 from training.state import ResumeError
 
 RUN_RE = re.compile(r"^(\d{5})-(.+)$")
@@ -401,10 +401,10 @@ def choose_run_dir(cfg: Config):
 
     `run_dir` if given. Else the newest numbered run of the same description started by the same command (see
     `_resumable`): continued when unfinished or when train.kimg is now larger than the kimg it finished at, else the
-    message (also for `run_dir` with a config that may resume it). Else the next free number in `outdir` ("00000-<dataset>-<preset>"): a number
-    is free when no folder has it and no other process holds its lock (runlock.lock_path). A directory another
-    process holds is a RunTimeFailure naming it (pid, host). The directory itself is created by the training loop,
-    once every start-up check has passed."""
+    message (also for `run_dir` with a config that may resume it). Else the next free number in `outdir`
+    ("00000-<dataset>-<preset>"): a number is free when no folder has it and no other process holds its lock
+    (runlock.lock_path). A directory another process holds is a RunTimeFailure naming it (pid, host). The directory
+    itself is created by the training loop, once every start-up check has passed."""
     def claim(p: Path):
         done = finished_kimg(p)  # (a changed config or resume=none goes on to the loop's refusal)
         if done is not None and round(cfg.train.kimg * 1000) <= round(done * 1000) and _resumable(p, cfg, False):
@@ -442,8 +442,7 @@ def main(hydra_cfg: DictConfig) -> None:
     checkpoint, disk full, too many non-finite steps) print one message and exit with status 1; a stop signal
     exits with 0."""
     cfg: Config = OmegaConf.to_object(hydra_cfg)
-    if cfg.data.path is not None and not str(cfg.data.path).startswith("synthetic"):
-        cfg.data.path = os.path.abspath(os.path.expanduser(str(cfg.data.path)))  # found from any folder later
+    cfg.data.path = absolute_data_path(cfg.data.path)  # recorded absolute: found from any folder later
     dist.init(mixed_precision=cfg.train.mixed_precision)
     if AUTO_DEFAULTED and dist.is_main():
         dist.print0(auto_model_line(cfg, dist.get_world_size()))

@@ -42,7 +42,7 @@ def config_changes(old: dict, new: dict):
     """Differences between the config a checkpoint was trained with and the current one (plain dicts), as
     'key: old → new' lines: (refused, allowed). Keys that only one side has (added or removed by a newer
     ganforge) are allowed."""
-    a, b = ({k: _absolute(v) if k == "data.path" else v for k, v in flatten(c).items()} for c in (old, new))
+    a, b = ({k: absolute_data_path(v) if k == "data.path" else v for k, v in flatten(c).items()} for c in (old, new))
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in IGNORED_KEYS or key == f"data.{DATASET_KEY}" or a.get(key, None) == b.get(key, None):
@@ -55,9 +55,9 @@ def config_changes(old: dict, new: dict):
     return refused, allowed
 
 
-# data.path as an absolute path (runs before it was stored absolute recorded it as given, relative to the folder
-# they were started from); the synthetic dataset's names and null as they are.
-def _absolute(path):
+def absolute_data_path(path):
+    """data.path as an absolute path (~ expanded); the synthetic dataset's names and null as they are. Runs from
+    before it was stored absolute recorded it as given, relative to the folder they were started from."""
     if not isinstance(path, str) or path == "synthetic" or path.startswith("synthetic:"):
         return path
     return os.path.abspath(os.path.expanduser(path))

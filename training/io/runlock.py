@@ -1,4 +1,5 @@
 """Run-directory ownership: an advisory fcntl lock beside the run directory, held by the one process that trains in it."""
+import errno
 import fcntl
 import json
 import os
@@ -6,6 +7,8 @@ import re
 import socket
 import time
 from pathlib import Path
+
+from training.errors import RunTimeFailure
 
 # A numbered run folder, <NNNNN>-<description>: its lock is per number, so that two runs never share a number.
 NUMBERED_RE = re.compile(r"^(\d{5})-.+$")
@@ -45,9 +48,13 @@ def try_lock(run_dir):
     fh = open(path, "a+")
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # EAGAIN / EACCES: held elsewhere.
+    except OSError as e:
         fh.close()
-        return None
+        if e.errno in (errno.EAGAIN, errno.EACCES):  # held by another process
+            return None
+        raise RunTimeFailure(f"{path}: cannot lock the run directory ({e.strerror or e}): this file system does not "
+                             f"support fcntl locks (Lustre: mount with -o flock; NFS: not with nolock); put outdir= "
+                             f"or run_dir= on one that does") from e
     fh.seek(0)
     fh.truncate()
     fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
