@@ -74,6 +74,7 @@ def copy_run(run_dir, cwd):
 
 # ---- 1. one owner per run directory ----
 
+@pytest.mark.slow
 def test_two_processes_started_together_train_in_two_directories(tmp_path):
     procs = [subprocess.Popen([PY, str(ROOT / "scripts/train.py")] + TINY + ["train.kimg=0.032"], cwd=tmp_path,
                               env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,6 +88,7 @@ def test_two_processes_started_together_train_in_two_directories(tmp_path):
     assert said == ["out/00000-synthetic-tiny", "out/00001-synthetic-tiny"]  # one process in each
 
 
+@pytest.mark.slow
 def test_a_start_that_would_resume_a_live_run_stops_naming_its_holder(tmp_path):
     run = tmp_path / "out" / "00000-synthetic-tiny"
     with open(tmp_path / "a.out", "w") as out:

@@ -1,4 +1,4 @@
-"""Run-directory ownership: an advisory fcntl lock beside the run directory, held by the one process that trains in it."""
+"""Run-directory ownership: an advisory fcntl lock beside the run directory, held by the process training in it."""
 import errno
 import fcntl
 import json
