@@ -223,7 +223,7 @@ def test_dataset_recorded_absolute_and_another_dataset_is_noticed(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"data.path={tmp_path / 'faces'}: not the dataset" in lines[0]
-    assert f"the run's {sha[:12]}" in lines[0]
+    assert f"the run's has {sha[:12]}..." in lines[0]
     assert ticks(run) == [0, 1]  # nothing trained on the other dataset
 
 

@@ -82,8 +82,8 @@ def check_dataset(old: dict, new: dict, source) -> None:
     recording it)."""
     a, b = (c.get("data", {}).get(DATASET_KEY) for c in (old, new))
     if a and b and a != b:
-        raise ResumeError(f"data.path={new['data'].get('path')}: not the dataset {source} was trained on (its file "
-                          f"list, names and sizes, has sha256 {b[:12]}..., the run's {a[:12]}...); put the run's "
+        raise ResumeError(f"data.path={new['data'].get('path')}: not the dataset {source} was trained on: its file "
+                          f"list (names and sizes) has sha256 {b[:12]}..., the run's has {a[:12]}...; put the run's "
                           f"dataset back at that path, or start a new run on this one (resume=none or another "
                           f"run_dir)")
 
