@@ -63,7 +63,8 @@ def legacy():
 
 # state_dict -> load_state_dict -> state_dict gives back every field: networks, both Adams (after real steps),
 # counters, path-length mean, ADA's p, r_t and pending statistic, the pipe's buffer, the stage, the timing, the
-# config; the RNG state saved for this rank comes back as the one to start from. A state from other weights loads over it.
+# config; the RNG state saved for this rank comes back as the one to start from. A state from other weights loads
+# over it.
 def test_train_state_round_trip(legacy):
     config = json.loads(legacy["config"])
     a = make_state(config, seed=1)
