@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -12,6 +13,7 @@ from training.data.dataset import open_dataset
 from training.eval.inception import DetectorNotFound, load_detector
 from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric, swd_floor
 from training.io.checkpoint import load_snapshot
+from training.report import ReportPage
 
 
 def parse_args(argv=None):
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
             if not args.no_log:
                 result = append_metric_jsonl(run_dir, result, args.network, kimg)
             print(json.dumps(result, sort_keys=True), flush=True)
+    if dist.is_main() and not args.no_log and (Path(run_dir) / "stats.jsonl").is_file():
+        ReportPage(Path(run_dir), None).update()  # A training run's report page shows the new records.
     dist.barrier()
     return 0
 

@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from training import dist
 from training.config import CONF_DIR, Config, apply_auto, config_dict, register_configs
 from training.data.dataset import open_dataset
+from training.errors import RunTimeFailure, UserError, report
 from training.eval.metrics import parse_metric
+from training.io import runlock
 from training.io.checkpoint import CheckpointError, CheckpointWriteError
 from training.loop import training_loop
 from training.preempt import NonFiniteError
-from training.resume import config_changes
+from training.resume import absolute_data_path, config_changes
 from training.state import ResumeError
 
 RUN_RE = re.compile(r"^(\d{5})-(.+)$")
@@ -354,52 +356,119 @@ def describe(cfg: Config) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{cfg.model.name}{suffix}")
 
 
-def choose_run_dir(cfg: Config) -> Path:
-    """The run directory: `run_dir` if given; else the newest unfinished numbered run of the same description whose
-    config differs at most in keys that are safe to change on resume (rerunning a command resumes it; never with
-    resume=none), or an empty one left by a failed start; else the next number in `outdir`
-    ("00000-<dataset>-<preset>")."""
+def finished_kimg(run_dir: Path):
+    """The kimg a finished run reached (its DONE file), or None when it is not finished."""
+    try:
+        return float(json.loads((run_dir / "DONE").read_text())["kimg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None if not (run_dir / "DONE").exists() else 0.0
+
+
+def finished_line(run_dir: Path, done_kimg: float, kimg: float) -> str:
+    """The one line for a rerun of a finished run: where, how far, how to extend it."""
+    more = 2 * done_kimg or 1
+    return (f"{run_dir} is finished: trained to {done_kimg:g} kimg (train.kimg={kimg:g}); nothing to do. To extend "
+            f"it, rerun this command with a larger train.kimg (e.g. train.kimg={more:g}); resume=none starts a new "
+            f"run")
+
+
+def live_run_error(run_dir: Path) -> RunTimeFailure:
+    """The error for a start that would resume a run another process is training."""
+    return RunTimeFailure(f"{run_dir} is being trained by {runlock.holder(run_dir)} (lock file "
+                          f"{runlock.lock_path(run_dir)}): wait for it to finish or stop it, then rerun to continue "
+                          f"it; or pass run_dir=<another dir> (with resume={run_dir} to start from its checkpoint)")
+
+
+def _numbered_runs(outdir: Path) -> list:
+    """The numbered run folders in `outdir`, as sorted (number, path)."""
+    return sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := RUN_RE.match(p.name)) and p.is_dir())
+
+
+def _resumable(p: Path, cfg: Config, same_resume: bool = True) -> bool:
+    """Whether run `p` was started by the same command: its config.json differs from `cfg` at most in keys that are
+    safe to change on resume, and (with `same_resume`) it has the same resume= setting; never with resume=none."""
+    try:
+        saved = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    refused, _ = config_changes(saved, config_dict(cfg))
+    return not refused and cfg.resume != "none" and (not same_resume or saved.get("resume") == cfg.resume)
+
+
+def choose_run_dir(cfg: Config):
+    """The run directory and its lock (rank 0), as (path, RunLock or None, message or None); a message means there is
+    nothing to train (a finished run), and no lock is taken.
+
+    `run_dir` if given. Else the newest numbered run of the same description started by the same command (see
+    `_resumable`): continued when unfinished or when train.kimg is now larger than the kimg it finished at, else the
+    message (also for `run_dir` with a config that may resume it). Else the next free number in `outdir`
+    ("00000-<dataset>-<preset>"): a number is free when no folder has it and no other process holds its lock
+    (runlock.lock_path). A directory another process holds is a RunTimeFailure naming it (pid, host). The directory
+    itself is created by the training loop, once every start-up check has passed."""
+    def claim(p: Path):
+        done = finished_kimg(p)  # (a changed config or resume=none goes on to the loop's refusal)
+        if done is not None and round(cfg.train.kimg * 1000) <= round(done * 1000) and _resumable(p, cfg, False):
+            return p, None, finished_line(p, done, cfg.train.kimg)
+        lock = runlock.try_lock(p)
+        if lock is None:
+            raise live_run_error(p)
+        return p, lock, None
+
     if cfg.run_dir:
-        return Path(cfg.run_dir)
+        return claim(Path(cfg.run_dir))
     outdir = Path(cfg.outdir)
     desc = describe(cfg)
-    runs = sorted((int(m.group(1)), p) for p in outdir.glob("*") if (m := RUN_RE.match(p.name)) and p.is_dir())
+    runs = _numbered_runs(outdir)
     for _, p in reversed(runs):
-        if p.name.endswith("-" + desc) and not any(p.iterdir()):
-            return p  # Left empty by a run that failed at start-up.
-        if cfg.resume == "none":
-            continue
-        if p.name.endswith("-" + desc) and not (p / "DONE").exists() and (p / "config.json").exists():
-            try:
-                saved = json.loads((p / "config.json").read_text())
-            except ValueError:
-                continue
-            refused, _ = config_changes(saved, config_dict(cfg))
-            if not refused and saved.get("resume") == cfg.resume:
-                return p
-    next_id = runs[-1][0] + 1 if runs else 0
-    return outdir / f"{next_id:05d}-{desc}"
+        if p.name.endswith("-" + desc) and _resumable(p, cfg):
+            return claim(p)
+    n = runs[-1][0] + 1 if runs else 0
+    while True:
+        p = outdir / f"{n:05d}-{desc}"
+        if not any(outdir.glob(f"{n:05d}-*")):
+            lock = runlock.try_lock(p)
+            if lock is not None and not any(outdir.glob(f"{n:05d}-*")):  # (not made while this one locked)
+                return p, lock, None
+            if lock is not None:
+                lock.release()
+        n += 1
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(hydra_cfg: DictConfig) -> None:
-    """Entry point: resolve the config, pick the run directory on rank 0, run the loop (which writes config.yaml once
-    it knows the run can start). Errors that end a run cleanly (a refused resume, an unusable checkpoint, disk full,
-    too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0."""
+    """Entry point: resolve the config, pick and lock the run directory on rank 0 (rank 0 holds the lock for the
+    job), run the loop (which creates the directory and writes config.yaml once it knows the run can start). A
+    finished run says so and exits with 0. Errors that end a run cleanly (a refused resume, an unusable
+    checkpoint, disk full, too many non-finite steps) print one message and exit with status 1; a stop signal
+    exits with 0."""
     cfg: Config = OmegaConf.to_object(hydra_cfg)
+    cfg.data.path = absolute_data_path(cfg.data.path)  # recorded absolute: found from any folder later
     dist.init(mixed_precision=cfg.train.mixed_precision)
     if AUTO_DEFAULTED and dist.is_main():
         dist.print0(auto_model_line(cfg, dist.get_world_size()))
-    run_dir = dist.rank0_decides(lambda: str(choose_run_dir(cfg)))
-    if dist.is_main():
-        os.makedirs(run_dir, exist_ok=True)
-    dist.barrier()
+    held = []
+
+    def decide():
+        path, lock, message = choose_run_dir(cfg)
+        held.append(lock)
+        return str(path), message
+    try:
+        run_dir, finished = dist.rank0_decides(decide, UserError)
+    except UserError as e:
+        sys.exit(report(e))
+    if finished is not None:
+        dist.print0(finished)
+        return
     try:
         training_loop(cfg, run_dir)
     except (ResumeError, CheckpointError, CheckpointWriteError, NonFiniteError) as e:
         if dist.is_main():  # The same error on every rank: said once.
             print(f"Error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
 
 
 if __name__ == "__main__":

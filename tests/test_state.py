@@ -62,8 +62,9 @@ def legacy():
 
 
 # state_dict -> load_state_dict -> state_dict gives back every field: networks, both Adams (after real steps),
-# counters, path-length mean, ADA's p, r_t and pending statistic, the pipe's buffer, the stage, the config; the RNG
-# state saved for this rank comes back as the one to start from. A state from other weights loads over it.
+# counters, path-length mean, ADA's p, r_t and pending statistic, the pipe's buffer, the stage, the timing, the
+# config; the RNG state saved for this rank comes back as the one to start from. A state from other weights loads
+# over it.
 def test_train_state_round_trip(legacy):
     config = json.loads(legacy["config"])
     a = make_state(config, seed=1)
@@ -78,9 +79,10 @@ def test_train_state_round_trip(legacy):
     a.ada.update(3.0, 4)
     a.ada.accumulate(torch.tensor([0.5, 0.25]))
     a.stage = {"resolution": 8, "alpha": 0.5}
+    a.timing = {"total_sec": 123.5, "tick_sec": 4.25}
     saved = a.state_dict()
     assert {"G", "D", "G_ema", "opt", "phases", "counters", "pl_mean", "rng", "fingerprints", "world_size", "config",
-            "config_requested", "augment_pipe", "ada", "stage", "format", "version"} == set(saved)
+            "config_requested", "augment_pipe", "ada", "stage", "timing", "format", "version"} == set(saved)
 
     b = make_state(config, seed=2)
     b.stage = {"resolution": 16, "alpha": 1.0}
@@ -90,7 +92,7 @@ def test_train_state_round_trip(legacy):
     assert_same(b.rng, saved["rng"][0], "rng")
     saved.pop("rng"), again.pop("rng")  # the RNG of the moment, not a field that loads into the networks
     assert assert_same(saved, again) > 50
-    assert b.counters == a.counters and b.ada.p == a.ada.p and b.stage == a.stage
+    assert b.counters == a.counters and b.ada.p == a.ada.p and b.stage == a.stage and b.timing == a.timing
 
 
 # A state whose networks do not match the model, or which lacks a field, is refused naming the file and the part.

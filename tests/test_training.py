@@ -102,7 +102,10 @@ def test_rerun_resumes_and_continues(tmp_path):
 def test_numbered_run_dirs_and_unknown_key(tmp_path):
     run_train(TINY + ["train.kimg=0.016"], tmp_path)
     assert (tmp_path / "runs/00000-synthetic-tiny/DONE").exists()
-    run_train(TINY + ["train.kimg=0.016"], tmp_path)  # Finished run: a new numbered directory.
+    proc = run_train(TINY + ["train.kimg=0.016"], tmp_path)  # Finished run: said, nothing new.
+    assert "runs/00000-synthetic-tiny is finished" in proc.stdout
+    assert not (tmp_path / "runs/00001-synthetic-tiny").exists()
+    run_train(TINY + ["train.kimg=0.016", "resume=none"], tmp_path)  # A new run: the next number.
     assert (tmp_path / "runs/00001-synthetic-tiny/DONE").exists()
     proc = run_train(TINY + ["train.no_such_key=1"], tmp_path, check=False)
     assert proc.returncode != 0 and "no_such_key" in proc.stderr

@@ -28,7 +28,8 @@ from training.phases import (check_batch, freeze_summary, make_phases, optimizer
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.io.records import read_stats
 from training.report import ReportPage, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
-from training.resume import check_config, load_weights, resolve_resume_all, truncate_stats, write_config_files
+from training.resume import (check_config, check_dataset, dataset_files_sha256, load_weights, resolve_resume_all,
+                             truncate_stats, with_dataset_hash, write_config_files)
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import KeepRNG, TrainState
 from training.trackers import open_trackers
@@ -169,12 +170,15 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     # ada_kimg_resume (a faster p) only when starting from another run's weights; a full resume continues exactly.
     resumed = plan["kind"] == "state"
     ada = make_adaptive_p(cfg.aug, augment_pipe, batch_size=batch_size, resumed=plan["kind"] == "weights")
-    state = TrainState(G, D, G_ema, phases, loss, augment_pipe, ada, accelerator.scaler, config=config_dict(cfg),
-                       requested=config_dict(requested))
+    files_sha256 = dataset_files_sha256(dataset)  # recorded with the config: another dataset is noticed on resume
+    state = TrainState(G, D, G_ema, phases, loss, augment_pipe, ada, accelerator.scaler,
+                       config=with_dataset_hash(config_dict(cfg), files_sha256),
+                       requested=with_dataset_hash(config_dict(requested), files_sha256))
     c = state.counters
     if resumed:
         saved = plan.pop("state")
         old = saved.get("config_requested", saved["config"])  # before 'config_requested' existed: the resolved
+        check_dataset(json.loads(old), state.requested, plan["path"])
         for line in check_config(json.loads(old), state.requested if "config_requested" in saved else state.config,
                                  plan["path"]):
             dist.print0(f"Config change on resume (allowed): {line}")
@@ -192,7 +196,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                     f"fresh)")
     if ada is not None:
         loss.on_real_logits = ada.accumulate
-    if dist.is_main():  # stats.jsonl keeps the lines up to the resume point (none when starting afresh).
+    if dist.is_main():  # Every start-up check passed: the run directory is made now, never by a failed start.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # stats.jsonl keeps the lines up to the resume point (none when starting afresh).
         write_config_files(run_dir, state.requested)
         truncate_stats(run_dir, c.cur_nimg if resumed else -1)
     if resumed and c.cur_nimg >= total_nimg:
@@ -202,6 +208,8 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
             (run_dir / "DONE").write_text(json.dumps({"kimg": c.cur_nimg / 1000}))
         dist.barrier()
         return dataclasses.asdict(c)
+    if dist.is_main():  # A finished run extended by a larger train.kimg is unfinished until it gets there.
+        (run_dir / "DONE").unlink(missing_ok=True)
 
     # A stage's total batch, per-process batch and accumulation rounds (ADA's step size follows the batch); the
     # stage at the start (or resume) point sets them now, its resolution and learning rates at the first step.
@@ -257,7 +265,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
         dist.print0("Progressive schedule: " + ", ".join(f"{r} px from {n / 1000:g} kimg" for r, n in
                                                        zip(schedule.resolutions, schedule.starts)) +
                     f"; each new stage fades in over {schedule.fade_nimg / 1000:g} kimg")
-    start_time = tick_start_time = time.time()
+    # Timing continues a resumed run's: its total, and the part of the current tick done before a stop.
+    start_time = time.time() - state.timing["total_sec"]
+    tick_start_time = time.time() - state.timing["tick_sec"]
     tick_start_nimg = c.tick_start_nimg
     first_report = c.cur_tick == 0  # A resumed run already reported the tick it resumes in.
 
@@ -355,6 +365,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                            or (done and cur_nimg > c.metrics_nimg))
             metrics_due = bool(metric_names and metrics_due and not first_report)
             if snap_due:
+                state.timing = {"total_sec": time.time() - start_time, "tick_sec": 0.0}
                 state.save(run_dir, cur_nimg, counters=c.next_tick(cur_nimg, metrics_due), keep=t.keep)
 
             # 4. Metrics of G_ema (every rank takes a share of the images), appended to metric-<name>.jsonl; they
@@ -423,6 +434,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     if pbar is not None:
         pbar.close()
     if stopped is not None:
+        state.timing = {"total_sec": time.time() - start_time, "tick_sec": time.time() - tick_start_time}
         return _stop(stopped, state, run_dir, tick_start_nimg, t.max_nonfinite, trackers)
     trackers.finish()
     if dist.is_main():

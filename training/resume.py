@@ -1,5 +1,6 @@
 """Where a run starts from (its own newest state, resume=, or scratch), which config changes a resume allows, and
 the run directory's own files (config.yaml/json, stats.jsonl) around a resume."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,8 @@ SAFE_KEYS = ("train.kimg", "train.tick_kimg", "train.snap", "train.image_snap", 
 
 # Keys that say where a run lives, not what it trains.
 IGNORED_KEYS = ("run_dir", "resume", "outdir")
+# The sha256 of the dataset's file list (dataset_files_sha256): compared by check_dataset, with its own message.
+DATASET_KEY = "files_sha256"
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
@@ -39,10 +42,10 @@ def config_changes(old: dict, new: dict):
     """Differences between the config a checkpoint was trained with and the current one (plain dicts), as
     'key: old → new' lines: (refused, allowed). Keys that only one side has (added or removed by a newer
     ganforge) are allowed."""
-    a, b = flatten(old), flatten(new)
+    a, b = ({k: absolute_data_path(v) if k == "data.path" else v for k, v in flatten(c).items()} for c in (old, new))
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in IGNORED_KEYS or a.get(key, None) == b.get(key, None):
+        if key.split(".")[0] in IGNORED_KEYS or key == f"data.{DATASET_KEY}" or a.get(key, None) == b.get(key, None):
             continue
         if key not in a or key not in b:
             allowed.append(f"{key}: {a.get(key, '(absent)')!r} → {b.get(key, '(absent)')!r}")
@@ -50,6 +53,39 @@ def config_changes(old: dict, new: dict):
         line = f"{key}: {a[key]!r} → {b[key]!r}"
         (allowed if _is_safe(key) else refused).append(line)
     return refused, allowed
+
+
+def absolute_data_path(path):
+    """data.path as an absolute path (~ expanded); the synthetic dataset's names and null as they are. Runs from
+    before it was stored absolute recorded it as given, relative to the folder they were started from."""
+    if not isinstance(path, str) or path == "synthetic" or path.startswith("synthetic:"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def dataset_files_sha256(dataset):
+    """sha256 of an image dataset's file list (every image's relative name and size in bytes, in order), so that
+    another dataset under the same path is noticed on resume; None for a dataset without files (synthetic)."""
+    files = getattr(dataset, "file_list", None)
+    if files is None:
+        return None
+    return hashlib.sha256("".join(f"{name}\0{size}\n" for name, size in files()).encode()).hexdigest()
+
+
+def with_dataset_hash(config: dict, files_sha256) -> dict:
+    """`config` (a config dict) with data.files_sha256 recorded (config.yaml, config.json and the training state)."""
+    return dict(config, data=dict(config.get("data", {}), **{DATASET_KEY: files_sha256}))
+
+
+def check_dataset(old: dict, new: dict, source) -> None:
+    """Refuse to resume `source` on a dataset whose file list differs from the one it was trained on (both configs
+    recording it)."""
+    a, b = (c.get("data", {}).get(DATASET_KEY) for c in (old, new))
+    if a and b and a != b:
+        raise ResumeError(f"data.path={new['data'].get('path')}: not the dataset {source} was trained on: its file "
+                          f"list (names and sizes) has sha256 {b[:12]}..., the run's has {a[:12]}...; put the run's "
+                          f"dataset back at that path, or start a new run on this one (resume=none or another "
+                          f"run_dir)")
 
 
 def check_config(old: dict, new: dict, source) -> list:

@@ -74,6 +74,9 @@ class TrainState:
         self.rng = None                   # this rank's RNG state from a loaded state (see start_rng)
         self.saved_world = None           # the number of processes that wrote the loaded state
         self.saved_config = self.saved_requested = None  # the loaded state's configs (plain data)
+        # Wall-clock seconds of the run so far and of its current tick at the last save (or load): a resumed run's
+        # Timing/total_sec continues, and a tick cut by a stop is timed whole. Not part of what is trained.
+        self.timing = {"total_sec": 0.0, "tick_sec": 0.0}
 
     @property
     def nets(self) -> dict:
@@ -104,6 +107,7 @@ class TrainState:
             "augment_pipe": (lambda: {k: v.detach().cpu() for k, v in self.augment_pipe.state_dict().items()},
                              lambda v: self.augment_pipe.load_state_dict(v), self.augment_pipe is not None),
             "ada": (lambda: self.ada.state_dict(), lambda v: self.ada.load_state_dict(v), self.ada is not None),
+            "timing": (lambda: dict(self.timing), lambda v: setattr(self, "timing", dict(v)), True),
             "stage": (lambda: dict(self.stage), lambda v: setattr(self, "stage", dict(v)), self.stage is not None),
         }
 
@@ -119,7 +123,7 @@ class TrainState:
         naming `source` and what does not match."""
         fields = self._fields(source)
         missing = [k for k, (_, _, present) in fields.items() if present and k not in state
-                   and k not in ("fingerprints", "config_requested", "world_size", "phases", "config")]
+                   and k not in ("fingerprints", "config_requested", "world_size", "phases", "config", "timing")]
         if missing:
             raise ResumeError(f"{source}: not a ganforge training state (no {', '.join(missing)})")
         for key, (_, load, present) in fields.items():

@@ -310,6 +310,12 @@ class ImageDataset(BaseDataset):
         """The relative file name behind item `idx`."""
         return self._fnames[self._raw(idx)]
 
+    def file_list(self) -> list[tuple[str, int]]:
+        """Every image file of the source (the whole set, before max_size) as (relative name, size in bytes)."""
+        if self._src.is_zip:
+            return [(n, self._src.zip().getinfo(n).file_size) for n in self._fnames]
+        return [(n, os.path.getsize(os.path.join(self.path, n))) for n in self._fnames]
+
 
 # Open a dataset by name: None, 'synthetic' or 'synthetic:<resolution>' give the embedded SyntheticDataset,
 # anything else is a folder or zip path for ImageDataset. Use './synthetic' for a folder of that name.

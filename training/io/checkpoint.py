@@ -4,6 +4,7 @@ import json
 import pickle
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -41,13 +42,14 @@ def _cpu_state(module) -> dict:
 
 
 def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optional[dict] = None) -> None:
-    """Save G, D and G_ema (unwrapped modules) with their constructor arguments and the resolved config as metadata.
-    """
+    """Save G, D and G_ema (unwrapped modules) with their constructor arguments, the resolved config and the sha256
+    of every tensor (tensor_digests, metadata 'sha256') as metadata."""
     tensors = {}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         if net is not None:
             tensors.update({f"{name}.{k}": v for k, v in _cpu_state(net).items()})
-    meta = {"format": "ganforge-snapshot", "version": "1", "config": json.dumps(config or {})}
+    meta = {"format": "ganforge-snapshot", "version": "1", "config": json.dumps(config or {}),
+            "sha256": json.dumps(tensor_digests(tensors))}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         if net is not None:
             meta[f"{name}_kwargs"] = json.dumps(net.init_kwargs)
@@ -77,8 +79,9 @@ def load_snapshot(path, device="cpu") -> dict:
         raise ValueError(f"{path}: not a readable ganforge snapshot (.safetensors): {e}") from e
     if meta.get("format") != "ganforge-snapshot":
         raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected 'ganforge-snapshot'")
+    verify_snapshot(path, tensors, meta)
     out = {"config": json.loads(meta.get("config", "{}")),
-           "meta": {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version", "config")}}
+           "meta": {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version", "config", "sha256")}}
     for name, cls in (("G", Generator), ("D", Discriminator), ("G_ema", Generator)):
         if f"{name}_kwargs" not in meta:
             out[name] = None
@@ -135,6 +138,41 @@ def _feed(h, obj) -> None:
             _feed(h, v)
     else:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def tensor_digests(tensors: dict) -> dict:
+    """sha256 of each tensor (its dtype, shape and bytes, as _feed hashes them), by name."""
+    out = {}
+    for name, t in tensors.items():
+        h = hashlib.sha256()
+        _feed(h, t)
+        out[name] = h.hexdigest()
+    return out
+
+
+def verify_snapshot(path, tensors: dict, meta: dict) -> None:
+    """Check a snapshot's tensors against the sha256 recorded when it was written (metadata 'sha256'); a mismatch or
+    a missing tensor is a CheckpointError naming the file and the tensor. A snapshot without the record (an older
+    ganforge, or an official pickle converted by one) loads with a note."""
+    if "sha256" not in meta:
+        print(f"note: {path}: no sha256 of its tensors inside (written by an older ganforge); loaded unverified",
+              file=sys.stderr, flush=True)
+        return
+    try:
+        recorded = json.loads(meta["sha256"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its recorded sha256 (metadata 'sha256') is unreadable ({e}): the file is "
+                              f"corrupt") from e
+    missing = sorted(set(recorded) - set(tensors)) + sorted(set(tensors) - set(recorded))
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]} is missing or unexpected against the sha256 recorded "
+                              f"when the snapshot was written: the file is corrupt")
+    ours = tensor_digests(tensors)
+    for name in tensors:
+        if ours[name] != recorded[name]:
+            raise CheckpointError(f"{path}: tensor {name} does not match the sha256 recorded when the snapshot was "
+                                  f"written (damaged or overwritten on disk): the file is corrupt; use another "
+                                  f"snapshot")
 
 
 def state_digest(state: dict) -> str:
