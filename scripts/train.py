@@ -1,4 +1,5 @@
 """Train a StyleGAN2: `accelerate launch scripts/train.py data=<folder|zip> model=<preset> [overrides]`."""
+import functools
 import json
 import os
 import re
@@ -14,12 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from training import dist
 from training.config import CONF_DIR, Config, apply_auto, config_dict, register_configs
 from training.data.dataset import open_dataset
+from training.errors import EXIT_BAD_INPUT, UserError, report
 from training.eval.metrics import parse_metric
-from training.io.checkpoint import CheckpointError, CheckpointWriteError
 from training.loop import training_loop
-from training.preempt import NonFiniteError
 from training.resume import config_changes
-from training.state import ResumeError
 
 RUN_RE = re.compile(r"^(\d{5})-(.+)$")
 HYDRA_CFG_VALUES = ("job", "hydra", "all")  # Hydra's own --cfg; any other --cfg value is NVIDIA's preset name.
@@ -341,10 +340,18 @@ def auto_model_line(cfg: Config, world: int) -> str:
     except (OSError, ValueError):
         return f"{why}, from the dataset's resolution and the number of processes; model=<preset> picks another)"
     m, t = (c := apply_auto(cfg, resolution, world)).model, c.train
-    return (f"{why} for {resolution} px and {world} process{'es' if world > 1 else ''}: batch {t.batch_size}, "
+    line = (f"{why} for {resolution} px and {world} process{'es' if world > 1 else ''}: batch {t.batch_size}, "
             f"minibatch-std group {m.mbstd_group}, channel base {m.channel_base}, lr {t.glr:g}/{t.dlr:g}, "
             f"R1 gamma {t.r1_gamma:g}, EMA {t.ema_kimg:g} kimg (values given on the command line kept); "
             f"model=<preset> picks another)")
+    return line + ("\n" + cpu_hint(resolution) if dist.device().type == "cpu" else "")
+
+
+def cpu_hint(resolution: int) -> str:
+    """The start-up warning for model=auto without a GPU: the paper-size networks take minutes per kimg on a CPU."""
+    return (f"Warning: no GPU: model=auto trains paper-size networks ({resolution} px), which take minutes per kimg "
+            f"on a CPU. model=tiny is the CPU preset (about 4 sec/kimg at 32 px on 2 cores, README \"Limits\"): add "
+            f"model=tiny to try things out here")
 
 
 def describe(cfg: Config) -> str:
@@ -381,11 +388,24 @@ def choose_run_dir(cfg: Config) -> Path:
     return outdir / f"{next_id:05d}-{desc}"
 
 
+def reported(fn):
+    """Run `fn`; a UserError (bad input, exit 2) or RunTimeFailure (a refused resume, an unusable checkpoint, disk
+    full, too many non-finite steps: exit 1) ends the process with one `error:` line from rank 0 and no traceback
+    (GANFORGE_DEBUG=1 shows it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            dist.end_process(report(e))
+    return wrapper
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
+@reported
 def main(hydra_cfg: DictConfig) -> None:
     """Entry point: resolve the config, pick the run directory on rank 0, run the loop (which writes config.yaml once
-    it knows the run can start). Errors that end a run cleanly (a refused resume, an unusable checkpoint, disk full,
-    too many non-finite steps) print one message and exit with status 1; a stop signal exits with 0."""
+    it knows the run can start). Errors end the run with one line (see `reported`); a stop signal exits with 0."""
     cfg: Config = OmegaConf.to_object(hydra_cfg)
     dist.init(mixed_precision=cfg.train.mixed_precision)
     if AUTO_DEFAULTED and dist.is_main():
@@ -394,28 +414,62 @@ def main(hydra_cfg: DictConfig) -> None:
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
     dist.barrier()
-    try:
-        training_loop(cfg, run_dir)
-    except (ResumeError, CheckpointError, CheckpointWriteError, NonFiniteError) as e:
-        if dist.is_main():  # The same error on every rank: said once.
-            print(f"Error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    training_loop(cfg, run_dir)
+
+
+HELP = """\
+Train a StyleGAN2 (StyleGAN2-ADA's training, ADA augmentation, optional progressive growing) on a folder or zip of
+images, or on the embedded synthetic dataset when no data is given.
+
+usage: python scripts/train.py [key=value ...]              (one process: CPU or one GPU)
+       accelerate launch --multi_gpu --num_processes N scripts/train.py [key=value ...]
+
+Every option is a Hydra override, key=value:
+  data=<folder|zip>   shorthand for data=images data.path=<folder|zip> (convert images first with
+                      scripts/dataset_tool.py); data=synthetic (the default) needs no download
+  model=<preset>      auto (the default for a dataset of yours: NVIDIA's 'auto' rules from its resolution),
+                      stylegan2, paper256, paper512, paper1024, cifar, tiny (small: the one for CPU runs)
+  train=<preset>      default, quick, test; then train.kimg=<length>, train.batch_size=<total>, ...
+  aug=ada|noaug|fixed, metrics=<preset>|none, schedule=none|prog32..prog1024, log.progress=true|false
+  outdir=<dir>        where runs go (runs/<NNNNN>-<dataset>-<preset>); run_dir=<dir> names the folder yourself
+
+Resume: rerunning the same command resumes the newest unfinished run of the same config from its newest training
+state (only keys such as train.kimg, train.snap, log.*, metrics.* may change); resume=<run dir|training-state-*.pt>
+resumes elsewhere, resume=<snapshot.safetensors|official .pkl> starts from weights only, resume=none starts afresh.
+
+  --cfg job           print the composed config without training (then exit)
+  --hydra-help        Hydra's own flags
+  GANFORGE_DEBUG=1    show tracebacks behind `error:` lines
+
+Every key with its default: conf/ and training/config.py. README.md explains the rest: "Train on your own images",
+"Configuration", "Outputs of a run", "Long runs" (resume, preemption), "Coming from NVIDIA's StyleGAN2-ADA /
+StyleGAN3" (NVIDIA's --options and what they become here)."""
+
+
+# The command line as Hydra gets it: data=<path> shorthand expanded; model=auto, when chosen for a user dataset, put
+# before Hydra's own flags (overrides after a flag such as `--cfg job` are not parsed as overrides).
+def hydra_argv(argv: list) -> tuple:
+    """(args for Hydra, whether model=auto was added)."""
+    args = rewrite_data_shorthand(argv)
+    if wants_auto_model(args):
+        return ["model=auto"] + args, True
+    return args, False
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(HELP)
+        sys.exit(0)
     items = split_nvidia_options(sys.argv[1:])
     if any(kind == "nvidia" for kind, *_ in items):  # NVIDIA's options: say what to type instead, start nothing.
         if os.environ.get("RANK", "0") == "0":
             print(nvidia_message(sys.argv[0], items), file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     register_configs()
-    args = rewrite_data_shorthand(sys.argv[1:])
-    if wants_auto_model(args):
-        AUTO_DEFAULTED = True
-        args.append("model=auto")
+    args, AUTO_DEFAULTED = hydra_argv(sys.argv[1:])
     sys.argv = [sys.argv[0]] + args
     try:
         main()
-    except SystemExit as e:  # Hydra reports an error in main and exits with 1
+    except SystemExit as e:  # Hydra reports an error in composing the config and exits with 1
         dist.end_process(e.code)
     dist.end_process(0)

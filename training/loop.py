@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from networks.factory import build_networks
 from ops import dispatch
 from training import dist
-from training.config import Config, apply_auto, config_dict
+from training.config import Config, ConfigError, apply_auto, check_settings, config_dict, drop_synthetic_keys
 from training.data.augment import make_adaptive_p, make_augment_pipe
 from training.data.dataset import open_dataset
 from training.data.loader import default_num_workers, local_process_count, make_loader
@@ -106,6 +107,10 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     _setup_torch(requested.train, device, world)
 
     # Data: every rank reads its own shard of an endless seeded stream; 'auto' settings follow its resolution.
+    check_settings(requested)
+    requested, note = drop_synthetic_keys(requested)
+    if note:
+        dist.print0(note)
     d = requested.data
     dataset = open_dataset(d.path, use_labels=d.use_labels, xflip=d.xflip, max_size=d.max_size,
                            random_seed=requested.train.seed,
@@ -114,14 +119,18 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     t, m = cfg.train, cfg.model
     batch_size = t.batch_size
     batch_gpu, rounds = check_batch(batch_size, t.batch_gpu, world, m.mbstd_group)
+    if len(dataset) < batch_size:
+        dist.print0(f"Warning: the dataset has {len(dataset)} images{' (with mirrors)' if d.xflip else ''}, fewer "
+                    f"than one batch (train.batch_size={batch_size}): every batch repeats images, and D can learn "
+                    f"them by heart within a few kimg; use more images, or a smaller train.batch_size")
     # Progressive schedule (None when off): every stage's batches are checked now, not when the stage begins.
     schedule = make_schedule(cfg.schedule, dataset.resolution, t)
     for start in (schedule.starts if schedule is not None else []):
         st = schedule.at(start)
         try:
             check_batch(st.batch_size, st.batch_gpu, world, m.mbstd_group)
-        except ValueError as e:
-            raise ValueError(f"schedule stage {st.index} ({st.resolution} px, schedule.batch_size/batch_gpu): "
+        except ConfigError as e:
+            raise ConfigError(f"schedule stage {st.index} ({st.resolution} px, schedule.batch_size/batch_gpu): "
                              f"{e}") from None
     total_nimg = int(t.kimg * 1000)
 
@@ -246,7 +255,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     # the resume point, as stats.jsonl dropped it (a no-op object on other ranks).
     trackers = open_trackers(cfg.log, config_dict(cfg), run_dir, purge_step=c.cur_nimg + 1 if resumed else 0)
     pbar = None
-    if dist.is_main() and cfg.log.progress:
+    if dist.is_main() and (cfg.log.progress if cfg.log.progress is not None else sys.stdout.isatty()):
         pbar = tqdm(total=total_nimg / 1000, initial=c.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
     page = ReportPage(run_dir, pbar)  # report.html, rewritten at every snapshot (rank 0)

@@ -18,6 +18,8 @@ SAFE_KEYS = ("train.kimg", "train.tick_kimg", "train.snap", "train.image_snap", 
 
 # Keys that say where a run lives, not what it trains.
 IGNORED_KEYS = ("run_dir", "resume", "outdir")
+# Keys that size the synthetic dataset only.
+SYNTHETIC_KEYS = ("data.resolution", "data.num_images")
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
@@ -44,6 +46,8 @@ def config_changes(old: dict, new: dict):
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in IGNORED_KEYS or a.get(key, None) == b.get(key, None):
             continue
+        if key in SYNTHETIC_KEYS and b.get("data.path") is not None:
+            continue  # Not used by an image dataset (recorded as null since; older runs recorded the defaults).
         if key not in a or key not in b:
             allowed.append(f"{key}: {a.get(key, '(absent)')!r} → {b.get(key, '(absent)')!r}")
             continue

@@ -10,6 +10,7 @@ import PIL.Image
 
 from training.data.base import BaseDataset
 from training.data.synthetic import SyntheticDataset
+from training.errors import UserError
 
 # File name endings (lower case) that are treated as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -28,10 +29,13 @@ _TOOL_HINT = ("convert the images with scripts/dataset_tool.py --source <folder>
               "--resolution <power of two>")
 
 
-class DatasetError(ValueError):
-    """Raised for a dataset whose files are not in the expected form; a ValueError so callers can catch it broadly.
-    """
-    pass
+class DatasetError(UserError, ValueError):
+    """Raised for a dataset whose files are not in the expected form (bad input: one `error:` line, exit 2); a
+    ValueError so callers can catch it broadly."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """Raised when the dataset path does not exist."""
 
 
 # Uniform read access to a folder or a zip archive; names are relative paths with '/' separators.
@@ -39,7 +43,7 @@ class _FileSource:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
-            raise FileNotFoundError(f"dataset path {self.path!r} does not exist "
+            raise DatasetNotFound(f"dataset path {self.path!r} does not exist "
                                     f"(expected a folder or a .zip of images)")
         self.is_zip = os.path.isfile(self.path)
         if self.is_zip and not zipfile.is_zipfile(self.path):
@@ -100,8 +104,12 @@ def _decode(data: bytes, where: str) -> tuple[PIL.Image.Image, int]:
     try:
         img = PIL.Image.open(io.BytesIO(data))
         img.load()
+    except PIL.UnidentifiedImageError as e:
+        raise DatasetError(f"{where}: not an image (no image format recognized in its {len(data)} bytes); remove it "
+                           f"or replace it with the image it should be") from e
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...).
-        raise DatasetError(f"{where}: unreadable, corrupt or truncated image ({type(e).__name__}: {e})") from e
+        raise DatasetError(f"{where}: unreadable, corrupt or truncated image ({type(e).__name__}: {e}); remove it or "
+                           f"replace it with an intact copy") from e
     mode = img.mode
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         raise DatasetError(f"{where}: image has an alpha channel (mode {mode}), which is not supported; "

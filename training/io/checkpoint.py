@@ -15,6 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from networks.discriminator import Discriminator
 from networks.generator import Generator
+from training.errors import RunTimeFailure
 from training.io import official, weights
 # atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
 from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
@@ -25,7 +26,7 @@ STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
 TEMP_RE = temp_pattern(r"training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunTimeFailure, ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code."""
     pass
 
