@@ -15,7 +15,7 @@ from ops import dispatch
 from training import dist
 from training.config import Config, ConfigError, apply_auto, check_settings, config_dict, drop_synthetic_keys
 from training.data.augment import make_adaptive_p, make_augment_pipe
-from training.data.dataset import open_dataset
+from training.data.dataset import open_dataset, read_dataset_json
 from training.data.loader import default_num_workers, local_process_count, make_loader
 from training.data.sampler import InfiniteSampler
 from training.eval import inception
@@ -100,6 +100,23 @@ def _load_metrics(metrics, device):
         return names, None
 
 
+# Start-up lines about the data that would otherwise go unnoticed (rank 0).
+def dataset_notes(dataset, path, use_labels: bool) -> None:
+    """Say how many zip members were left out as unsafe, and that labels in dataset.json go unused without
+    data.use_labels=true."""
+    outside = getattr(dataset, "outside", [])
+    if outside:
+        dist.print0(f"Warning: {path}: {len(outside)} zip member(s) left out because their path leaves the archive "
+                    f"(../ or absolute), e.g. {outside[0]}")
+    if path is not None and not use_labels and hasattr(dataset, "outside"):
+        labels = (read_dataset_json(path) or {}).get("labels")
+        if labels:
+            names = (read_dataset_json(path) or {}).get("class_names")
+            classes = f"{len(names)} classes" if isinstance(names, dict) else "labels"
+            dist.print0(f"Note: {path} has {classes} in its dataset.json, unused: training an unconditional model; "
+                        f"data.use_labels=true trains a class-conditional one")
+
+
 def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     accelerator = dist.init(mixed_precision=requested.train.mixed_precision)
     device = dist.device()
@@ -115,6 +132,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     dataset = open_dataset(d.path, use_labels=d.use_labels, xflip=d.xflip, max_size=d.max_size,
                            random_seed=requested.train.seed,
                            **(dict(resolution=d.resolution, num_images=d.num_images) if d.path is None else {}))
+    dataset_notes(dataset, d.path, d.use_labels)
     cfg = apply_auto(requested, dataset.resolution, world)
     t, m = cfg.train, cfg.model
     batch_size = t.batch_size

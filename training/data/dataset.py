@@ -60,9 +60,13 @@ class _FileSource:
         return self._zip
 
     def names(self) -> list[str]:
-        """Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out."""
+        """Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out, and
+        so are zip members whose path leaves the archive (`../`, absolute), which are listed in `self.outside`."""
+        self.outside = []
         if self.is_zip:
             names = [n for n in self.zip().namelist() if not n.endswith("/")]
+            self.outside = sorted(n for n in names if n.startswith("/") or ".." in n.replace("\\", "/").split("/"))
+            names = [n for n in names if n not in self.outside]
         else:
             names = []
             for root, dirs, files in os.walk(self.path, followlinks=True):
@@ -168,6 +172,7 @@ class ImageDataset(BaseDataset):
         base = os.path.basename(os.path.normpath(self.path))
         self.name = os.path.splitext(base)[0] if self._src.is_zip else base
         self._fnames = self._src.image_names()
+        self.outside = self._src.outside  # zip members left out because their path leaves the archive
         if not self._fnames:
             raise DatasetError(f"{self.path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
                                f"{' in the archive' if self._src.is_zip else ' in the folder and its subfolders'})")
@@ -317,6 +322,27 @@ class ImageDataset(BaseDataset):
     def get_fname(self, idx) -> str:
         """The relative file name behind item `idx`."""
         return self._fnames[self._raw(idx)]
+
+
+# dataset.json of a folder or zip, read without checks (None when absent or unreadable): for hints and class names;
+# ImageDataset(use_labels=True) is what checks it.
+def read_dataset_json(path) -> dict | None:
+    """The parsed dataset.json of the dataset at `path`, or None."""
+    try:
+        src = _FileSource(path)
+        if not src.exists("dataset.json"):
+            return None
+        data = json.loads(src.read("dataset.json").decode("utf-8"))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# The class-name -> index map that dataset_tool.py --labels from-folders stores in dataset.json.
+def class_names(path) -> dict | None:
+    """{class name: index} from dataset.json's 'class_names', or None."""
+    names = (read_dataset_json(path) or {}).get("class_names")
+    return names if isinstance(names, dict) else None
 
 
 # Open a dataset by name: None, 'synthetic' or 'synthetic:<resolution>' give the embedded SyntheticDataset,
