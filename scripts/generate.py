@@ -73,9 +73,9 @@ def class_index(text, snap: dict, network) -> int | None:
 @torch.no_grad()
 def generate_images(G, seeds, outdir, truncation_psi=1.0, class_idx=None, noise_mode="const", device="cpu"):
     """Images for seeds, written as seed%04d.png; returns the uint8 arrays."""
+    c = make_label(G, class_idx, device)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    c = make_label(G, class_idx, device)
     arrays = []
     for seed in seeds:
         img = G(seed_to_z(seed, G.z_dim).to(device), c, truncation_psi=truncation_psi, noise_mode=noise_mode)
@@ -109,11 +109,11 @@ def style_mixing_grid(G, row_seeds, col_seeds, styles, outpath, truncation_psi=1
                       noise_mode="const", device="cpu"):
     """Style mixing grid (StyleGAN fig. 3): rows take coarse styles (ws[:cols]) from row seeds, the rest from columns.
     """
-    c = make_label(G, class_idx, device)
     bad = [i for i in styles if not 0 <= i < G.num_ws]
     if bad:
-        raise UserError(f"--mix-styles: ws index {bad[0]} out of range: this generator has {G.num_ws} ws (0-"
-                        f"{G.num_ws - 1}; coarse 0-3, middle 4-7, fine 8 and up)")
+        raise UserError(f"--mix-styles: ws index {bad[0]} out of range: this generator has {G.num_ws} ws, indices "
+                        f"0-{G.num_ws - 1}")
+    c = make_label(G, class_idx, device)
     seeds = sorted(set(row_seeds + col_seeds))
     ws = {s: G.mapping(seed_to_z(s, G.z_dim).to(device), c, truncation_psi=truncation_psi) for s in seeds}
     img = {s: to_uint8(G.synthesis(ws[s], noise_mode=noise_mode))[0] for s in seeds}

@@ -261,7 +261,8 @@ def drop_synthetic_keys(cfg: Config) -> tuple:
     if not given:
         return cfg, None
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=None, num_images=None))
-    return cfg, (f"Note: {' and '.join(given)} ignored: they size the synthetic dataset only; {cfg.data.path} has "
+    return cfg, (f"Note: {' and '.join(given)} ignored: data.resolution and data.num_images size the synthetic "
+                 f"dataset only; {cfg.data.path} has "
                  f"its files' resolution and count (data.max_size=N trains on N of them; scripts/dataset_tool.py "
                  f"--resolution resizes them)")
 

@@ -102,8 +102,12 @@ def _load_metrics(metrics, device):
 
 # Start-up lines about the data that would otherwise go unnoticed (rank 0).
 def dataset_notes(dataset, path, use_labels: bool) -> None:
-    """Say how many zip members were left out as unsafe, and that labels in dataset.json go unused without
-    data.use_labels=true."""
+    """Refuse data.use_labels=true for a dataset without labels; say how many zip members were left out as unsafe,
+    and that labels in dataset.json go unused without data.use_labels=true."""
+    if use_labels and not dataset.has_labels:
+        raise ConfigError(f"data.use_labels=true, but {path if path is not None else 'the synthetic dataset'} has no "
+                          f"labels (no dataset.json, or its 'labels' is null); write them with scripts/dataset_tool.py "
+                          f"--labels from-folders, or leave data.use_labels out for an unconditional model")
     outside = getattr(dataset, "outside", [])
     if outside:
         dist.print0(f"Warning: {path}: {len(outside)} zip member(s) left out because their path leaves the archive "
