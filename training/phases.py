@@ -103,7 +103,7 @@ def resolve_freeze_d(requested: Optional[int], plan: dict) -> int:
         value = source_freeze_d(plan["path"])
     value = 0 if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
+        raise ConfigError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
     return value
 
 
