@@ -446,14 +446,14 @@ Every key with its default: conf/ and training/config.py. README.md explains the
 StyleGAN3" (NVIDIA's --options and what they become here)."""
 
 
-# The command line as Hydra gets it: data=<path> shorthand expanded; model=auto, when chosen for a user dataset, put
-# before Hydra's own flags (overrides after a flag such as `--cfg job` are not parsed as overrides).
+# The command line as Hydra gets it: data=<path> shorthand expanded, model=auto added when chosen for a user dataset,
+# and every override before Hydra's own flags (Hydra's parser takes overrides only before a flag such as `--cfg job`).
 def hydra_argv(argv: list) -> tuple:
     """(args for Hydra, whether model=auto was added)."""
     args = rewrite_data_shorthand(argv)
-    if wants_auto_model(args):
-        return ["model=auto"] + args, True
-    return args, False
+    auto = wants_auto_model(args)
+    overrides = [a for a in args if "=" in a and not a.startswith("-")] + (["model=auto"] if auto else [])
+    return overrides + [a for a in args if not ("=" in a and not a.startswith("-"))], auto
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ LOOP_CASES = [
     ("good", ["train.batch_size=0"], "train.batch_size=0 must be a positive number of images"),
     ("good", ["train.batch_size=8", "train.batch_gpu=-8"], "train.batch_gpu=-8 must be a positive number"),
     ("good", ["train.kimg=-1"], "train.kimg=-1 must be positive"),
-    ("good", ["train.kimg=0"], "train.kimg=0 must be positive"),
+    ("good", ["train.tick_kimg=0"], "train.tick_kimg=0 must be positive"),
 ]
 
 

@@ -239,11 +239,13 @@ def apply_auto(cfg: Config, resolution: int, num_processes: int) -> Config:
 
 # Start-up checks of values that no schema type catches: each error names the key, the value and what works.
 def check_settings(cfg: Config) -> None:
-    """Refuse a training length or tick that is not positive."""
-    for key, value in (("train.kimg", cfg.train.kimg), ("train.tick_kimg", cfg.train.tick_kimg)):
-        if not value > 0:
-            raise ConfigError(f"{key}={value:g} must be positive (thousands of real images shown to D, e.g. "
-                              f"{key}=1000)")
+    """Refuse a negative training length (0 sets the run up and stops) and a tick that is not positive."""
+    if not cfg.train.kimg >= 0:
+        raise ConfigError(f"train.kimg={cfg.train.kimg:g} must be positive (thousands of real images shown to D, e.g. "
+                          f"train.kimg=1000; 0 sets the run up and stops)")
+    if not cfg.train.tick_kimg > 0:
+        raise ConfigError(f"train.tick_kimg={cfg.train.tick_kimg:g} must be positive (kimg between progress lines, "
+                          f"e.g. train.tick_kimg=4)")
 
 
 def is_image_dataset(path) -> bool:
