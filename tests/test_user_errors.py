@@ -248,3 +248,28 @@ def test_start_up_says_what_it_would_have_hidden(inputs, tmp_path):
     run = next((tmp_path / "runs").iterdir())
     config = (run / "config.yaml").read_text()
     assert "  resolution: null\n  num_images: null\n" in config  # what is true for an image dataset
+
+
+# `train.py --help` is ganforge's page; `data=<path> --cfg job` composes (the automatic model=auto goes before
+# Hydra's flag) and writes nothing.
+def test_train_help_and_cfg_job(inputs, tmp_path):
+    helped = launch([str(ROOT / "scripts/train.py"), "--help"], tmp_path)
+    job = launch([str(ROOT / "scripts/train.py"), f"data={inputs / 'good'}", "--cfg", "job"], tmp_path)
+    out, err = helped.communicate(timeout=600)
+    assert helped.returncode == 0, err
+    for part in ("data=<folder|zip>   shorthand for data=images data.path=<folder|zip>", "model=<preset>",
+                 "Resume: rerunning the same command resumes", "README.md explains the rest"):
+        assert part in out
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err
+    assert "model:\n  name: auto\n" in out and f"  path: {inputs / 'good'}\n" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+# Every option of every benchmark script says what it is (--help).
+def test_bench_options_have_help():
+    import ast
+    for path in sorted((ROOT / "scripts").glob("bench*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                assert any(k.arg == "help" for k in node.keywords), f"{path.name}:{node.lineno} has no help"
