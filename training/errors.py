@@ -31,7 +31,9 @@ def report(e: BaseException, exit_code: int | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         if debug():
             traceback.print_exception(e)
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        # An OSError made as (errno, message) reads "[Errno N] message": the message says it all.
+        text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
+        message = " ".join(text.split("\n")).strip() or type(e).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
     return code
 
