@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from training import dist
-from training.config import CONF_DIR, Config, apply_auto, config_dict, register_configs
+from training.config import CONF_DIR, Config, ConfigError, apply_auto, compose_config, config_dict, register_configs
 from training.data.dataset import open_dataset
 from training.errors import EXIT_BAD_INPUT, UserError, report
 from training.eval.metrics import parse_metric
@@ -456,6 +458,31 @@ def hydra_argv(argv: list) -> tuple:
     return overrides + [a for a in args if not ("=" in a and not a.startswith("-"))], auto
 
 
+# Hydra reports a bad override (unknown key, wrong type, missing preset) in several lines: composing the config once
+# here first turns it into one line with the key, the reason and, for a preset, the choices.
+def check_overrides(args: list) -> None:
+    """Raise ConfigError when `args` (overrides only; with Hydra's own flags Hydra decides) do not compose."""
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        compose_config(args)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path:")[0]
+        cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None else ""
+        parts = []  # one per line of the message
+        for line in (text + "\n" + cause).splitlines():
+            line = line.strip().rstrip(".")
+            if not line or line.startswith("See https://") or line in parts:
+                continue
+            if parts and f"\n\t{line}" in text:  # an item of Hydra's tab-indented list (e.g. a group's presets)
+                parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+            else:
+                parts.append(line)
+        raise ConfigError("; ".join(parts) + " (every key with its default: conf/ and training/config.py; python "
+                          "scripts/train.py --help)") from e
+
+
+
 if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(HELP)
@@ -467,6 +494,10 @@ if __name__ == "__main__":
         sys.exit(EXIT_BAD_INPUT)
     register_configs()
     args, AUTO_DEFAULTED = hydra_argv(sys.argv[1:])
+    try:
+        check_overrides(args)
+    except UserError as e:
+        sys.exit(report(e))
     sys.argv = [sys.argv[0]] + args
     try:
         main()
