@@ -9,7 +9,7 @@ from tqdm import tqdm
 from training import dist
 from training.config import parse_bool
 from training.data.dataset import open_dataset
-from training.errors import UserError, run_cli
+from training.errors import UserError, report, run_cli
 from training.eval.inception import DetectorNotFound, load_detector
 from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric, swd_floor
 from training.io.checkpoint import load_snapshot
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         try:
             detector = load_detector(args.detector)
         except DetectorNotFound as e:
-            raise UserError(f"{e} (SWD needs no Inception file: --metrics swd16k)") from e
+            return report(UserError(f"{e} (SWD needs no Inception file: --metrics swd16k)"))
     snap = load_snapshot(args.network, device=dist.device())
     G = snap.get("G_ema")
     if G is None:
