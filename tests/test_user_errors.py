@@ -201,6 +201,7 @@ LOOP_CASES = [
     ("trunc", [], "trunc/b.png: unreadable, corrupt or truncated image"),
     ("fake", [], "fake/a.png: not an image"),
     ("big", [], "big/a.png: image is 24x16"),
+    ("good", ["model.channel_base=8"], "good: images are 16 px, too large for model.channel_base=8"),
     ("badjson", ["data.use_labels=true"], "badjson/dataset.json: not valid JSON"),
     ("good", ["data.use_labels=true"], "data.use_labels=true, but {d}/good has no labels"),
     ("good", ["model.mbstd_group=3", "train.batch_size=4"],

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from networks.factory import build_networks
+from networks.layers import channels_at
 from ops import dispatch
 from training import dist
 from training.config import Config, ConfigError, apply_auto, check_settings, config_dict, drop_synthetic_keys
@@ -139,6 +140,11 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     dataset_notes(dataset, d.path, d.use_labels)
     cfg = apply_auto(requested, dataset.resolution, world)
     t, m = cfg.train, cfg.model
+    if channels_at(dataset.resolution, m.channel_base, m.channel_max) < 1:
+        raise ConfigError(f"{d.path}: images are {dataset.resolution} px, too large for model.channel_base="
+                          f"{m.channel_base} (min(channel_base / resolution, channel_max) channels: none at "
+                          f"{dataset.resolution} px); resize them with scripts/dataset_tool.py --resolution, or raise "
+                          f"model.channel_base to at least {dataset.resolution}")
     batch_size = t.batch_size
     batch_gpu, rounds = check_batch(batch_size, t.batch_gpu, world, m.mbstd_group)
     if len(dataset) < batch_size:
