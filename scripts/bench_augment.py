@@ -47,11 +47,12 @@ def d_block(res, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--res", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32, help="images per batch")
+    ap.add_argument("--res", type=int, default=256, help="image side (px)")
+    ap.add_argument("--reps", type=int, default=2,
+                    help="timed runs per row after one warm-up run (the median is printed)")
     ap.add_argument("--block_div", type=int, default=16, help="CPU: time the D block on batch/block_div images")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device to time on (cpu, cuda)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

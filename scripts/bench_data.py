@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--res", type=int, nargs="+", default=[256, 1024], help="resolutions (px)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="worker counts to measure (default: 0 1 2 and the default count)")
-    p.add_argument("--datasets", nargs="+", default=["synthetic", "zip"], choices=["synthetic", "zip"])
+    p.add_argument("--datasets", nargs="+", default=["synthetic", "zip"], choices=["synthetic", "zip"],
+                   help="the embedded synthetic set (decoded in memory) and/or a zip of PNGs (read and decoded)")
     p.add_argument("--seconds", type=float, default=2.0, help="measured time per row, after a warm-up batch")
     p.add_argument("--batch", type=int, default=8, help="images per batch (per-GPU batch)")
     p.add_argument("--zip-images", type=int, default=16, help="distinct PNGs in the zip (read over and over)")

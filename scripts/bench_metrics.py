@@ -24,9 +24,10 @@ def throughput(cases, rounds: int) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=4, help="images per call")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed calls per row, interleaved, after one warm-up call (the best is printed)")
+    p.add_argument("--device", default="cpu", help="torch device to time on (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:

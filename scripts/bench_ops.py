@@ -235,12 +235,14 @@ def print_table(rows):
 def main(argv=None):
     """Time and print every case (the command line); 0 when every fused op could be timed."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to time on (default: cuda when present)")
     parser.add_argument("--res", type=int, nargs="+", default=None,
                         help="model resolutions (default: 256 on CPU, 256 and 1024 on CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on CPU, 8 on CUDA)")
     parser.add_argument("--min-res", type=int, default=8, help="smallest block resolution to time")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
+                        help="tensor dtype of every row")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all rows (default: 90 on CPU, 600 on CUDA); the rest is marked skipped")
     parser.add_argument("--threads", type=int, default=None,

@@ -35,11 +35,12 @@ def time_per_step(G, batch, steps, repeats, loss, perceptual, w_stats) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--res", type=int, default=64)
-    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--res", type=int, default=64, help="generator resolution (px)")
+    p.add_argument("--batches", default="1,4,8", help="targets projected together, comma-separated; the first is "
+                   "the baseline")
     p.add_argument("--losses", default="lpips,fallback", help="lpips uses a VGG16 with random weights (same cost)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per row (the best is printed)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:

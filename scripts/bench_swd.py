@@ -22,8 +22,9 @@ def best_seconds(fn, rounds: int) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=2000, help="images per set (swd2k: 2000)")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=32, help="image side (px)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed calls per row after one warm-up call (the best is printed)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:

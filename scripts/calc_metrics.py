@@ -10,6 +10,7 @@ from tqdm import tqdm
 from training import dist
 from training.config import parse_bool
 from training.data.dataset import open_dataset
+from training.errors import UserError, report, run_cli
 from training.eval.inception import DetectorNotFound, load_detector
 from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric, swd_floor
 from training.io.checkpoint import load_snapshot
@@ -126,16 +127,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
     for name in names:
-        parse_metric(name)  # fail on a bad name before any heavy work
+        try:
+            parse_metric(name)  # fail on a bad name before any heavy work
+        except ValueError as e:
+            raise UserError(f"--metrics {name}: {e}") from None
     dist.init(cpu=args.cpu)
     detector = None
     if any(parse_metric(name)[0] != "swd" for name in names):  # SWD needs no Inception file
         try:
             detector = load_detector(args.detector)
         except DetectorNotFound as e:
-            dist.print0(str(e))
-            dist.print0("(SWD needs no Inception file: --metrics swd16k)")
-            return 2
+            return report(UserError(f"{e} (SWD needs no Inception file: --metrics swd16k)"))
     snap = load_snapshot(args.network, device=dist.device())
     G = snap.get("G_ema")
     if G is None:
@@ -178,8 +180,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except SystemExit as e:
-        status = e.code
-    dist.end_process(status)
+    run_cli(main, dist.end_process)

@@ -2,9 +2,8 @@
 import argparse
 import json
 import os
-import sys
 
-
+from training.errors import UserError, report, run_cli
 from training.io import official
 from training.io.checkpoint import save_snapshot
 
@@ -22,20 +21,19 @@ def convert(in_pkl, out_path) -> dict:
 
 
 def main(argv=None):
-    """Command-line entry point: 0 on success, 1 (with a one-line reason on stderr) on a refused or invalid file."""
+    """Command-line entry point: 0 on success; a refused or invalid file gives one `error:` line and 2 (a failed
+    write: 1)."""
     parser = argparse.ArgumentParser(description='Convert an official network-snapshot-*.pkl into a ganforge '
                                                  'snapshot (.safetensors) without executing anything in the pickle.')
     parser.add_argument('in_pkl', help='official network pickle (stylegan2-ada-pytorch or stylegan3 StyleGAN2)')
     parser.add_argument('out', help='output ganforge snapshot path, e.g. network-snapshot-000000.safetensors')
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.in_pkl):
-        print(f'error: input pickle not found: {args.in_pkl}', file=sys.stderr)
-        return 1
     try:
+        if not os.path.isfile(args.in_pkl):
+            raise UserError(f'input pickle not found: {args.in_pkl}')
         nets = convert(args.in_pkl, args.out)
-    except (official.UnsafePickleError, official.UnsupportedNetworkError, official.OfficialFormatError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    except UserError as e:
+        return report(e)
     present = [k for k in ('G', 'D', 'G_ema') if nets[k] is not None]
     renamed = nets['config']['renamed']
     print(f'wrote {args.out}: {", ".join(present)}; renamed keys: '
@@ -44,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

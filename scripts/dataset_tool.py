@@ -12,8 +12,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-# Make `training` importable when run as `python scripts/dataset_tool.py` from a checkout.
-from training.data.dataset import DatasetError, _FileSource
+from training.data.dataset import _FileSource
+from training.errors import run_cli
 from training.data.synthetic import SyntheticDataset
 from training.io.files import atomic_open
 
@@ -23,7 +23,8 @@ FILTERS = {"box": PIL.Image.Resampling.BOX, "lanczos": PIL.Image.Resampling.LANC
 # Help text shown after the options: output format, conversions and transforms.
 DESCRIPTION = """\
 Writes square RGB PNGs as 00000/img00000000.png, 00000/img00000001.png, ... (1000 per folder) plus a
-dataset.json with {"labels": [[name, class], ...]} or {"labels": null}; this is the format
+dataset.json with {"labels": [[name, class], ...], "class_names": {name: class, ...}} (--labels from-folders) or
+{"labels": null}; this is the format
 training/data/dataset.py's ImageDataset reads. Every image is converted to 8-bit RGB: grayscale is replicated,
 16-bit is scaled down, and images with transparency (RGBA, LA, palette) are composited over black.
 JPEG EXIF orientation is applied. Unreadable files are skipped with a warning.
@@ -98,7 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--dest", required=True, help="output .zip, or a new/empty folder")
     p.add_argument("--resolution", type=int, default=None,
                    help="output side, a power of two (default: 32 for synthetic, else the first image's side "
-                        "if it is square and a power of two)")
+                        "if it is square and a power of two; every other image is then resized to it, and the "
+                        "tool says how many)")
     p.add_argument("--transform", choices=["center-crop", "center-crop-wide", "pad"], default="center-crop")
     p.add_argument("--filter", choices=sorted(FILTERS), default="lanczos", help="resampling filter")
     p.add_argument("--labels", choices=["from-folders", "none"], default=None,
@@ -204,11 +206,11 @@ def main(argv=None) -> int:
         items = synthetic_items(args.source, args)
         res = None  # Rendered at the requested size; no resampling.
     else:
-        try:
-            src = _FileSource(args.source)
-        except (FileNotFoundError, DatasetError) as e:
-            raise SystemExit(f"error: {e}")
+        src = _FileSource(args.source)
         names = src.image_names()
+        if src.outside:
+            print(f"warning: skipping {len(src.outside)} zip member(s) whose path leaves the archive (../ or "
+                  f"absolute), e.g. {src.outside[0]}", file=sys.stderr)
         if not names:
             raise SystemExit(f"error: no images found in {args.source}")
         if args.labels == "from-folders":
@@ -217,10 +219,11 @@ def main(argv=None) -> int:
                 raise SystemExit(f"error: --labels from-folders: {src.where(loose[0])} is not inside a class "
                                  f"subfolder (every image must be under <source>/<class name>/)")
             classes = {c: i for i, c in enumerate(sorted({n.split("/")[0] for n in names}))}
+            print("classes: " + ", ".join(f"{c}={i}" for c, i in classes.items()))
         items = file_items(src, args, classes)
 
     writer = _ZipWriter(args.dest) if args.dest.lower().endswith(".zip") else _FolderWriter(args.dest)
-    labels, skipped = [], 0
+    labels, skipped, resized = [], 0, 0
     try:
         for label, img, warning in items:
             if args.max_images is not None and len(labels) >= args.max_images:
@@ -235,7 +238,10 @@ def main(argv=None) -> int:
                 if w != h or w & (w - 1):
                     raise SystemExit(f"error: the first image is {w}x{h}; pass --resolution (a power of two)")
                 res = w
+                print(f"--resolution not given: {res} px, the first image's size; images of other sizes are resized "
+                      f"to it ({args.transform}, {args.filter})")
             if not synthetic:
+                resized += img.size != (res, res)
                 img = transform(img, args.transform, res, FILTERS[args.filter])
             buf = io.BytesIO()
             img.save(buf, format="PNG", compress_level=6)
@@ -245,15 +251,21 @@ def main(argv=None) -> int:
         if not labels:
             raise SystemExit(f"error: no readable images in {args.source}")
         meta = {"labels": labels if labels[0][1] is not None else None}
+        if classes:
+            meta["class_names"] = classes
         writer.write("dataset.json", json.dumps(meta).encode("utf-8"))
         writer.commit()
     except BaseException:
         writer.abort()
         raise
     n_cls = len(classes) if classes else (len({l for _, l in labels}) if labels[0][1] is not None else 0)
-    print(f"wrote {len(labels)} images ({n_cls} classes) to {args.dest}; skipped {skipped} unreadable file(s)")
+    print(f"wrote {len(labels)} images ({n_cls} classes) to {args.dest}; skipped {skipped} unreadable file(s)"
+          + (f"; resized {resized} to {res}x{res}" if not synthetic else ""))
+    if classes:
+        print(f"labels: train with data.use_labels=true for a class-conditional model; generate.py --class <name> "
+              f"takes these names")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from training import dist
 from training.config import parse_bool
+from training.errors import run_cli
 from training.io.checkpoint import atomic_write, load_snapshot
 from training.io.images import save_png, to_uint8
 from training.eval.lpips import PerceptualWeightsNotFound, load_lpips
@@ -38,6 +39,12 @@ def list_targets(target: str) -> list:
         raise SystemExit(f"--target {target}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
     seen = {}
     for f in files:
+        try:
+            with PIL.Image.open(f) as img:
+                img.verify()
+        except Exception as e:  # PIL raises many types for files that are not intact images.
+            raise SystemExit(f"--target {f}: not a readable image ({type(e).__name__}); expected an image file "
+                             f"({', '.join(IMAGE_EXTS)}) or a folder of them")
         if f.stem in seen:
             raise SystemExit(f"--target {target}: {seen[f.stem].name} and {f.name} would both write "
                              f"{f.stem}_*; rename one")
@@ -295,8 +302,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        dist.end_process(e.code)
-    dist.end_process(0)
+    run_cli(main, dist.end_process)

@@ -1,8 +1,8 @@
 """Write a run directory's report page (report.html, its plots in report/): `scripts/report.py RUN_DIR`."""
 import argparse
-import sys
 from pathlib import Path
 
+from training.errors import EXIT_RUNTIME, UserError, report, run_cli
 from training.io.run_report import write_run_report
 
 
@@ -18,19 +18,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"report.py: error: {run_dir}: no such run directory", file=sys.stderr)
-        return 2
+        raise UserError(f"{run_dir}: no such run directory")
     if not (run_dir / "stats.jsonl").is_file():
-        print(f"report.py: error: {run_dir}: no stats.jsonl in it (not a training run directory?)", file=sys.stderr)
-        return 2
+        raise UserError(f"{run_dir}: no stats.jsonl in it (not a training run directory?)")
     try:
         path = write_run_report(run_dir)
+    except UserError:
+        raise
     except ValueError as e:
-        print(f"report.py: error: {e}", file=sys.stderr)
-        return 1
+        return report(e, EXIT_RUNTIME)
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

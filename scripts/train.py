@@ -1,4 +1,5 @@
 """Train a StyleGAN2: `accelerate launch scripts/train.py data=<folder|zip> model=<preset> [overrides]`."""
+import functools
 import json
 import os
 import re
@@ -9,19 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from training import dist
-from training.config import CONF_DIR, Config, apply_auto, config_dict, register_configs
+from training.config import CONF_DIR, Config, ConfigError, apply_auto, compose_config, config_dict, register_configs
 from training.data.dataset import open_dataset
-from training.errors import RunTimeFailure, UserError, report
+from training.errors import EXIT_BAD_INPUT, RunTimeFailure, UserError, report
 from training.eval.metrics import parse_metric
 from training.io import runlock
-from training.io.checkpoint import CheckpointError, CheckpointWriteError
 from training.loop import training_loop
-from training.preempt import NonFiniteError
 from training.resume import absolute_data_path, config_changes
-from training.state import ResumeError
 
 RUN_RE = re.compile(r"^(\d{5})-(.+)$")
 HYDRA_CFG_VALUES = ("job", "hydra", "all")  # Hydra's own --cfg; any other --cfg value is NVIDIA's preset name.
@@ -343,10 +343,18 @@ def auto_model_line(cfg: Config, world: int) -> str:
     except (OSError, ValueError):
         return f"{why}, from the dataset's resolution and the number of processes; model=<preset> picks another)"
     m, t = (c := apply_auto(cfg, resolution, world)).model, c.train
-    return (f"{why} for {resolution} px and {world} process{'es' if world > 1 else ''}: batch {t.batch_size}, "
+    line = (f"{why} for {resolution} px and {world} process{'es' if world > 1 else ''}: batch {t.batch_size}, "
             f"minibatch-std group {m.mbstd_group}, channel base {m.channel_base}, lr {t.glr:g}/{t.dlr:g}, "
             f"R1 gamma {t.r1_gamma:g}, EMA {t.ema_kimg:g} kimg (values given on the command line kept); "
             f"model=<preset> picks another)")
+    return line + ("\n" + cpu_hint(resolution) if dist.device().type == "cpu" else "")
+
+
+def cpu_hint(resolution: int) -> str:
+    """The start-up warning for model=auto without a GPU: the paper-size networks take minutes per kimg on a CPU."""
+    return (f"Warning: no GPU: model=auto trains paper-size networks ({resolution} px), which take minutes per kimg "
+            f"on a CPU. model=tiny is the CPU preset (about 4 sec/kimg at 32 px on 2 cores, README \"Limits\"): add "
+            f"model=tiny to try things out here")
 
 
 def describe(cfg: Config) -> str:
@@ -434,13 +442,26 @@ def choose_run_dir(cfg: Config):
         n += 1
 
 
+def reported(fn):
+    """Run `fn`; a UserError (bad input, exit 2) or RunTimeFailure (a refused resume, an unusable checkpoint, disk
+    full, too many non-finite steps: exit 1) ends the process with one `error:` line from rank 0 and no traceback
+    (GANFORGE_DEBUG=1 shows it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            dist.end_process(report(e))
+    return wrapper
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
+@reported
 def main(hydra_cfg: DictConfig) -> None:
     """Entry point: resolve the config, pick and lock the run directory on rank 0 (rank 0 holds the lock for the
     job), run the loop (which creates the directory and writes config.yaml once it knows the run can start). A
-    finished run says so and exits with 0. Errors that end a run cleanly (a refused resume, an unusable
-    checkpoint, disk full, too many non-finite steps) print one message and exit with status 1; a stop signal
-    exits with 0."""
+    finished run says so and exits with 0. Errors end the run with one line (see `reported`); a stop signal exits
+    with 0."""
     cfg: Config = OmegaConf.to_object(hydra_cfg)
     cfg.data.path = absolute_data_path(cfg.data.path)  # recorded absolute: found from any folder later
     dist.init(mixed_precision=cfg.train.mixed_precision)
@@ -452,39 +473,100 @@ def main(hydra_cfg: DictConfig) -> None:
         path, lock, message = choose_run_dir(cfg)
         held.append(lock)
         return str(path), message
-    try:
-        run_dir, finished = dist.rank0_decides(decide, UserError)
-    except UserError as e:
-        sys.exit(report(e))
+    run_dir, finished = dist.rank0_decides(decide, UserError)
     if finished is not None:
         dist.print0(finished)
         return
     try:
         training_loop(cfg, run_dir)
-    except (ResumeError, CheckpointError, CheckpointWriteError, NonFiniteError) as e:
-        if dist.is_main():  # The same error on every rank: said once.
-            print(f"Error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
     finally:
         for lock in held:
             if lock is not None:
                 lock.release()
 
 
+HELP = """\
+Train a StyleGAN2 (StyleGAN2-ADA's training, ADA augmentation, optional progressive growing) on a folder or zip of
+images, or on the embedded synthetic dataset when no data is given.
+
+usage: python scripts/train.py [key=value ...]              (one process: CPU or one GPU)
+       accelerate launch --multi_gpu --num_processes N scripts/train.py [key=value ...]
+
+Every option is a Hydra override, key=value:
+  data=<folder|zip>   shorthand for data=images data.path=<folder|zip> (convert images first with
+                      scripts/dataset_tool.py); data=synthetic (the default) needs no download
+  model=<preset>      auto (the default for a dataset of yours: NVIDIA's 'auto' rules from its resolution),
+                      stylegan2, paper256, paper512, paper1024, cifar, tiny (small: the one for CPU runs)
+  train=<preset>      default, quick, test; then train.kimg=<length>, train.batch_size=<total>, ...
+  aug=ada|noaug|fixed, metrics=<preset>|none, schedule=none|prog32..prog1024, log.progress=true|false
+  outdir=<dir>        where runs go (runs/<NNNNN>-<dataset>-<preset>); run_dir=<dir> names the folder yourself
+
+Resume: rerunning the same command resumes the newest unfinished run of the same config from its newest training
+state (only keys such as train.kimg, train.snap, log.*, metrics.* may change); resume=<run dir|training-state-*.pt>
+resumes elsewhere, resume=<snapshot.safetensors|official .pkl> starts from weights only, resume=none starts afresh.
+
+  --cfg job           print the composed config without training (then exit)
+  --hydra-help        Hydra's own flags
+  GANFORGE_DEBUG=1    show tracebacks behind `error:` lines
+
+Every key with its default: conf/ and training/config.py. README.md explains the rest: "Train on your own images",
+"Configuration", "Outputs of a run", "Long runs" (resume, preemption), "Coming from NVIDIA's StyleGAN2-ADA /
+StyleGAN3" (NVIDIA's --options and what they become here)."""
+
+
+# The command line as Hydra gets it: data=<path> shorthand expanded, model=auto added when chosen for a user dataset,
+# and every override before Hydra's own flags (Hydra's parser takes overrides only before a flag such as `--cfg job`).
+def hydra_argv(argv: list) -> tuple:
+    """(args for Hydra, whether model=auto was added)."""
+    args = rewrite_data_shorthand(argv)
+    auto = wants_auto_model(args)
+    overrides = [a for a in args if "=" in a and not a.startswith("-")] + (["model=auto"] if auto else [])
+    return overrides + [a for a in args if not ("=" in a and not a.startswith("-"))], auto
+
+
+# Hydra reports a bad override (unknown key, wrong type, missing preset) in several lines: composing the config once
+# here first turns it into one line with the key, the reason and, for a preset, the choices.
+def check_overrides(args: list) -> None:
+    """Raise ConfigError when `args` (overrides only; with Hydra's own flags Hydra decides) do not compose."""
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        compose_config(args)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path:")[0]
+        cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None else ""
+        parts = []  # one per line of the message
+        for line in (text + "\n" + cause).splitlines():
+            line = line.strip().rstrip(".")
+            if not line or line.startswith("See https://") or line in parts:
+                continue
+            if parts and f"\n\t{line}" in text:  # an item of Hydra's tab-indented list (e.g. a group's presets)
+                parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+            else:
+                parts.append(line)
+        raise ConfigError("; ".join(parts) + " (every key with its default: conf/ and training/config.py; python "
+                          "scripts/train.py --help)") from e
+
+
+
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(HELP)
+        sys.exit(0)
     items = split_nvidia_options(sys.argv[1:])
     if any(kind == "nvidia" for kind, *_ in items):  # NVIDIA's options: say what to type instead, start nothing.
         if os.environ.get("RANK", "0") == "0":
             print(nvidia_message(sys.argv[0], items), file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     register_configs()
-    args = rewrite_data_shorthand(sys.argv[1:])
-    if wants_auto_model(args):
-        AUTO_DEFAULTED = True
-        args.append("model=auto")
+    args, AUTO_DEFAULTED = hydra_argv(sys.argv[1:])
+    try:
+        check_overrides(args)
+    except UserError as e:
+        sys.exit(report(e))
     sys.argv = [sys.argv[0]] + args
     try:
         main()
-    except SystemExit as e:  # Hydra reports an error in main and exits with 1
+    except SystemExit as e:  # Hydra reports an error in composing the config and exits with 1
         dist.end_process(e.code)
     dist.end_process(0)

@@ -452,4 +452,6 @@ def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys, request):
     assert (kid[0]["num_real"], kid[0]["num_gen"], kid[0]["metric"]) == (10, 10, "kid10")
     capsys.readouterr()
     assert calc_metrics.main(args + ["--metrics", "fid12", "--cache-dir", str(tmp_path / "e")]) == 2
-    assert inception.NVIDIA_URL in capsys.readouterr().out
+    err = capsys.readouterr().err.splitlines()  # one line: what is missing, where it looked, how to point at it
+    assert len(err) == 1 and err[0].startswith("error: Inception detector not found") and inception.NVIDIA_URL in err[0]
+    assert err[0].endswith("(SWD needs no Inception file: --metrics swd16k)")

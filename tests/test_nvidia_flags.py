@@ -127,6 +127,9 @@ def test_user_dataset_without_model_trains_auto_and_says_why(tmp_path, folder):
     assert ("Model preset: auto (no model= given for a user dataset: NVIDIA's 'auto' rules for 16 px and 1 process: "
             "batch 32, minibatch-std group 4, channel base 16384, lr 0.0025/0.0025, R1 gamma 3, EMA 10 kimg (values "
             "given on the command line kept); model=<preset> picks another)") in proc.stdout.splitlines()
+    assert ("Warning: no GPU: model=auto trains paper-size networks (16 px), which take minutes per kimg on a CPU. "
+            "model=tiny is the CPU preset (about 4 sec/kimg at 32 px on 2 cores, README \"Limits\"): add model=tiny "
+            "to try things out here") in proc.stdout.splitlines()
     config = (tmp_path / "runs/00000-pngs-auto/config.yaml").read_text()
     assert "model:\n  name: auto\n" in config and "  auto: true\n" in config
     # As NVIDIA's --cfg=auto --gamma=3: the value given is kept, the other derived keys follow the resolution.

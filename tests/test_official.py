@@ -277,7 +277,7 @@ def test_parity_with_reference_outputs(real, output):
             assert np.abs(np.load(DATA / f'w{i}.npz')['w'][0] - got[i].numpy()).max() <= TOL
 
 
-# The CLI converts to a ganforge snapshot that loads back to the same images; refused input exits 1, no output.
+# The CLI converts to a ganforge snapshot that loads back to the same images; refused input exits 2, no output.
 @needs_data
 def test_convert_script_roundtrip(tmp_path, capsys):
     from scripts.convert_official import main
@@ -294,7 +294,7 @@ def test_convert_script_roundtrip(tmp_path, capsys):
     assert snap['config']['renamed'] == {} and snap['G'] is not None
     evil, bad_out = tmp_path / 'evil.pkl', tmp_path / 'bad.safetensors'
     evil.write_bytes(pickle.dumps(_Payload(*_payloads(tmp_path / 'pwned')['os.system'])))
-    assert main([str(evil), str(bad_out)]) == 1
+    assert main([str(evil), str(bad_out)]) == 2
     assert 'posix.system' in capsys.readouterr().err and not bad_out.exists()
     assert not (tmp_path / 'pwned').exists()
 

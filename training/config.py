@@ -9,6 +9,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from training.errors import UserError
+
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (bad input: one `error:` line naming the key, exit 2)."""
 
 
 @dataclass
@@ -38,8 +44,8 @@ class DataConfig:
     """Training data (data group): a folder or zip of images, or the embedded synthetic dataset."""
     name: Optional[str] = "synthetic"  # dataset name for the run directory (folder/zip name when a path is given)
     path: Optional[str] = None         # folder or zip of images; null = embedded synthetic dataset
-    resolution: int = 32               # synthetic dataset only: image size (px, power of two)
-    num_images: int = 4096             # synthetic dataset only: number of images
+    resolution: Optional[int] = 32     # synthetic dataset only: image size (px, power of two); null for images
+    num_images: Optional[int] = 4096   # synthetic dataset only: number of images; null for images
     use_labels: bool = False           # condition G and D on dataset.json labels (class-conditional)
     xflip: bool = False                # double the dataset with horizontal mirrors
     max_size: Optional[int] = None     # use a random subset of this many images (images); null = all
@@ -92,7 +98,7 @@ class LogConfig:
     """Logging (log group)."""
     wandb: str = "disabled"            # wandb mode: disabled | offline | online
     wandb_project: str = "ganforge"    # wandb project name
-    progress: bool = True              # show a progress bar (rank 0)
+    progress: Optional[bool] = None    # progress bar (rank 0): null = only when stdout is a terminal
     trackers: List[str] = field(default_factory=list)  # Accelerate trackers: wandb, tensorboard ([] = only stats.jsonl)
 
 
@@ -226,9 +232,41 @@ def apply_auto(cfg: Config, resolution: int, num_processes: int) -> Config:
         cfg = dataclasses.replace(cfg, **groups)
     unset = [f"{group}.{key}" for group, key, _ in AUTO_KEYS if getattr(getattr(cfg, group), key) is None]
     if unset:
-        raise ValueError(f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} null, which only model.auto "
+        raise ConfigError(f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} null, which only model.auto "
                          f"fills in: give {'a value' if len(unset) == 1 else 'values'} or use model=auto")
     return cfg
+
+
+# Start-up checks of values that no schema type catches: each error names the key, the value and what works.
+def check_settings(cfg: Config) -> None:
+    """Refuse a negative training length (0 sets the run up and stops) and a tick that is not positive."""
+    if not cfg.train.kimg >= 0:
+        raise ConfigError(f"train.kimg={cfg.train.kimg:g} must be positive (thousands of real images shown to D, e.g. "
+                          f"train.kimg=1000; 0 sets the run up and stops)")
+    if not cfg.train.tick_kimg > 0:
+        raise ConfigError(f"train.tick_kimg={cfg.train.tick_kimg:g} must be positive (kimg between progress lines, "
+                          f"e.g. train.tick_kimg=4)")
+
+
+def is_image_dataset(path) -> bool:
+    """Whether data.path names a folder or zip of images (not the embedded synthetic dataset)."""
+    return path is not None and not (str(path) == "synthetic" or str(path).startswith("synthetic:"))
+
+
+# data.resolution and data.num_images size the synthetic dataset; an image dataset has its files' own.
+def drop_synthetic_keys(cfg: Config) -> tuple:
+    """For an image dataset, `cfg` with data.resolution and data.num_images null (so that config.yaml records what
+    is true) and a note naming those that were given; else (cfg, None)."""
+    if not is_image_dataset(cfg.data.path):
+        return cfg, None
+    given = [f"data.{k}={v}" for k in ("resolution", "num_images") if (v := getattr(cfg.data, k)) is not None]
+    if not given:
+        return cfg, None
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=None, num_images=None))
+    return cfg, (f"Note: {' and '.join(given)} ignored: data.resolution and data.num_images size the synthetic "
+                 f"dataset only; {cfg.data.path} has "
+                 f"its files' resolution and count (data.max_size=N trains on N of them; scripts/dataset_tool.py "
+                 f"--resolution resizes them)")
 
 
 def parse_bool(text: str) -> bool:

@@ -31,6 +31,24 @@ def report(e: BaseException, exit_code: int | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         if debug():
             traceback.print_exception(e)
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        # An OSError made as (errno, message) reads "[Errno N] message": the message says it all.
+        text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
+        message = " ".join(text.split("\n")).strip() or type(e).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def run_cli(main, end=sys.exit) -> None:
+    """A script's entry point: run `main()` and end the process through `end` (sys.exit, or dist.end_process in a
+    launched job) with its status. A UserError, or a SystemExit carrying a message (the scripts' checks of their
+    options), becomes one `error:` line (report) and its exit status (2 for a message)."""
+    try:
+        status = main()
+    except UserError as e:
+        status = report(e)
+    except SystemExit as e:
+        status = e.code
+        if isinstance(status, str):
+            text = status[len("error:"):].strip() if status.startswith("error:") else status
+            status = report(UserError(text))
+    end(status)

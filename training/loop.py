@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import torch
 from tqdm import tqdm
 
 from networks.factory import build_networks
+from networks.layers import channels_at
 from ops import dispatch
 from training import dist
-from training.config import Config, apply_auto, config_dict
+from training.config import Config, ConfigError, apply_auto, check_settings, config_dict, drop_synthetic_keys
 from training.data.augment import make_adaptive_p, make_augment_pipe
-from training.data.dataset import open_dataset
+from training.data.dataset import open_dataset, read_dataset_json
 from training.data.loader import default_num_workers, local_process_count, make_loader
 from training.data.sampler import InfiniteSampler
 from training.eval import inception
@@ -100,6 +102,27 @@ def _load_metrics(metrics, device):
         return names, None
 
 
+# Start-up lines about the data that would otherwise go unnoticed (rank 0).
+def dataset_notes(dataset, path, use_labels: bool) -> None:
+    """Refuse data.use_labels=true for a dataset without labels; say how many zip members were left out as unsafe,
+    and that labels in dataset.json go unused without data.use_labels=true."""
+    if use_labels and not dataset.has_labels:
+        raise ConfigError(f"data.use_labels=true, but {path if path is not None else 'the synthetic dataset'} has no "
+                          f"labels (no dataset.json, or its 'labels' is null); write them with scripts/dataset_tool.py "
+                          f"--labels from-folders, or leave data.use_labels out for an unconditional model")
+    outside = getattr(dataset, "outside", [])
+    if outside:
+        dist.print0(f"Warning: {path}: {len(outside)} zip member(s) left out because their path leaves the archive "
+                    f"(../ or absolute), e.g. {outside[0]}")
+    if path is not None and not use_labels and hasattr(dataset, "outside"):
+        labels = (read_dataset_json(path) or {}).get("labels")
+        if labels:
+            names = (read_dataset_json(path) or {}).get("class_names")
+            classes = f"{len(names)} classes" if isinstance(names, dict) else "labels"
+            dist.print0(f"Note: {path} has {classes} in its dataset.json, unused: training an unconditional model; "
+                        f"data.use_labels=true trains a class-conditional one")
+
+
 def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     accelerator = dist.init(mixed_precision=requested.train.mixed_precision)
     device = dist.device()
@@ -107,22 +130,36 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     _setup_torch(requested.train, device, world)
 
     # Data: every rank reads its own shard of an endless seeded stream; 'auto' settings follow its resolution.
+    check_settings(requested)
+    requested, note = drop_synthetic_keys(requested)
+    if note:
+        dist.print0(note)
     d = requested.data
     dataset = open_dataset(d.path, use_labels=d.use_labels, xflip=d.xflip, max_size=d.max_size,
                            random_seed=requested.train.seed,
                            **(dict(resolution=d.resolution, num_images=d.num_images) if d.path is None else {}))
+    dataset_notes(dataset, d.path, d.use_labels)
     cfg = apply_auto(requested, dataset.resolution, world)
     t, m = cfg.train, cfg.model
+    if channels_at(dataset.resolution, m.channel_base, m.channel_max) < 1:
+        raise ConfigError(f"{d.path}: images are {dataset.resolution} px, too large for model.channel_base="
+                          f"{m.channel_base} (min(channel_base / resolution, channel_max) channels: none at "
+                          f"{dataset.resolution} px); resize them with scripts/dataset_tool.py --resolution, or raise "
+                          f"model.channel_base to at least {dataset.resolution}")
     batch_size = t.batch_size
     batch_gpu, rounds = check_batch(batch_size, t.batch_gpu, world, m.mbstd_group)
+    if len(dataset) < batch_size:
+        dist.print0(f"Warning: the dataset has {len(dataset)} images{' (with mirrors)' if d.xflip else ''}, fewer "
+                    f"than one batch (train.batch_size={batch_size}): every batch repeats images, and D can learn "
+                    f"them by heart within a few kimg; use more images, or a smaller train.batch_size")
     # Progressive schedule (None when off): every stage's batches are checked now, not when the stage begins.
     schedule = make_schedule(cfg.schedule, dataset.resolution, t)
     for start in (schedule.starts if schedule is not None else []):
         st = schedule.at(start)
         try:
             check_batch(st.batch_size, st.batch_gpu, world, m.mbstd_group)
-        except ValueError as e:
-            raise ValueError(f"schedule stage {st.index} ({st.resolution} px, schedule.batch_size/batch_gpu): "
+        except ConfigError as e:
+            raise ConfigError(f"schedule stage {st.index} ({st.resolution} px, schedule.batch_size/batch_gpu): "
                              f"{e}") from None
     total_nimg = int(t.kimg * 1000)
 
@@ -254,7 +291,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     # the resume point, as stats.jsonl dropped it (a no-op object on other ranks).
     trackers = open_trackers(cfg.log, config_dict(cfg), run_dir, purge_step=c.cur_nimg + 1 if resumed else 0)
     pbar = None
-    if dist.is_main() and cfg.log.progress:
+    if dist.is_main() and (cfg.log.progress if cfg.log.progress is not None else sys.stdout.isatty()):
         pbar = tqdm(total=total_nimg / 1000, initial=c.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
     page = ReportPage(run_dir, pbar)  # report.html, rewritten at every snapshot (rank 0)

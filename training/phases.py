@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from training import dist
+from training.config import ConfigError
 from training.io import official
 
 
@@ -102,7 +103,7 @@ def resolve_freeze_d(requested: Optional[int], plan: dict) -> int:
         value = source_freeze_d(plan["path"])
     value = 0 if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
+        raise ConfigError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
     return value
 
 
@@ -120,17 +121,28 @@ def freeze_summary(D, freeze_d: int) -> str:
 
 
 def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int) -> tuple:
-    """Check batch divisibility at start-up; return (batch_gpu, accumulation rounds). Errors name the keys."""
+    """Check batch divisibility at start-up; return (batch_gpu, accumulation rounds). Errors (ConfigError) name the
+    keys and a value that works."""
+    if batch_size <= 0:
+        raise ConfigError(f"train.batch_size={batch_size} must be a positive number of images (total over all "
+                          f"processes, e.g. train.batch_size=32)")
+    if batch_gpu is not None and batch_gpu <= 0:
+        raise ConfigError(f"train.batch_gpu={batch_gpu} must be a positive number of images per process, or null "
+                          f"(train.batch_size / processes)")
     if batch_gpu is None:
         if batch_size % world != 0:
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by the number of processes ({world})")
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the number of processes ({world})")
         batch_gpu = batch_size // world
-    if batch_gpu <= 0 or batch_size % (batch_gpu * world) != 0:
-        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.batch_gpu={batch_gpu} times "
-                         f"the number of processes ({world})")
+    if batch_size % (batch_gpu * world) != 0:
+        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of train.batch_gpu={batch_gpu} times "
+                          f"the number of processes ({world})")
+    if mbstd_group < 1:
+        raise ConfigError(f"model.mbstd_group={mbstd_group} must be at least 1 (images per minibatch-std group)")
     group = min(mbstd_group, batch_gpu)
     if batch_gpu % group != 0:
-        raise ValueError(f"train.batch_gpu={batch_gpu} must be divisible by model.mbstd_group={mbstd_group}")
+        raise ConfigError(f"train.batch_gpu={batch_gpu} must be divisible by model.mbstd_group={mbstd_group} (the "
+                          f"minibatch-std group); pick a group that divides it, e.g. model.mbstd_group="
+                          f"{max(g for g in range(1, group + 1) if batch_gpu % g == 0)}")
     return batch_gpu, batch_size // (batch_gpu * world)
 
 

@@ -8,8 +8,10 @@ import time
 
 import torch
 
+from training.errors import RunTimeFailure
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(RunTimeFailure, RuntimeError):
     """Training stopped after train.max_nonfinite minibatches in a row with non-finite gradients."""
     pass
 

@@ -21,6 +21,8 @@ SAFE_KEYS = ("train.kimg", "train.tick_kimg", "train.snap", "train.image_snap", 
 IGNORED_KEYS = ("run_dir", "resume", "outdir")
 # The sha256 of the dataset's file list (dataset_files_sha256): compared by check_dataset, with its own message.
 DATASET_KEY = "files_sha256"
+# Keys that size the synthetic dataset only.
+SYNTHETIC_KEYS = ("data.resolution", "data.num_images")
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
@@ -47,6 +49,8 @@ def config_changes(old: dict, new: dict):
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in IGNORED_KEYS or key == f"data.{DATASET_KEY}" or a.get(key, None) == b.get(key, None):
             continue
+        if key in SYNTHETIC_KEYS and b.get("data.path") is not None:
+            continue  # Not used by an image dataset (recorded as null since; older runs recorded the defaults).
         if key not in a or key not in b:
             allowed.append(f"{key}: {a.get(key, '(absent)')!r} → {b.get(key, '(absent)')!r}")
             continue

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
+from training.config import ConfigError
+from training.state import ResumeError
 
 
 @dataclass(frozen=True)
@@ -32,26 +34,26 @@ class Schedule:
         name = cfg.name
         start = int(cfg.start_res)
         if cfg.target_res not in (None, resolution):
-            raise ValueError(f"schedule={name} is made for {cfg.target_res} px, but the dataset is {resolution} "
+            raise ConfigError(f"schedule={name} is made for {cfg.target_res} px, but the dataset is {resolution} "
                              f"px: choose the preset for {resolution} px (schedule=prog{resolution}) or set "
                              f"schedule.target_res=null")
         if start < 4 or 2 ** int(math.log2(start)) != start or start > resolution:
-            raise ValueError(f"schedule.start_res={start} must be a power of two between 4 and the dataset "
+            raise ConfigError(f"schedule.start_res={start} must be a power of two between 4 and the dataset "
                              f"resolution ({resolution} px)")
         self.resolutions = [start * 2 ** i for i in range(int(math.log2(resolution // start)) + 1)]
         n = len(self.resolutions)
         fade, stable = float(cfg.fade_kimg), float(cfg.stable_kimg)
         if fade < 0 or stable < 0:
-            raise ValueError(f"schedule.fade_kimg={fade} and schedule.stable_kimg={stable} must be >= 0")
+            raise ConfigError(f"schedule.fade_kimg={fade} and schedule.stable_kimg={stable} must be >= 0")
         bounds = [float(b) for b in cfg.boundaries_kimg]
         if not bounds:
             bounds = [stable + i * (fade + stable) for i in range(n - 1)]
         if len(bounds) != n - 1:
-            raise ValueError(f"schedule.boundaries_kimg has {len(bounds)} entries; stages {self.resolutions} px "
+            raise ConfigError(f"schedule.boundaries_kimg has {len(bounds)} entries; stages {self.resolutions} px "
                              f"need {n - 1} (the start of each stage after the first)")
         for a, b in zip([0.0] + bounds, bounds):
             if b < a + (fade if a > 0 else 0) or b <= 0:
-                raise ValueError(f"schedule.boundaries_kimg={bounds} must increase, start above 0 and leave each "
+                raise ConfigError(f"schedule.boundaries_kimg={bounds} must increase, start above 0 and leave each "
                                  f"fade (schedule.fade_kimg={fade}) room to finish before the next stage")
         self.starts = [0] + [round(b * 1000) for b in bounds]
         self.fade_nimg = fade * 1000
@@ -61,7 +63,7 @@ class Schedule:
             if not values:
                 return [default] * n
             if len(values) != n:
-                raise ValueError(f"schedule.{key} has {len(values)} entries; it needs one per stage "
+                raise ConfigError(f"schedule.{key} has {len(values)} entries; it needs one per stage "
                                  f"({n}: {self.resolutions} px) or none")
             return [None if v is None else kind(v) for v in values]
         self.batch_size = per_stage("batch_size", int(train.batch_size), int)
@@ -129,11 +131,11 @@ def check_stage_state(state: dict, schedule: Optional[Schedule], cur_nimg: int, 
     saved = state.get("stage")
     if schedule is None:
         if saved is not None:
-            raise ValueError(f"{source}: written during a progressive schedule (stage {saved}); resume it with the "
+            raise ResumeError(f"{source}: written during a progressive schedule (stage {saved}); resume it with the "
                              f"same schedule=... setting")
         return
     st = schedule.at(cur_nimg)
     if saved is None or int(saved["resolution"]) != st.resolution or abs(float(saved["alpha"]) - st.alpha) > 1e-9:
-        raise ValueError(f"{source}: holds stage {saved} at {cur_nimg / 1000:.3f} kimg, but the schedule puts "
+        raise ResumeError(f"{source}: holds stage {saved} at {cur_nimg / 1000:.3f} kimg, but the schedule puts "
                          f"{st.resolution} px, fade {st.alpha:.4f} there: resume with the schedule it was trained "
                          f"with")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from training import dist
+from training.errors import RunTimeFailure
 from training.io import checkpoint as ckpt
 from training.io.files import load_strict
 
@@ -17,7 +18,7 @@ STATE_FORMAT = "ganforge-training-state"
 STATE_VERSION = 2
 
 
-class ResumeError(ValueError):
+class ResumeError(RunTimeFailure, ValueError):
     """The run cannot start from what it was asked to resume from (and the message says why)."""
 
 

@@ -8,6 +8,7 @@ import torch
 from ops import upfirdn2d
 from training.data import augment_ops as ops
 from training import dist
+from training.config import ConfigError
 
 
 # The published multiplier presets (paper §4 / app. B): blit, geometric, colour, filter, noise and cutout groups.
@@ -29,7 +30,7 @@ PRESETS = {
 def presets(name: str) -> dict:
     """Constructor keyword arguments (multipliers) of the named preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"aug.preset: unknown augmentation preset {name!r}; choose from {sorted(PRESETS)}")
     out = {}
     for group in PRESETS[name]:
         out.update(_GROUPS[group])
@@ -258,7 +259,7 @@ def make_augment_pipe(cfg) -> Optional[AugmentPipe]:
     """The pipe for an `aug` config, with pipe.p set to cfg.p; None for mode 'noaug' (then D sees raw images)."""
     mode = cfg.mode
     if mode not in ("ada", "fixed", "noaug"):
-        raise ValueError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
+        raise ConfigError(f"aug.mode must be 'ada', 'fixed' or 'noaug', got {mode!r}")
     if mode == "noaug":
         return None
     pipe = AugmentPipe(**presets(cfg.preset), sync_free=cfg.sync_free)

@@ -10,6 +10,7 @@ import PIL.Image
 
 from training.data.base import BaseDataset
 from training.data.synthetic import SyntheticDataset
+from training.errors import UserError
 
 # File name endings (lower case) that are treated as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -28,10 +29,13 @@ _TOOL_HINT = ("convert the images with scripts/dataset_tool.py --source <folder>
               "--resolution <power of two>")
 
 
-class DatasetError(ValueError):
-    """Raised for a dataset whose files are not in the expected form; a ValueError so callers can catch it broadly.
-    """
-    pass
+class DatasetError(UserError, ValueError):
+    """Raised for a dataset whose files are not in the expected form (bad input: one `error:` line, exit 2); a
+    ValueError so callers can catch it broadly."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """Raised when the dataset path does not exist."""
 
 
 # Uniform read access to a folder or a zip archive; names are relative paths with '/' separators.
@@ -39,7 +43,7 @@ class _FileSource:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
-            raise FileNotFoundError(f"dataset path {self.path!r} does not exist "
+            raise DatasetNotFound(f"dataset path {self.path!r} does not exist "
                                     f"(expected a folder or a .zip of images)")
         self.is_zip = os.path.isfile(self.path)
         if self.is_zip and not zipfile.is_zipfile(self.path):
@@ -56,9 +60,13 @@ class _FileSource:
         return self._zip
 
     def names(self) -> list[str]:
-        """Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out."""
+        """Every file name in the source, sorted; macOS resource forks and hidden files/folders are left out, and
+        so are zip members whose path leaves the archive (`../`, absolute), which are listed in `self.outside`."""
+        self.outside = []
         if self.is_zip:
             names = [n for n in self.zip().namelist() if not n.endswith("/")]
+            self.outside = sorted(n for n in names if n.startswith("/") or ".." in n.replace("\\", "/").split("/"))
+            names = [n for n in names if n not in self.outside]
         else:
             names = []
             for root, dirs, files in os.walk(self.path, followlinks=True):
@@ -100,8 +108,12 @@ def _decode(data: bytes, where: str) -> tuple[PIL.Image.Image, int]:
     try:
         img = PIL.Image.open(io.BytesIO(data))
         img.load()
+    except PIL.UnidentifiedImageError as e:
+        raise DatasetError(f"{where}: not an image (no image format recognized in its {len(data)} bytes); remove it "
+                           f"or replace it with the image it should be") from e
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...).
-        raise DatasetError(f"{where}: unreadable, corrupt or truncated image ({type(e).__name__}: {e})") from e
+        raise DatasetError(f"{where}: unreadable, corrupt or truncated image ({type(e).__name__}: {e}); remove it or "
+                           f"replace it with an intact copy") from e
     mode = img.mode
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         raise DatasetError(f"{where}: image has an alpha channel (mode {mode}), which is not supported; "
@@ -160,6 +172,7 @@ class ImageDataset(BaseDataset):
         base = os.path.basename(os.path.normpath(self.path))
         self.name = os.path.splitext(base)[0] if self._src.is_zip else base
         self._fnames = self._src.image_names()
+        self.outside = self._src.outside  # zip members left out because their path leaves the archive
         if not self._fnames:
             raise DatasetError(f"{self.path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
                                f"{' in the archive' if self._src.is_zip else ' in the folder and its subfolders'})")
@@ -315,6 +328,27 @@ class ImageDataset(BaseDataset):
         if self._src.is_zip:
             return [(n, self._src.zip().getinfo(n).file_size) for n in self._fnames]
         return [(n, os.path.getsize(os.path.join(self.path, n))) for n in self._fnames]
+
+
+# dataset.json of a folder or zip, read without checks (None when absent or unreadable): for hints and class names;
+# ImageDataset(use_labels=True) is what checks it.
+def read_dataset_json(path) -> dict | None:
+    """The parsed dataset.json of the dataset at `path`, or None."""
+    try:
+        src = _FileSource(path)
+        if not src.exists("dataset.json"):
+            return None
+        data = json.loads(src.read("dataset.json").decode("utf-8"))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# The class-name -> index map that dataset_tool.py --labels from-folders stores in dataset.json.
+def class_names(path) -> dict | None:
+    """{class name: index} from dataset.json's 'class_names', or None."""
+    names = (read_dataset_json(path) or {}).get("class_names")
+    return names if isinstance(names, dict) else None
 
 
 # Open a dataset by name: None, 'synthetic' or 'synthetic:<resolution>' give the embedded SyntheticDataset,

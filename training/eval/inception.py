@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import dist
+from training.errors import RunTimeFailure
 from training.io.weights import (cache_root, download as _download, file_sha256,  # noqa: F401
                               is_torchscript as _is_torchscript, offline_env)
 
@@ -34,7 +35,7 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-class DetectorNotFound(FileNotFoundError):
+class DetectorNotFound(RunTimeFailure, FileNotFoundError):
     """Raised when no detector file can be found or fetched; says where to get one and how to point at it."""
     pass
 

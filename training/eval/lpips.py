@@ -7,6 +7,7 @@ import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
 from training import dist
+from training.errors import RunTimeFailure
 from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
 
 # The weight files users have, and where they are published.
@@ -26,7 +27,7 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
 
 
-class PerceptualWeightsNotFound(FileNotFoundError):
+class PerceptualWeightsNotFound(RunTimeFailure, FileNotFoundError):
     """Raised when no perceptual weights can be found or fetched; says which files, URLs and settings to use."""
     pass
 

@@ -16,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from networks.discriminator import Discriminator
 from networks.generator import Generator
+from training.errors import RunTimeFailure, UserError
 from training.io import official, weights
 # atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
 from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
@@ -26,7 +27,11 @@ STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
 TEMP_RE = temp_pattern(r"training-state-\d{6}\.pt|network-snapshot-\d{6}\.safetensors")
 
 
-class CheckpointError(ValueError):
+class SnapshotError(UserError, ValueError):
+    """A file given as a network snapshot that is not one (missing, another kind of file, unreadable): bad input."""
+
+
+class CheckpointError(RunTimeFailure, ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, failing its checksum, or carrying code."""
     pass
 
@@ -58,6 +63,16 @@ def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optio
     atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
+# A training state (a torch zip archive) where a snapshot was expected: safetensors would only say "header too large".
+def refuse_training_state(path: Path) -> None:
+    """Raise SnapshotError when `path` is a training state (training-state-*.pt) rather than a snapshot."""
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip or path.suffix == ".pt":
+        raise SnapshotError(f"{path}: a training state (for resume=), not a network snapshot; give the run's "
+                            f"network-snapshot-*.safetensors of the same kimg (or an official .pkl)")
+
+
 def load_snapshot(path, device="cpu") -> dict:
     """Build G, D, G_ema from a snapshot: a ganforge .safetensors, or an official .pkl through the safe importer.
 
@@ -68,17 +83,19 @@ def load_snapshot(path, device="cpu") -> dict:
     """
     path = Path(weights.fetch(path, what="network"))
     if not path.is_file():
-        raise FileNotFoundError(f"snapshot not found: {path}")
+        raise SnapshotError(f"snapshot not found: {path} (expected a network-snapshot-*.safetensors, an official "
+                            f".pkl or an http(s) URL)")
     if path.suffix == ".pkl":
         return official.build_networks(path, device=device)
+    refuse_training_state(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path}: not a readable ganforge snapshot (.safetensors): {e}") from e
+        raise SnapshotError(f"{path}: not a readable ganforge snapshot (.safetensors): {e}") from e
     if meta.get("format") != "ganforge-snapshot":
-        raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected 'ganforge-snapshot'")
+        raise SnapshotError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected 'ganforge-snapshot'")
     verify_snapshot(path, tensors, meta)
     out = {"config": json.loads(meta.get("config", "{}")),
            "meta": {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version", "config", "sha256")}}

@@ -5,13 +5,15 @@ import re
 import secrets
 from pathlib import Path
 
+from training.errors import RunTimeFailure
+
 # Temporary files of an atomic write are named ".<target name>.<random>.tmp", beside the target.
 TEMP_SUFFIX = ".tmp"
 # Keys of each kind listed in a load_strict error (the count of the rest follows).
 LIST_KEYS = 8
 
 
-class FileWriteError(OSError):
+class FileWriteError(RunTimeFailure, OSError):
     """Writing a file failed (disk full, permissions, I/O error); whatever was at its path before is intact."""
 
 

@@ -11,20 +11,21 @@ import torch
 
 from networks.discriminator import Discriminator
 from networks.generator import Generator
+from training.errors import UserError
 from training.io.files import load_strict
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """Raised when a pickle asks for anything outside the short list of globals the official format needs."""
     pass
 
 
-class UnsupportedNetworkError(ValueError):
+class UnsupportedNetworkError(UserError, ValueError):
     """Raised when the file is a valid official pickle but holds a network ganforge cannot represent."""
     pass
 
 
-class OfficialFormatError(ValueError):
+class OfficialFormatError(UserError, ValueError):
     """Raised when the file's structure is not the official persistence layout (missing keys, wrong types)."""
     pass
 

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 
+from training.errors import RunTimeFailure
 from training.io.files import TEMP_SUFFIX, atomic_open
 
 # Files fetched by URL live in <cache>/downloads/<first URL_KEY_CHARS hex of sha256(url)>/<the URL's basename>.
@@ -30,7 +31,7 @@ KNOWN_SHA256 = {
 }
 
 
-class DownloadError(OSError):
+class DownloadError(RunTimeFailure, OSError):
     """A URL could not be made a complete local file: offline, an HTTP or network error, a truncated download or a
     checksum mismatch. The message names the URL and the cache path; nothing incomplete is left in the cache."""
 
