@@ -9,10 +9,12 @@ from ops import _fused, dispatch
 
 Padding = Union[int, Sequence[int]]
 
-# Sources of the extension: the CPU-only build, and the CUDA build (its .cpp also holds the CPU kernel).
-SOURCES = {"cpu": ["upfirdn2d.cpp"], "cuda": ["upfirdn2d.cpp", "upfirdn2d.cu"]}
+# Sources of the extension: the CPU-only build (CPU kernels, and the GPU kernels emulated), and the CUDA build.
+SOURCES = {"cpu": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp"],
+           "cuda": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp", "upfirdn2d.cu"]}
 
-# CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = per-output (the CUDA code path); tests set it.
+# CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = the GPU's general kernel emulated, 3 = the GPU's tiled
+# kernels emulated (the variant CUDA would pick); tests set it.
 upfirdn2d_cpu_path = 0
 
 
