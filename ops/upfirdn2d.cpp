@@ -303,6 +303,39 @@ static void upfirdn2d_direct(const scalar_t* x, scalar_t* y, const Geom& g, cons
   }
 }
 
+// o[c] = sum_k w[k] * src[k*stride + c] for c < len, N taps known at compile time: the sum stays in registers and
+// each output is written once.
+template <int N, typename out_t, typename acc_t, typename in_t>
+GF_ALWAYS_INLINE void taps_cl_fixed(out_t* o, const in_t* src, int64_t stride, const acc_t* w, int64_t len) {
+  acc_t wk[N];
+  for (int k = 0; k < N; ++k) wk[k] = w[k];
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) {
+    acc_t s = acc_t(0);
+    for (int k = 0; k < N; ++k) s += wk[k] * (acc_t)src[k * stride + c];
+    o[c] = (out_t)s;
+  }
+}
+
+// The same for any n (zero taps: zeros), through the fixed versions for 1..8 taps; `acc` holds len values.
+template <typename out_t, typename acc_t, typename in_t>
+GF_ALWAYS_INLINE void taps_cl(out_t* o, const in_t* src, int64_t stride, const acc_t* w, int n, int64_t len,
+                              acc_t* acc) {
+#define GF_FIXED(N) \
+  case N: return taps_cl_fixed<N, out_t, acc_t, in_t>(o, src, stride, w, len);
+  switch (n) { GF_FIXED(1) GF_FIXED(2) GF_FIXED(3) GF_FIXED(4) GF_FIXED(5) GF_FIXED(6) GF_FIXED(7) GF_FIXED(8) }
+#undef GF_FIXED
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) acc[c] = acc_t(0);
+  for (int k = 0; k < n; ++k) {
+    const acc_t wk = w[k];
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) acc[c] += wk * (acc_t)src[k * stride + c];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) o[c] = (out_t)acc[c];
+}
+
 // Channels-last image n (x [H, W, C], y [OH, OW, C] in memory): every tap multiplies a whole C-vector, so the inner
 // loops run over channels, contiguous in memory (no copy to contiguous and back). Output rows go in bands of kBand:
 // with a separable filter, each input row the band reads is filtered horizontally once into tmp [rows, OW, C], then
@@ -314,7 +347,8 @@ GF_CPU_CLONES static void band_cl(const scalar_t* x, scalar_t* y, const Geom* g,
                                   const typename GfAcc<scalar_t>::type* w, int fw,
                                   const typename GfAcc<scalar_t>::type* wx, const typename GfAcc<scalar_t>::type* wy,
                                   bool separable, const GfTaps* tx, const GfTaps* ty,
-                                  typename GfAcc<scalar_t>::type* tmp, typename GfAcc<scalar_t>::type* acc) {
+                                  typename GfAcc<scalar_t>::type* tmp, typename GfAcc<scalar_t>::type* acc,
+                                  typename GfAcc<scalar_t>::type* wv) {
   using acc_t = typename GfAcc<scalar_t>::type;
   const int64_t rowlen = (int64_t)g->W * C, orowlen = (int64_t)g->OW * C;
   if (separable) {
@@ -329,36 +363,15 @@ GF_CPU_CLONES static void band_cl(const scalar_t* x, scalar_t* y, const Geom* g,
       acc_t* tr = tmp + (int64_t)(iy - r0) * orowlen;
       for (int ox = 0; ox < g->OW; ++ox) {
         const GfTaps t = tx[ox];
-        acc_t* o = tr + (int64_t)ox * C;
-#pragma omp simd
-        for (int c = 0; c < C; ++c) o[c] = acc_t(0);
-        for (int b = 0; b < t.n; ++b) {
-          const acc_t wk = wx[t.k0 + b * g->upx];
-          const scalar_t* src = xr + (int64_t)(t.i0 + b) * C;
-#pragma omp simd
-          for (int c = 0; c < C; ++c) o[c] += wk * (acc_t)src[c];
-        }
+        for (int b = 0; b < t.n; ++b) wv[b] = wx[t.k0 + b * g->upx];
+        taps_cl<acc_t, acc_t, scalar_t>(tr + (int64_t)ox * C, xr + (int64_t)t.i0 * C, C, wv, t.n, C, acc);
       }
     }
     for (int oy = oy0; oy < oy1; ++oy) {
       const GfTaps t = ty[oy];
-      scalar_t* yr = y + oy * orowlen;
-      if (t.n == 0) {
-        std::fill(yr, yr + orowlen, scalar_t(0));
-        continue;
-      }
-      const acc_t* t0 = tmp + (int64_t)(t.i0 - r0) * orowlen;
-      const acc_t w0 = wy[t.k0];
-#pragma omp simd
-      for (int64_t j = 0; j < orowlen; ++j) acc[j] = w0 * t0[j];
-      for (int a = 1; a < t.n; ++a) {
-        const acc_t wa = wy[t.k0 + a * g->upy];
-        const acc_t* ta = t0 + (int64_t)a * orowlen;
-#pragma omp simd
-        for (int64_t j = 0; j < orowlen; ++j) acc[j] += wa * ta[j];
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < orowlen; ++j) yr[j] = (scalar_t)acc[j];
+      for (int a = 0; a < t.n; ++a) wv[a] = wy[t.k0 + a * g->upy];
+      const acc_t* t0 = tmp + (int64_t)(t.n > 0 ? t.i0 - r0 : 0) * orowlen;
+      taps_cl<scalar_t, acc_t, acc_t>(y + oy * orowlen, t0, orowlen, wv, t.n, orowlen, acc);
     }
     return;
   }
@@ -400,13 +413,13 @@ static void upfirdn2d_cl(const scalar_t* x, scalar_t* y, const Geom& g, int N, i
 #pragma omp parallel if ((int64_t)N * C * g.OH * g.OW >= kMinParallel)
   {
     std::vector<acc_t> tmp(separable ? (size_t)std::min(rows, g.H) * g.OW * C : 0);
-    std::vector<acc_t> acc(separable ? (size_t)g.OW * C : (size_t)C);
+    std::vector<acc_t> acc(separable ? (size_t)g.OW * C : (size_t)C), wv(std::max(fw, fh));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < work; ++i) {
       const int n = (int)(i / bands), oy0 = (int)(i % bands) * kBand;
       band_cl<scalar_t>(x + (int64_t)n * g.H * g.W * C, y + (int64_t)n * g.OH * g.OW * C, &g, C, oy0,
                         std::min(oy0 + kBand, g.OH), w.data(), fw, wx.data(), wy.data(), separable, tx.data(),
-                        ty.data(), tmp.data(), acc.data());
+                        ty.data(), tmp.data(), acc.data(), wv.data());
     }
   }
 }

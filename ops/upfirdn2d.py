@@ -152,14 +152,12 @@ def load_fused(x):
     return _fused.bind(load, upfirdn2d_fused, x)
 
 
-# One kernel call; a channels-last input gives a channels-last output, as with the reference.
+# One kernel call; the kernels read a channels-last input in place and write a channels-last output, as the
+# reference gives.
 def _upfirdn2d_call(ext, x, f, up, down, padding, flip, gain):
     (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
-    y = ext.upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip, gain,
-                      upfirdn2d_cpu_path if x.device.type == "cpu" else 0)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return ext.upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip, gain,
+                         upfirdn2d_cpu_path if x.device.type == "cpu" else 0)
 
 
 # upfirdn2d in one kernel pass; the backward is the same op with up/down swapped, the filter flipped and the
