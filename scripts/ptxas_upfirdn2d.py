@@ -42,9 +42,10 @@ def compile_report(arch: str, cuda_home: str, extra=()):
         if m and name:
             stack, st, ld = map(int, m.groups())
             continue
-        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        m = re.search(r"Used (\d+) registers", line)
         if m and name:
-            rows.append((name, int(m.group(1)), int(m.group(2)), stack, st, ld))
+            smem = re.search(r"(\d+) bytes smem", line)
+            rows.append((name, int(m.group(1)), int(smem.group(1)) if smem else 0, stack, st, ld))
             name = None
     return warnings, rows
 
