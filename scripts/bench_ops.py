@@ -156,7 +156,8 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
               rep_budget: float = None, layouts=("contiguous", "channels_last")) -> list:
     """Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor
     of a case, bias and filter included) within `budget_s` seconds (the rest is marked skipped), the upfirdn2d
-    feature-map cases in each of `layouts`. Rows: device, dtype, case, op, shape, layout, ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
+    feature-map cases in each of `layouts`. Rows: device, dtype, case, op, shape, layout,
+    ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
     bytes_fwd_bwd, gbps_fwd and gbps_fwd_bwd (fused), gbps_ref_fwd, gbps_ref_fwd_bwd, pct_peak_fwd and
     pct_peak_fwd_bwd (fused, CUDA only), peak_gbps, peak_source, skipped (None or the reason), ok (True: timed;
     False: the fused op is unavailable or fell back to the reference; None: out of time or memory)."""

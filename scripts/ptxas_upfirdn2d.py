@@ -1,4 +1,4 @@
-"""Compiles ops/upfirdn2d.cu with nvcc -Xptxas -v per arch; prints warnings and each kernel's registers, smem, spills."""
+"""Compiles ops/upfirdn2d.cu with nvcc -Xptxas -v per arch: warnings, each kernel's registers, smem and spills."""
 import argparse
 import os
 import re
@@ -58,7 +58,8 @@ def pretty(mangled: str) -> str:
     if m:
         t, up, down, f, sep, cl = [a.strip() for a in m.group(1).split(",")]
         t = t.replace("c10::", "")
-        return f"tiled {t} up{up} down{down} {f}-tap {'sep' if sep == 'true' else '2-D'} {'CL' if cl == 'true' else 'NCHW'}"
+        kind = f"{'sep' if sep == 'true' else '2-D'} {'CL' if cl == 'true' else 'NCHW'}"
+        return f"tiled {t} up{up} down{down} {f}-tap {kind}"
     m = re.search(r"upfirdn2d_general_kernel<([^>]*)>", name)
     return f"general {m.group(1).replace('c10::', '')}" if m else name[:80]
 

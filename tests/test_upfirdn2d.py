@@ -1,4 +1,4 @@
-"""upfirdn2d's GPU kernels (tiled variants and the general kernel, emulated on the CPU) and CPU kernels vs the reference."""
+"""upfirdn2d's GPU kernels (tiled and general, emulated on the CPU) and CPU kernels against the reference."""
 import pytest
 import torch
 
@@ -61,7 +61,8 @@ def _kernel(ext, x, f, up, down, pad, flip, gain, path):
 
 # The reference in float64 on the same (rounded) input, and the same with |x| and |f|: the kernel accumulates in
 # float (double for double) and rounds once to the output dtype, so |y - ref| <= eps(dtype) |ref| (or half a
-# subnormal step, eps(dtype) * tiny) plus the accumulation error, at most (taps + 2) float roundings of sum |w x| (2^-24 each; 144 taps < 2^8).
+# subnormal step, eps(dtype) * tiny) plus the accumulation errors of kernel and reference, each at most (taps + 2)
+# roundings of sum |w x| (2^-24 each in float, 2^-53 in double; the cases here sum at most 24 taps: 2 * 26 < 2^8).
 def _bound(x, f, up, down, pad, flip, gain):
     r = upfirdn2d_ref(x.double(), f.double(), (up, up), (down, down), pad, flip, gain)
     s = upfirdn2d_ref(x.double().abs(), f.double().abs(), (up, up), (down, down), pad, flip, abs(gain))
