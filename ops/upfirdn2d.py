@@ -41,6 +41,19 @@ def _parse_scaling(s):
     return sx, sy
 
 
+# The [1, 1] identity filter of each device, made once (not a fill kernel per pad-only call), as a normal tensor
+# even when first asked for under inference mode (autograd may save it later).
+_identity = {}
+
+
+def _identity_filter(device):
+    f = _identity.get(device)
+    if f is None:
+        with torch.inference_mode(False):
+            f = _identity[device] = torch.ones([1, 1], dtype=torch.float32, device=device)
+    return f
+
+
 def filter_size(f: Optional[torch.Tensor]):
     """Filter size (width, height) of a 1-D (separable) or 2-D filter; None means the identity filter [1]."""
     if f is None:
@@ -81,7 +94,7 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
     downx, downy = _parse_scaling(down)
     px0, px1, py0, py1 = _parse_padding(padding)
     if f is None:
-        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+        f = _identity_filter(x.device)
     fw, fh = filter_size(f)
     out_w = (x.shape[3] * upx + px0 + px1 - fw) // downx + 1
     out_h = (x.shape[2] * upy + py0 + py1 - fh) // downy + 1
