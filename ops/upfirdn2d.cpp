@@ -13,11 +13,9 @@
 
 #include "upfirdn2d.h"
 
-#ifdef GF_WITH_CUDA
-// Defined in upfirdn2d.cu; w is the [fh, fw] filter in correlation order with the gain folded in.
-at::Tensor gf_upfirdn2d_cuda(at::Tensor x, at::Tensor w, int upx, int upy, int downx, int downy, int px0, int px1,
-                             int py0, int py1);
-#endif
+// Defined in upfirdn2d_gpu.cpp: the GPU kernels' call on CUDA, or emulated on the CPU (`general`: no tiles).
+at::Tensor upfirdn2d_gpu_design(const at::Tensor& x, at::Tensor f, int upx, int upy, int downx, int downy, int px0,
+                                int py0, int OH, int OW, bool flip, double gain, bool general);
 
 // Below this many outputs a call runs on one thread (a parallel region costs more than it saves, and on a busy
 // machine a descheduled worker stalls the whole region).
@@ -305,21 +303,124 @@ static void upfirdn2d_direct(const scalar_t* x, scalar_t* y, const Geom& g, cons
   }
 }
 
-// One output at a time through gf_upfirdn2d_point, the exact code the CUDA kernel runs (tests use it to cover
-// the GPU's index arithmetic on the CPU).
+// o[c] = sum_k w[k] * src[k*stride + c] for c < len, N taps known at compile time: the sum stays in registers and
+// each output is written once.
+template <int N, typename out_t, typename acc_t, typename in_t>
+GF_ALWAYS_INLINE void taps_cl_fixed(out_t* o, const in_t* src, int64_t stride, const acc_t* w, int64_t len) {
+  acc_t wk[N];
+  for (int k = 0; k < N; ++k) wk[k] = w[k];
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) {
+    acc_t s = acc_t(0);
+    for (int k = 0; k < N; ++k) s += wk[k] * (acc_t)src[k * stride + c];
+    o[c] = (out_t)s;
+  }
+}
+
+// The same for any n (zero taps: zeros), through the fixed versions for 1..8 taps; `acc` holds len values.
+template <typename out_t, typename acc_t, typename in_t>
+GF_ALWAYS_INLINE void taps_cl(out_t* o, const in_t* src, int64_t stride, const acc_t* w, int n, int64_t len,
+                              acc_t* acc) {
+#define GF_FIXED(N) \
+  case N: return taps_cl_fixed<N, out_t, acc_t, in_t>(o, src, stride, w, len);
+  switch (n) { GF_FIXED(1) GF_FIXED(2) GF_FIXED(3) GF_FIXED(4) GF_FIXED(5) GF_FIXED(6) GF_FIXED(7) GF_FIXED(8) }
+#undef GF_FIXED
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) acc[c] = acc_t(0);
+  for (int k = 0; k < n; ++k) {
+    const acc_t wk = w[k];
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) acc[c] += wk * (acc_t)src[k * stride + c];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) o[c] = (out_t)acc[c];
+}
+
+// Channels-last image n (x [H, W, C], y [OH, OW, C] in memory): every tap multiplies a whole C-vector, so the inner
+// loops run over channels, contiguous in memory (no copy to contiguous and back). Output rows go in bands of kBand:
+// with a separable filter, each input row the band reads is filtered horizontally once into tmp [rows, OW, C], then
+// each output row sums its vertical taps of tmp; otherwise each output pixel sums its 2-D taps of x.
+static const int kBand = 8;
+
 template <typename scalar_t>
-static void upfirdn2d_pointwise(const scalar_t* x, scalar_t* y, const Geom& g, const std::vector<double>& w_d, int fh,
-                                int fw) {
+GF_CPU_CLONES static void band_cl(const scalar_t* x, scalar_t* y, const Geom* g, int C, int oy0, int oy1,
+                                  const typename GfAcc<scalar_t>::type* w, int fw,
+                                  const typename GfAcc<scalar_t>::type* wx, const typename GfAcc<scalar_t>::type* wy,
+                                  bool separable, const GfTaps* tx, const GfTaps* ty,
+                                  typename GfAcc<scalar_t>::type* tmp, typename GfAcc<scalar_t>::type* acc,
+                                  typename GfAcc<scalar_t>::type* wv) {
   using acc_t = typename GfAcc<scalar_t>::type;
-  const std::vector<acc_t> w(w_d.begin(), w_d.end());
-  const int64_t n = g.planes * g.OH * g.OW;
-#pragma omp parallel for schedule(static) if (n >= kMinParallel)
-  for (int64_t i = 0; i < n; ++i) {
-    const int ox = (int)(i % g.OW), oy = (int)((i / g.OW) % g.OH);
-    const int64_t p = i / ((int64_t)g.OW * g.OH);
-    const GfTaps ty = gf_taps(oy, g.upy, g.downy, g.py0, g.H, fh);
-    const GfTaps tx = gf_taps(ox, g.upx, g.downx, g.px0, g.W, fw);
-    y[i] = (scalar_t)gf_upfirdn2d_point<acc_t, scalar_t>(x + p * g.H * g.W, g.W, w.data(), fw, g.upx, g.upy, ty, tx);
+  const int64_t rowlen = (int64_t)g->W * C, orowlen = (int64_t)g->OW * C;
+  if (separable) {
+    int r0 = g->H, r1 = 0;  // the input rows the band reads
+    for (int oy = oy0; oy < oy1; ++oy)
+      if (ty[oy].n > 0) {
+        r0 = std::min(r0, ty[oy].i0);
+        r1 = std::max(r1, ty[oy].i0 + ty[oy].n);
+      }
+    for (int iy = r0; iy < r1; ++iy) {
+      const scalar_t* xr = x + iy * rowlen;
+      acc_t* tr = tmp + (int64_t)(iy - r0) * orowlen;
+      for (int ox = 0; ox < g->OW; ++ox) {
+        const GfTaps t = tx[ox];
+        for (int b = 0; b < t.n; ++b) wv[b] = wx[t.k0 + b * g->upx];
+        taps_cl<acc_t, acc_t, scalar_t>(tr + (int64_t)ox * C, xr + (int64_t)t.i0 * C, C, wv, t.n, C, acc);
+      }
+    }
+    for (int oy = oy0; oy < oy1; ++oy) {
+      const GfTaps t = ty[oy];
+      for (int a = 0; a < t.n; ++a) wv[a] = wy[t.k0 + a * g->upy];
+      const acc_t* t0 = tmp + (int64_t)(t.n > 0 ? t.i0 - r0 : 0) * orowlen;
+      taps_cl<scalar_t, acc_t, acc_t>(y + oy * orowlen, t0, orowlen, wv, t.n, orowlen, acc);
+    }
+    return;
+  }
+  for (int oy = oy0; oy < oy1; ++oy) {
+    const GfTaps t = ty[oy];
+    for (int ox = 0; ox < g->OW; ++ox) {
+      const GfTaps u = tx[ox];
+#pragma omp simd
+      for (int c = 0; c < C; ++c) acc[c] = acc_t(0);
+      for (int a = 0; a < t.n; ++a) {
+        const scalar_t* xr = x + (t.i0 + a) * rowlen + (int64_t)u.i0 * C;
+        const acc_t* wr = w + (int64_t)(t.k0 + a * g->upy) * fw + u.k0;
+        for (int b = 0; b < u.n; ++b) {
+          const acc_t wk = wr[b * g->upx];
+          const scalar_t* src = xr + (int64_t)b * C;
+#pragma omp simd
+          for (int c = 0; c < C; ++c) acc[c] += wk * (acc_t)src[c];
+        }
+      }
+      scalar_t* o = y + oy * orowlen + (int64_t)ox * C;
+#pragma omp simd
+      for (int c = 0; c < C; ++c) o[c] = (scalar_t)acc[c];
+    }
+  }
+}
+
+// All images of a channels-last x, in parallel over (image, band of output rows).
+template <typename scalar_t>
+static void upfirdn2d_cl(const scalar_t* x, scalar_t* y, const Geom& g, int N, int C, const std::vector<double>& w_d,
+                         int fh, int fw, const std::vector<double>& wx_d, const std::vector<double>& wy_d,
+                         bool separable) {
+  using acc_t = typename GfAcc<scalar_t>::type;
+  const std::vector<acc_t> w(w_d.begin(), w_d.end()), wx(wx_d.begin(), wx_d.end()), wy(wy_d.begin(), wy_d.end());
+  const auto tx = taps_table(g.OW, g.upx, g.downx, g.px0, g.W, fw);
+  const auto ty = taps_table(g.OH, g.upy, g.downy, g.py0, g.H, fh);
+  const int bands = (g.OH + kBand - 1) / kBand;
+  const int rows = ((kBand - 1) * g.downy) / g.upy + 2 + fh;  // input rows one band can read, at most
+  const int64_t work = (int64_t)N * bands;
+#pragma omp parallel if ((int64_t)N * C * g.OH * g.OW >= kMinParallel)
+  {
+    std::vector<acc_t> tmp(separable ? (size_t)std::min(rows, g.H) * g.OW * C : 0);
+    std::vector<acc_t> acc(separable ? (size_t)g.OW * C : (size_t)C), wv(std::max(fw, fh));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < work; ++i) {
+      const int n = (int)(i / bands), oy0 = (int)(i % bands) * kBand;
+      band_cl<scalar_t>(x + (int64_t)n * g.H * g.W * C, y + (int64_t)n * g.OH * g.OW * C, &g, C, oy0,
+                        std::min(oy0 + kBand, g.OH), w.data(), fw, wx.data(), wy.data(), separable, tx.data(),
+                        ty.data(), tmp.data(), acc.data(), wv.data());
+    }
   }
 }
 
@@ -353,8 +454,8 @@ static at::Tensor correlation_filter(at::Tensor f, bool flip, double gain, at::S
   return w.mul(gain).contiguous();
 }
 
-// y = upfirdn2d(x, f, ...) for x [N, C, H, W]; path 0 picks the fastest CPU kernel, 1 forces the direct 2-D kernel,
-// 2 forces the per-output kernel (the CUDA code path).
+// y = upfirdn2d(x, f, ...) for x [N, C, H, W]. On the CPU, path 0 picks the fastest CPU kernel, 1 forces the direct
+// 2-D kernel, 2 and 3 run the GPU kernels emulated (2: the general kernel, 3: the tiled variant CUDA would pick).
 at::Tensor upfirdn2d(at::Tensor x, at::Tensor f, int64_t upx, int64_t upy, int64_t downx, int64_t downy,
                         int64_t px0, int64_t px1, int64_t py0, int64_t py1, bool flip, double gain, int64_t path) {
   TORCH_CHECK(x.dim() == 4, "upfirdn2d: x must be [N, C, H, W]");
@@ -366,19 +467,15 @@ at::Tensor upfirdn2d(at::Tensor x, at::Tensor f, int64_t upx, int64_t upy, int64
   const int OH = gf_out_len(H, (int)upy, (int)downy, (int)py0, (int)py1, fh);
   TORCH_CHECK(OW >= 1 && OH >= 1 && W * upx + px0 + px1 >= fw && H * upy + py0 + py1 >= fh,
               "upfirdn2d: empty output");
-  if (x.is_cuda()) {
-#ifdef GF_WITH_CUDA
-    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    auto w = correlation_filter(f.to(x.device()), flip, gain, acc);
-    return gf_upfirdn2d_cuda(x, w, (int)upx, (int)upy, (int)downx, (int)downy, (int)px0, (int)px1, (int)py0,
-                             (int)py1);
-#else
-    TORCH_CHECK(false, "upfirdn2d: this build of the extension has no CUDA support");
-#endif
-  }
+  TORCH_CHECK(f.device() == x.device(), "upfirdn2d: the filter must be on x's device");
+  if (x.is_cuda() || path >= 2)
+    return upfirdn2d_gpu_design(x, f, (int)upx, (int)upy, (int)downx, (int)downy, (int)px0, (int)py0, OH, OW, flip,
+                                gain, path == 2);
   TORCH_CHECK(x.device().is_cpu() && f.device().is_cpu(), "upfirdn2d: unsupported device");
-  x = x.contiguous();
-  auto y = at::empty({x.size(0), x.size(1), OH, OW}, x.options());
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);  // kept channels-last
+  if (!cl) x = x.contiguous();
+  auto y = at::empty({x.size(0), x.size(1), OH, OW},
+                     x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const Geom g{x.size(0) * x.size(1), H, W, OH, OW, (int)upx, (int)upy, (int)downx, (int)downy, (int)px0, (int)py0,
                (int)px1, (int)py1};
 
@@ -407,10 +504,10 @@ at::Tensor upfirdn2d(at::Tensor x, at::Tensor f, int64_t upx, int64_t upy, int64
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upfirdn2d_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (separable)
+    if (cl)
+      upfirdn2d_cl<scalar_t>(xp, yp, g, (int)x.size(0), (int)x.size(1), w2, fh, fw, wx, wy, separable);
+    else if (separable)
       upfirdn2d_separable<scalar_t>(xp, yp, g, wx, wy);
-    else if (path == 2)
-      upfirdn2d_pointwise<scalar_t>(xp, yp, g, w2, fh, fw);
     else
       upfirdn2d_direct<scalar_t>(xp, yp, g, w2, fh, fw);
   });
@@ -419,6 +516,7 @@ at::Tensor upfirdn2d(at::Tensor x, at::Tensor f, int64_t upx, int64_t upy, int64
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upfirdn2d", &upfirdn2d, "Fused upsample + pad + FIR filter + downsample (ganforge)");
+  m.def("tiled_variant", &gf_ufd_variant, "The tiled kernel variant a call would use (-1: the general kernel)");
   m.def("has_cuda", [] {
 #ifdef GF_WITH_CUDA
     return true;

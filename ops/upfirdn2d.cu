@@ -1,8 +1,7 @@
-// Fused upsample + pad + FIR filter + downsample: CUDA kernel (one thread per output, polyphase taps).
+// Fused upsample + pad + FIR filter + downsample: the CUDA launches of the kernels in upfirdn2d.h (tiled variants
+// for training's shapes, the general kernel for the rest); upfirdn2d.cpp prepares the call and picks the variant.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,53 +11,65 @@
 
 #include "upfirdn2d.h"
 
-// Each thread computes outputs (grid-stride) with gf_upfirdn2d_point, the same function the CPU "pointwise" path
-// runs; consecutive threads take consecutive output columns, so input reads coalesce along rows.
-template <typename scalar_t>
-__global__ void upfirdn2d_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                 const typename GfAcc<scalar_t>::type* __restrict__ w, int64_t planes, int H, int W,
-                                 int OH, int OW, int fh, int fw, int upx, int upy, int downx, int downy, int px0,
-                                 int py0) {
-  using acc_t = typename GfAcc<scalar_t>::type;
-  const int64_t n = planes * OH * OW;
-  const int64_t stride = (int64_t)blockDim.x * gridDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int ox = (int)(i % OW), oy = (int)((i / OW) % OH);
-    const int64_t p = i / ((int64_t)OW * OH);
-    const GfTaps ty = gf_taps(oy, upy, downy, py0, H, fh);
-    const GfTaps tx = gf_taps(ox, upx, downx, px0, W, fw);
-    y[i] = (scalar_t)gf_upfirdn2d_point<acc_t, scalar_t>(x + p * H * W, W, w, fw, upx, upy, ty, tx);
+// One tiled block: the three phases of GfUfdTiled over a static shared-memory buffer, barriers between them.
+template <typename K>
+__global__ void __launch_bounds__(K::THREADS) upfirdn2d_tiled_kernel(GfUfdParams<int> p) {
+  static_assert(K::SMEM_BYTES <= 48 * 1024, "upfirdn2d tile exceeds static shared memory");
+  __shared__ __align__(16) unsigned char smem[K::SMEM_BYTES];
+  const int b = (int)blockIdx.x, t = (int)threadIdx.x;
+  K::load(p, b, t, smem);
+  __syncthreads();
+  if (K::HBUF > 0) {
+    K::hpass(p, b, t, smem);
+    __syncthreads();
   }
+  K::store(p, b, t, smem);
 }
 
-// x [N, C, H, W] on the GPU, w the [fh, fw] filter (float, or double for double x) in correlation order with the
-// gain folded in. Returns a contiguous [N, C, OH, OW] tensor.
-at::Tensor gf_upfirdn2d_cuda(at::Tensor x, at::Tensor w, int upx, int upy, int downx, int downy, int px0, int px1,
-                             int py0, int py1) {
-  TORCH_CHECK(w.dim() == 2 && w.is_cuda(), "upfirdn2d: filter must be 2-D on the GPU");
-  const c10::cuda::CUDAGuard guard(x.device());
-  x = x.contiguous();
-  w = w.contiguous();
-  const int fh = (int)w.size(0), fw = (int)w.size(1);
-  const int H = (int)x.size(2), W = (int)x.size(3);
-  const int OW = gf_out_len(W, upx, downx, px0, px1, fw), OH = gf_out_len(H, upy, downy, py0, py1, fh);
-  auto y = at::empty({x.size(0), x.size(1), OH, OW}, x.options());
-  const int64_t planes = x.size(0) * x.size(1);
-  const int64_t n = planes * OH * OW;
-  if (n == 0) return y;
-  const int threads = 256;
+// The general kernel: one output per thread, grid-stride over all outputs.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(256) upfirdn2d_general_kernel(GfUfdParams<index_t> p, index_t n) {
+  const index_t stride = (index_t)blockDim.x * gridDim.x;
+  for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    gf_ufd_general_point<scalar_t, index_t>(p, i);
+}
+
+// Launches the tiled kernel K (called by gf_ufd_dispatch).
+struct GfTiledLaunch {
+  GfUfdParams<int> p;
+  cudaStream_t stream;
+  template <typename K>
+  void run() {
+    GfUfdParams<int> q = p;
+    const long long blocks = gf_ufd_tiles<K>(q);
+    TORCH_CHECK(blocks < (1LL << 31), "upfirdn2d: too many tiles");
+    upfirdn2d_tiled_kernel<K><<<(unsigned)blocks, K::THREADS, 0, stream>>>(q);
+  }
+};
+
+// The general kernel's grid: enough blocks to fill the GPU, grid-stride beyond.
+template <typename scalar_t, typename index_t>
+static void launch_general(const GfUfdParams<index_t>& p, int device, cudaStream_t stream) {
+  const int64_t n = (int64_t)p.N * p.C * p.OH * p.OW;
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  const int64_t max_blocks = (int64_t)sms * 32;
-  const int blocks = (int)std::min<int64_t>((n + threads - 1) / threads, max_blocks);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = (int)std::min<int64_t>((n + 255) / 256, (int64_t)sms * 32);
+  upfirdn2d_general_kernel<scalar_t, index_t><<<blocks, 256, 0, stream>>>(p, (index_t)n);
+}
+
+// x and y on the GPU (any strides, given in p32/p64 with the filter's raw pointer), `variant` from gf_ufd_variant
+// (-1: the general kernel), `idx32` whether every offset fits in 32 bits (p32 is filled then, else p64).
+void gf_upfirdn2d_cuda(const at::Tensor& x, const GfUfdParams<int>& p32, const GfUfdParams<int64_t>& p64,
+                       int variant, bool idx32) {
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "upfirdn2d_cuda",
                                   [&] {
-    using acc_t = typename GfAcc<scalar_t>::type;
-    TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "upfirdn2d: filter dtype mismatch");
-    upfirdn2d_kernel<scalar_t><<<blocks, threads, 0, stream>>>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        w.data_ptr<acc_t>(), planes, H, W, OH, OW, fh, fw, upx, upy, downx, downy, px0, py0);
+    if (idx32 && gf_ufd_dispatch<scalar_t>(variant, GfTiledLaunch{p32, stream})) return;
+    if (idx32)
+      launch_general<scalar_t, int>(p32, x.get_device(), stream);
+    else
+      launch_general<scalar_t, int64_t>(p64, x.get_device(), stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
 }

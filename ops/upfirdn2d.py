@@ -9,10 +9,12 @@ from ops import _fused, dispatch
 
 Padding = Union[int, Sequence[int]]
 
-# Sources of the extension: the CPU-only build, and the CUDA build (its .cpp also holds the CPU kernel).
-SOURCES = {"cpu": ["upfirdn2d.cpp"], "cuda": ["upfirdn2d.cpp", "upfirdn2d.cu"]}
+# Sources of the extension: the CPU-only build (CPU kernels, and the GPU kernels emulated), and the CUDA build.
+SOURCES = {"cpu": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp"],
+           "cuda": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp", "upfirdn2d.cu"]}
 
-# CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = per-output (the CUDA code path); tests set it.
+# CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = the GPU's general kernel emulated, 3 = the GPU's tiled
+# kernels emulated (the variant CUDA would pick); tests set it.
 upfirdn2d_cpu_path = 0
 
 
@@ -37,6 +39,19 @@ def _parse_scaling(s):
     if sx < 1 or sy < 1:
         raise ValueError(f"upfirdn2d: scaling factors must be >= 1, got {s}")
     return sx, sy
+
+
+# The [1, 1] identity filter of each device, made once (not a fill kernel per pad-only call), as a normal tensor
+# even when first asked for under inference mode (autograd may save it later).
+_identity = {}
+
+
+def _identity_filter(device):
+    f = _identity.get(device)
+    if f is None:
+        with torch.inference_mode(False):
+            f = _identity[device] = torch.ones([1, 1], dtype=torch.float32, device=device)
+    return f
 
 
 def filter_size(f: Optional[torch.Tensor]):
@@ -79,7 +94,7 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
     downx, downy = _parse_scaling(down)
     px0, px1, py0, py1 = _parse_padding(padding)
     if f is None:
-        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+        f = _identity_filter(x.device)
     fw, fh = filter_size(f)
     out_w = (x.shape[3] * upx + px0 + px1 - fw) // downx + 1
     out_h = (x.shape[2] * upy + py0 + py1 - fh) // downy + 1
@@ -150,14 +165,12 @@ def load_fused(x):
     return _fused.bind(load, upfirdn2d_fused, x)
 
 
-# One kernel call; a channels-last input gives a channels-last output, as with the reference.
+# One kernel call; the kernels read a channels-last input in place and write a channels-last output, as the
+# reference gives.
 def _upfirdn2d_call(ext, x, f, up, down, padding, flip, gain):
     (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
-    y = ext.upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip, gain,
-                      upfirdn2d_cpu_path if x.device.type == "cpu" else 0)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return ext.upfirdn2d(x, f, upx, upy, downx, downy, px0, px1, py0, py1, flip, gain,
+                         upfirdn2d_cpu_path if x.device.type == "cpu" else 0)
 
 
 # upfirdn2d in one kernel pass; the backward is the same op with up/down swapped, the filter flipped and the

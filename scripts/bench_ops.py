@@ -26,35 +26,49 @@ def channels(res: int, max_res: int) -> int:
     return min(cbase // res, 512)
 
 
-def cases(max_res: int, batch: int, f, min_res: int):
-    """The op calls of one model: (label, shape, fn(x, impl, b), bias channels or 0) per distinct shape, per
-    resolution (G and D blocks); f is the [1,3,3,1] filter in the benchmark's dtype, b the case's bias (same
-    dtype)."""
+def cases(max_res: int, batch: int, f, min_res: int, f12=None,
+          layouts=("contiguous", "channels_last")):
+    """The op calls of one model: (label, shape, fn(x, impl, b), bias channels or 0, memory format) per distinct
+    shape, per resolution (G and D blocks), each upfirdn2d feature-map case once per layout in `layouts`; f is the
+    [1,3,3,1] filter in the benchmark's dtype, f12 ADA's 12-tap 1-D filter (its rows at the top resolution), b the
+    case's bias (same dtype)."""
     out = []
     res = max_res
+    fmts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     while res >= min_res:
         c = channels(res, max_res)
         tag = f"{max_res}px r{res}"
+        # Conv layers of G and D: bias + lrelu (gain sqrt 2) + clamp 256, on every block's activations.
+        out.append((f"{tag} bias_act lrelu", [batch, c, res, res],
+                    lambda x, impl, b: bias_act(x, b, act="lrelu", clamp=256, impl=impl), c, torch.contiguous_format))
+        for layout in layouts:
+            cl = " cl" if layout == "channels_last" else ""
+            out += [(label + cl, shape, fn, 0, fmts[layout]) for label, shape, fn in [
+                # G up-conv: the FIR filter (gain 4) after the stride-2 transposed 3x3 conv ([r+1] -> [r]).
+                (f"{tag} upfirdn2d G up-conv filter", [batch, c, res + 1, res + 1],
+                 lambda x, impl, b: upfirdn2d(x, f, padding=1, gain=4, impl=impl)),
+                # D down-conv: the FIR filter before the stride-2 3x3 conv ([r] -> [r+1]).
+                (f"{tag} upfirdn2d D down-conv filter", [batch, c, res, res],
+                 lambda x, impl, b: upfirdn2d(x, f, padding=2, impl=impl)),
+                # D resnet skip: filter + decimate before the 1x1 conv ([r] -> [r/2]).
+                (f"{tag} upfirdn2d D skip down=2", [batch, c, res, res],
+                 lambda x, impl, b: upfirdn2d(x, f, down=2, padding=1, impl=impl))]]
         out += [
-            # Conv layers of G and D: bias + lrelu (gain sqrt 2) + clamp 256, on every block's activations.
-            (f"{tag} bias_act lrelu", [batch, c, res, res],
-             lambda x, impl, b: bias_act(x, b, act="lrelu", clamp=256, impl=impl), c),
-            # G up-conv: the FIR filter (gain 4) after the stride-2 transposed 3x3 conv ([r+1] -> [r]).
-            (f"{tag} upfirdn2d G up-conv filter", [batch, c, res + 1, res + 1],
-             lambda x, impl, b: upfirdn2d(x, f, padding=1, gain=4, impl=impl), 0),
-            # D down-conv: the FIR filter before the stride-2 3x3 conv ([r] -> [r+1]).
-            (f"{tag} upfirdn2d D down-conv filter", [batch, c, res, res],
-             lambda x, impl, b: upfirdn2d(x, f, padding=2, impl=impl), 0),
-            # D resnet skip: filter + decimate before the 1x1 conv ([r] -> [r/2]).
-            (f"{tag} upfirdn2d D skip down=2", [batch, c, res, res],
-             lambda x, impl, b: upfirdn2d(x, f, down=2, padding=1, impl=impl), 0),
             # G skip: upsample the RGB image ([r/2] -> [r]).
             (f"{tag} upsample2d G rgb", [batch, 3, res // 2, res // 2],
-             lambda x, impl, b: upsample2d(x, f, impl=impl), 0),
+             lambda x, impl, b: upsample2d(x, f, impl=impl), 0, torch.contiguous_format),
             # D skip (and ADA-style downsampling of images): downsample the RGB image ([r] -> [r/2]).
             (f"{tag} downsample2d rgb", [batch, 3, res, res],
-             lambda x, impl, b: downsample2d(x, f, impl=impl), 0),
+             lambda x, impl, b: downsample2d(x, f, impl=impl), 0, torch.contiguous_format),
         ]
+        if res == max_res and f12 is not None:
+            # ADA's geometric augmentation: 2x upsample of the reflect-padded image with the 12-tap filter, then
+            # the 2x decimation back (flip_filter, 'valid'), on real-sized images.
+            out += [(f"{tag} upsample2d ADA 12-tap", [batch, 3, res, res],
+                     lambda x, impl, b: upsample2d(x, f12, impl=impl), 0, torch.contiguous_format),
+                    (f"{tag} upfirdn2d ADA 12-tap down=2", [batch, 3, 2 * res + 10, 2 * res + 10],
+                     lambda x, impl, b: upfirdn2d(x, f12, down=2, flip_filter=True, impl=impl), 0,
+                     torch.contiguous_format)]
         res //= 2
     return out
 
@@ -102,13 +116,14 @@ def traffic(op, n_in, n_out, nbias, elem):
     return (n_in + n_out) * elem, 2 * (n_in + n_out) * elem
 
 
-def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
-    """Time one case (fwd with no grad, and fwd+bwd with x and the bias requiring grad) for 'ref' and 'fused'.
+def bench_case(op, fn, shape, nbias, device, dtype, rep_budget, memory_format=torch.contiguous_format):
+    """Time one case (fwd with no grad, and fwd+bwd with x and the bias requiring grad) for 'ref' and 'fused', on
+    an input in `memory_format` (its gradient arrives in the output's layout).
     impl='fused' raises when the kernel is unavailable; a probe also checks that the kernel really ran forward
     and backward, so a silent fall-back to the reference is refused instead of timed. Returns the row fields or
     raises RuntimeError."""
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    x = torch.randn(shape, generator=g, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     b = torch.randn(nbias, generator=g, device=device, dtype=dtype) if nbias else None
     xg = x.clone().requires_grad_(True)
     bg = b.clone().requires_grad_(True) if b is not None else None
@@ -121,7 +136,7 @@ def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
     if fwd_calls == 0 or bwd_calls == 0:
         raise RuntimeError(f"impl='fused' fell back to the reference ({'forward' if fwd_calls == 0 else 'backward'} "
                            f"ran no kernel): not timed")
-    gy = torch.randn(y.shape, generator=g, device=device, dtype=dtype)
+    gy = torch.randn(y.shape, generator=g, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     row = {}
     for impl in ("ref", "fused"):
         with torch.no_grad():
@@ -138,10 +153,11 @@ def bench_case(op, fn, shape, nbias, device, dtype, rep_budget):
 
 
 def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_s: float = 600.0, min_res: int = 8,
-              rep_budget: float = None) -> list:
+              rep_budget: float = None, layouts=("contiguous", "channels_last")) -> list:
     """Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor
-    of a case, bias and filter included) within `budget_s` seconds (the rest is marked skipped). Rows: device,
-    dtype, case, op, shape, ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
+    of a case, bias and filter included) within `budget_s` seconds (the rest is marked skipped), the upfirdn2d
+    feature-map cases in each of `layouts`. Rows: device, dtype, case, op, shape, layout,
+    ms_{ref,fused}_{fwd,fwd_bwd}, ratio_fwd and ratio_fwd_bwd (ref / fused), bytes_fwd,
     bytes_fwd_bwd, gbps_fwd and gbps_fwd_bwd (fused), gbps_ref_fwd, gbps_ref_fwd_bwd, pct_peak_fwd and
     pct_peak_fwd_bwd (fused, CUDA only), peak_gbps, peak_source, skipped (None or the reason), ok (True: timed;
     False: the fused op is unavailable or fell back to the reference; None: out of time or memory)."""
@@ -153,17 +169,20 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     deadline = time.perf_counter() + budget_s
     fused_ops.load_all(device.type)  # build both ops at once if not cached (part of the budget)
     f = setup_filter([1, 3, 3, 1], device=device).to(dtype)
-    todo = [(max_res, c) for max_res in resolutions for c in cases(max_res, batch, f, min_res)]
+    # A 12-tap 1-D filter standing for ADA's (its taps do not change the time; this script imports only ops).
+    f12 = setup_filter(torch.hann_window(14, periodic=False)[1:-1], device=device).to(dtype)
+    todo = [(max_res, c) for max_res in resolutions for c in cases(max_res, batch, f, min_res, f12, layouts)]
     if rep_budget is None:  # seconds per timing loop: 0.25 on CPU, 0.1 on CUDA, less when the budget is short
         rep_budget = min(0.25 if cpu else 0.1, budget_s / (8 * max(len(todo), 1)))
     peak, peak_source = peak_bandwidth(device)
     why_not = {op: fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
                for op in ("bias_act", "upfirdn2d")}
     rows = []
-    for _, (label, shape, fn, nbias) in todo:
+    for _, (label, shape, fn, nbias, fmt) in todo:
         op = "bias_act" if "bias_act" in label else "upfirdn2d"
         row = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "case": label, "op": op,
-               "shape": list(shape), "peak_gbps": None if peak is None else peak / 1e9,
+               "shape": list(shape), "layout": "channels_last" if fmt == torch.channels_last else "contiguous",
+               "peak_gbps": None if peak is None else peak / 1e9,
                "peak_source": peak_source, "skipped": None}
         for k in ("ms_ref_fwd", "ms_fused_fwd", "ms_ref_fwd_bwd", "ms_fused_fwd_bwd", "ratio_fwd",
                   "ratio_fwd_bwd", "bytes_fwd", "bytes_fwd_bwd", "gbps_fwd", "gbps_fwd_bwd", "gbps_ref_fwd",
@@ -177,7 +196,7 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
             row["skipped"] = f"time budget of {budget_s:g} s spent"
             continue
         try:
-            row.update(bench_case(op, fn, shape, nbias, device, dtype, rep_budget))
+            row.update(bench_case(op, fn, shape, nbias, device, dtype, rep_budget, fmt))
         except torch.cuda.OutOfMemoryError as e:
             row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
             torch.cuda.empty_cache()
@@ -206,14 +225,14 @@ def print_table(rows):
     """Print rows as a table (ms, ratio = ref / fused, fused GB/s and, on CUDA, % of peak) with per-model totals."""
     cuda = any(r["pct_peak_fwd"] is not None for r in rows)
     pk = f" {'%pk':>5s} {'%pk':>5s}" if cuda else ""
-    head = (f"{'case':40s} {'shape':>19s} | {'fwd ref':>8s} {'fused':>8s} {'ratio':>6s} | {'f+b ref':>8s} "
+    head = (f"{'case':44s} {'shape':>19s} | {'fwd ref':>8s} {'fused':>8s} {'ratio':>6s} | {'f+b ref':>8s} "
             f"{'fused':>8s} {'ratio':>6s} | {'GB/s f':>7s} {'GB/s fb':>7s}{pk}")
     print(head)
     print("-" * len(head))
     totals = {}
     for r in rows:
         if r["skipped"]:
-            print(f"{r['case']:40s} {str(r['shape']):>19s} | skipped: {r['skipped']}")
+            print(f"{r['case']:44s} {str(r['shape']):>19s} | skipped: {r['skipped']}")
             continue
         key = (r["case"].split()[0], r["op"])
         t = totals.setdefault(key, {"fwd": [0.0, 0.0], "fwd_bwd": [0.0, 0.0], "worst": [math.inf, math.inf]})
@@ -222,13 +241,13 @@ def print_table(rows):
             t[mode][1] += r[f"ms_fused_{mode}"]
             t["worst"][i] = min(t["worst"][i], r[f"ratio_{mode}"])
         pct = f" {r['pct_peak_fwd']:5.1f} {r['pct_peak_fwd_bwd']:5.1f}" if cuda else ""
-        print(f"{r['case']:40s} {str(r['shape']):>19s} | {r['ms_ref_fwd']:8.2f} {r['ms_fused_fwd']:8.2f} "
+        print(f"{r['case']:44s} {str(r['shape']):>19s} | {r['ms_ref_fwd']:8.2f} {r['ms_fused_fwd']:8.2f} "
               f"{r['ratio_fwd']:6.2f} | {r['ms_ref_fwd_bwd']:8.2f} {r['ms_fused_fwd_bwd']:8.2f} "
               f"{r['ratio_fwd_bwd']:6.2f} | {r['gbps_fwd']:7.1f} {r['gbps_fwd_bwd']:7.1f}{pct}", flush=True)
     print("-" * len(head))
     for (model, op), t in totals.items():
         (rf, ff), (rb, fb) = t["fwd"], t["fwd_bwd"]
-        print(f"{f'{model} {op} total':40s} {'':>19s} | {rf:8.2f} {ff:8.2f} {rf / ff:6.2f} | {rb:8.2f} {fb:8.2f} "
+        print(f"{f'{model} {op} total':44s} {'':>19s} | {rf:8.2f} {ff:8.2f} {rf / ff:6.2f} | {rb:8.2f} {fb:8.2f} "
               f"{rb / fb:6.2f}   (worst row: fwd {t['worst'][0]:.2f}, f+b {t['worst'][1]:.2f})")
 
 
@@ -245,6 +264,8 @@ def main(argv=None):
                         help="tensor dtype of every row")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all rows (default: 90 on CPU, 600 on CUDA); the rest is marked skipped")
+    parser.add_argument("--layout", choices=["both", "contiguous", "channels_last"], default="both",
+                        help="memory layouts of the upfirdn2d feature-map cases (default: both)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both paths (default: torch's; 1 gives stable numbers on a busy machine)")
     args = parser.parse_args(argv)
@@ -259,7 +280,8 @@ def main(argv=None):
     print(f"device {device} ({torch.get_num_threads()} threads on CPU), dtype {args.dtype} (inputs, bias, filter), "
           f"batch {batch}; best-of-N ms; ratio = ref / fused; GB/s = minimal bytes moved / fused time; "
           f"peak: {source}")
-    rows = run_bench(device, dtype, args.res, batch, budget, args.min_res)
+    layouts = ("contiguous", "channels_last") if args.layout == "both" else (args.layout,)
+    rows = run_bench(device, dtype, args.res, batch, budget, args.min_res, layouts=layouts)
     print_table(rows)
     failed = sorted({r["skipped"] for r in rows if is_failure(r)})
     for why in failed:

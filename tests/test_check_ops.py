@@ -149,7 +149,8 @@ def test_run_bench_budget():
 def test_run_bench_float16_cpu_unavailable(monkeypatch):
     monkeypatch.setattr(bench_ops, "timeit", lambda *a, **k: pytest.fail("timed a case without a fused kernel"))
     rows = bench_ops.run_bench(torch.device("cpu"), torch.float16, [16], 1, budget_s=10)
-    assert len(rows) == 12
+    assert len(rows) == 20  # per block (16, 8 px): bias_act, 3 upfirdn2d cases x 2 layouts, 2 RGB; 2 ADA rows
+    assert sum(r["layout"] == "channels_last" for r in rows) == 6
     assert all("float16" in r["skipped"] and r["ms_fused_fwd"] is None and r["ok"] is False for r in rows)
 
 
