@@ -95,26 +95,44 @@ def child(mode: str, resolution: int, images: int, batch: int) -> None:
     print(json.dumps(dict(value=result["value"], levels=result["levels"], seconds=seconds, peak_rss_gib=rss)))
 
 
-# Runs `child` in a subprocess with its address space capped at cap_gib (RLIMIT_AS); None if it ran out of memory.
+# A process's resident memory now (GiB), from /proc; 0 once it is gone.
+def rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024 / GIB
+    except (OSError, StopIteration):
+        return 0.0
+
+
+# Runs `child` in a subprocess, killed when its resident memory passes cap_gib (polled every 20 ms: an address-space
+# limit would count torch's ~3.4 GB of mapped libraries); the child's JSON result, or None when it was killed.
 def run_child(mode: str, resolution: int, images: int, batch: int, cap_gib: float, threads):
-    def limit():
-        cap = int(cap_gib * GIB)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--resolution", str(resolution), "--images",
            str(images), "--batch", str(batch)] + (["--threads", str(threads)] if threads else [])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak, t0 = 0.0, time.perf_counter()
+    while proc.poll() is None:
+        peak = max(peak, rss_gib(proc.pid))
+        if peak > cap_gib:
+            proc.kill()
+            proc.communicate()
+            print(f"  {mode} at {resolution} px, {images} images: killed at {peak:.2f} GiB resident (cap {cap_gib:g} "
+                  f"GiB) after {time.perf_counter() - t0:.0f} s")
+            return None
+        time.sleep(0.02)
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        print(f"  {mode} at {resolution} px, {images} images: failed under the {cap_gib:g} GiB cap: {tail[0]}")
+        print(f"  {mode} at {resolution} px, {images} images: exit {proc.returncode}: "
+              f"{(err.strip().splitlines() or [''])[-1]}")
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def memory_table(args) -> None:
-    print(f"swd{args.images} evaluations (N real + N generated, {args.batch} per batch), each in a subprocess with "
-          f"RLIMIT_AS = {args.cap_gib:g} GiB; threads={args.threads or 'torch default'}")
+    print(f"swd{args.images} evaluations (N real + N generated, {args.batch} per batch), each in a subprocess killed "
+          f"above {args.cap_gib:g} GiB resident; threads={args.threads or 'torch default'}")
     rows = []
     for res in args.resolutions:
         before = None if args.skip_before else run_child("before", res, args.images, args.batch, args.cap_gib,
@@ -181,7 +199,7 @@ def main(argv=None):
     p.add_argument("--resolutions", type=int, nargs="+", default=[32, 256])
     p.add_argument("--resolution", type=int, default=32, help="--parts and --child: the one resolution")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--cap-gib", type=float, default=7.5, help="address-space cap of each evaluation's process")
+    p.add_argument("--cap-gib", type=float, default=7.0, help="resident memory at which an evaluation is killed")
     p.add_argument("--skip-before", action="store_true", help="only the current code (no in-memory baseline)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
