@@ -111,7 +111,8 @@ def descriptors(images: torch.Tensor, indices, seed: int = 0) -> list:
 
 def normalize(desc: torch.Tensor, channels: int) -> torch.Tensor:
     """Descriptors [M, C * 49] with each colour channel's mean subtracted and divided by its standard deviation, over
-    every descriptor and position of the set (the paper normalizes each set by its own statistics); float64 sums."""
+    every descriptor and position of the set (the paper normalizes each set by its own statistics); float64 sums. The
+    in-memory form of RowSet.normalized (which streams the set and folds the result into the directions)."""
     d = desc.to(torch.float64).view(desc.shape[0], channels, -1)
     mean = d.mean(dim=(0, 2), keepdim=True)
     std = (d - mean).square().mean(dim=(0, 2), keepdim=True).sqrt().clamp_min(1e-12)
@@ -255,7 +256,8 @@ def multiscale_swd(real_levels: list, fake_levels: list, channels: int, resoluti
 class SWDDescriptors:
     """The SWD 'detector': turns uint8 images and their global indices into one row per image holding all its
     descriptors (levels x 128 x C*49 values), so that metrics.py extracts, gathers and caches them as Inception
-    features. Its id names everything that changes the descriptors (the cache key and metric records hold it)."""
+    features, collected in DescriptorFiles (new_stats) rather than in memory. Its id names everything that changes the
+    descriptors (the cache key and metric records hold it)."""
     indexed = True  # features() takes the images' global indices
 
     def __init__(self, resolution: int, channels: int, device, seed: int = 0):
