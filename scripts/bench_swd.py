@@ -127,12 +127,14 @@ def run_child(mode: str, resolution: int, images: int, batch: int, cap_gib: floa
         print(f"  {mode} at {resolution} px, {images} images: exit {proc.returncode}: "
               f"{(err.strip().splitlines() or [''])[-1]}")
         return None
-    return json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"  {mode} at {resolution} px, {images} images: {json.dumps(result)}", flush=True)
+    return result
 
 
 def memory_table(args) -> None:
     print(f"swd{args.images} evaluations (N real + N generated, {args.batch} per batch), each in a subprocess killed "
-          f"above {args.cap_gib:g} GiB resident; threads={args.threads or 'torch default'}")
+          f"above {args.cap_gib:g} GiB resident; threads={args.threads or 'torch default'}", flush=True)
     rows = []
     for res in args.resolutions:
         before = None if args.skip_before else run_child("before", res, args.images, args.batch, args.cap_gib,
