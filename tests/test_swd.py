@@ -12,6 +12,7 @@ sys.path.insert(0, HERE)
 
 import _metrics_dist_worker as W  # noqa: E402
 from training.eval import metrics, swd  # noqa: E402
+from training.eval.feature_stats import FeatureStats  # noqa: E402
 
 # The paper's 5x5 Gaussian, written out: outer product of [1, 4, 6, 4, 1] / 16.
 GAUSS = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256.0
@@ -170,3 +171,97 @@ def test_calc_metric_swd_and_floor_and_cache(tmp_path):
     assert len(cached) == 2 and all(f.endswith(".npz") for f in cached)
     again = metrics.calc_metric("swd40", ReplayG(images[40:]), dataset, None, batch_size=16, cache_dir=str(tmp_path))
     assert again["value"] == other["value"] and sorted(os.listdir(tmp_path)) == cached
+
+
+# SWD x1e3 per level in float64 NumPy, written out: each set normalized per channel over the set, the seeded unit
+# directions, sorted projections compared at the smaller set's quantiles, mean over directions.
+def np_multiscale_swd(a_levels, b_levels, channels: int, seed: int = 0) -> list:
+    def norm(d):
+        d = d.reshape(len(d), channels, -1)
+        mean = d.mean(axis=(0, 2), keepdims=True)
+        return ((d - mean) / np.sqrt(((d - mean) ** 2).mean(axis=(0, 2), keepdims=True))).reshape(len(d), -1)
+
+    def quantiles(s, m):
+        rank = np.minimum(((np.arange(m) + 0.5) * (len(s) / m)).astype(np.int64), len(s) - 1)
+        return s[rank]
+    out = []
+    for a, b in zip(a_levels, b_levels):
+        a, b, m = norm(np.asarray(a, np.float64)), norm(np.asarray(b, np.float64)), min(len(a), len(b))
+        gen, total = torch.Generator().manual_seed(seed), 0.0
+        for _ in range(swd.DIR_REPEATS):
+            dirs = torch.randn([a.shape[1], swd.DIRS_PER_REPEAT], generator=gen, dtype=torch.float64).numpy()
+            dirs /= np.sqrt((dirs ** 2).sum(0, keepdims=True))
+            total += np.abs(quantiles(np.sort(a @ dirs, axis=0), m) - quantiles(np.sort(b @ dirs, axis=0), m)).mean()
+        out.append(swd.SCALE * total / swd.DIR_REPEATS)
+    return out
+
+
+def test_descriptor_files_give_the_in_memory_distance_within_the_projection_budget(tmp_path, monkeypatch):
+    images = W.make_images(36, res=32, seed=8)
+    det = swd.SWDDescriptors(32, 3, "cpu")
+    rows_a = det.features(torch.from_numpy(images[:20]), list(range(20)))
+    rows_b = det.features(torch.from_numpy(255 - images[20:]), list(range(20, 36)))  # 16 images: unequal counts
+    stores = []
+    for rows in (rows_a, rows_b):
+        store = swd.DescriptorFiles(2, 3, folder=str(tmp_path))
+        for i in range(0, len(rows), 6):  # appended in batches, read back in chunks that cut images
+            store.append(rows[i:i + 6])
+        assert store.num_items == len(rows) and np.array_equal(store.rows(0, len(rows)), rows.numpy())
+        stores.append(store)
+    # Record how many directions are projected at once: both sets' [k, M] float32 projections fit the budget.
+    shapes, project = [], swd._sorted_projections
+    monkeypatch.setattr(swd, "_sorted_projections", lambda r, d, dev: shapes.append((len(d), r.count)) or
+                        project(r, d, dev))
+    budget = 4 * 40 * (20 + 16 + 2 * 16) * 128  # 40 directions at a time (not a divisor of 128: a short last chunk)
+    bounded = swd.multiscale_swd_sets(stores[0].level_sets(chunk_rows=500), stores[1].level_sets(chunk_rows=333), 3,
+                                      32, budget_bytes=budget)
+    assert sorted({k for k, _ in shapes}) == [8, 40] and sum(k for k, _ in shapes) == 2 * 2 * 4 * 128
+    assert all(k * 4 * (20 + 16 + 2 * 16) * 128 <= budget for k, _ in shapes)
+    # The in-memory computation of the same rows (one chunk, all 128 directions of a repeat at once): float32
+    # projections of the same float32 rows in other BLAS blocks, ~1e-7 relative each, averaged over 10^6 values.
+    in_memory = metrics.swd_between(det, rows_a.numpy(), rows_b.numpy())
+    assert bounded["levels"] == pytest.approx(in_memory["levels"], rel=1e-6)
+    # Float64 NumPy: float32 projections of O(1) normalized values (the 16-px level's raw values ~128 with the
+    # normalization folded into the directions: ~3x the rounding), relative error ~1e-6 per value.
+    ref = np_multiscale_swd(det.split(rows_a), det.split(rows_b), 3)
+    assert [bounded["levels"]["32"], bounded["levels"]["16"]] == pytest.approx(ref, rel=1e-5)
+    assert bounded["value"] == pytest.approx(np.mean(ref), rel=1e-5)
+    # Halves of one store (swd_floor's case) read only their images.
+    halves = swd.multiscale_swd_sets(stores[0].level_sets(0, 10), stores[0].level_sets(10, 20), 3, 32)
+    split = det.split(rows_a)
+    assert [halves["levels"]["32"], halves["levels"]["16"]] == pytest.approx(
+        np_multiscale_swd([x[:10 * 128] for x in split], [x[10 * 128:] for x in split], 3), rel=1e-5)
+    # Closing (or collecting) a store deletes its files.
+    folders = [s.folder for s in stores]
+    assert all(os.path.isdir(f) for f in folders)
+    stores[0].close()
+    del stores, store
+    assert not any(os.path.exists(f) for f in folders) and os.listdir(tmp_path) == []
+
+
+def test_descriptor_files_cache_round_trip(tmp_path):
+    images = W.make_images(12, res=16, seed=9)
+    det = swd.SWDDescriptors(16, 3, "cpu")
+    rows = det.features(torch.from_numpy(images), list(range(12)))
+    store = det.new_stats()
+    store.append(rows[:5])
+    store.append(rows[5:])
+    path = str(tmp_path / "reals.npz")
+    store.save(path, dict(count=12, detector=det.id), images_per_chunk=5)
+    # The file is FeatureStats' cache format: rows as `features`, all captured, no moments.
+    stats, meta = FeatureStats.load(path)
+    assert meta == dict(count=12, detector=det.id) and stats.num_items == 12
+    assert np.array_equal(stats.get_all(), rows.numpy())
+    back, meta = det.load_stats(path)
+    assert meta == dict(count=12, detector=det.id) and back.num_items == 12
+    assert np.array_equal(back.rows(0, 12), rows.numpy())
+    # FeatureStats' own file of the same rows loads too; a rank that computes no distance only counts the rows.
+    stats.save(str(tmp_path / "old.npz"), meta)
+    assert np.array_equal(det.load_stats(str(tmp_path / "old.npz"))[0].rows(3, 9), rows[3:9].numpy())
+    counted, _ = det.load_stats(path, keep=False)
+    assert counted.num_items == 12 and counted.folder is None
+    with pytest.raises(ValueError, match="only counted"):
+        counted.level_sets()
+    # Rows of another detector's width are refused, naming the file.
+    with pytest.raises(ValueError, match="reals.npz: features are float32 \\(12, 18816\\)"):
+        swd.DescriptorFiles.load(path, 2, 3)

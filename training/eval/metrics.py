@@ -13,7 +13,7 @@ from training import dist
 from training.eval.content_hash import dataset_content_hash, num_unmirrored
 from training.eval.feature_stats import FeatureStats, frechet_distance, kid
 from training.eval.inception import cache_root, full_fp32
-from training.eval.swd import SWDDescriptors, multiscale_swd
+from training.eval.swd import DescriptorFiles, RowSet, SWDDescriptors, multiscale_swd_sets
 from training.io.records import append_metric_jsonl, metric_label, update_best  # noqa: F401 (re-exported)
 
 # Bump when the cached statistics' meaning changes, so old cache files are never reused.
@@ -117,6 +117,18 @@ def _rank_batches(num_items: int, batch_size: int):
     return [share[k * batch_size:(k + 1) * batch_size] for k in range(num_batches)]
 
 
+# A new collector of the detector's features: FeatureStats, or the detector's own (SWD's DescriptorFiles, on disk;
+# only counting on the ranks that compute no distance). _load_stats reads a cache file into the same kind.
+def _new_stats(detector, capture_all: bool, capture_mean_cov: bool):
+    new_stats = getattr(detector, "new_stats", None)
+    return FeatureStats(capture_all, capture_mean_cov) if new_stats is None else new_stats(keep=dist.is_main())
+
+
+def _load_stats(detector, path: str):
+    load_stats = getattr(detector, "load_stats", None)
+    return FeatureStats.load(path) if load_stats is None else load_stats(path, keep=dist.is_main())
+
+
 # Run the detector over batches of global indices on every rank; gather features and indices from all ranks
 # and append each gathered batch in global index order, so the statistics (and KID's subsets) match one process.
 # progress(done, total), when given, is called on every rank after each gathered batch with the global counts.
@@ -166,14 +178,14 @@ def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 6
         hit, cached = os.path.isfile(path), None
         if hit and dist.is_main():
             try:
-                cached, meta = FeatureStats.load(path)
+                cached, meta = _load_stats(detector, path)
                 hit = meta == key
             except Exception as e:  # unreadable cache file: recompute and overwrite it
                 dist.print0(f"dataset-stats cache {path} unreadable ({e}); recomputing")
                 hit = False
         votes = dist.all_reduce_sum(torch.tensor([float(hit)], device=dist.device()))
         if int(votes.item()) == dist.get_world_size():
-            stats = cached if cached is not None else FeatureStats.load(path)[0]
+            stats = cached if cached is not None else _load_stats(detector, path)[0]
             if progress is not None:
                 progress(stats.num_items, count)
             return stats
@@ -181,7 +193,7 @@ def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 6
     mine = [i for b in batches for i in b]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
-    stats = _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, iter(loader), progress, count)
+    stats = _extract(_new_stats(detector, capture_all, capture_mean_cov), detector, batches, iter(loader), progress, count)
     if path is not None and dist.is_main():
         stats.save(path, key)
     dist.barrier()
@@ -224,7 +236,7 @@ def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_s
             with torch.no_grad():
                 img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
             yield (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return _extract(FeatureStats(capture_all, capture_mean_cov), detector, batches, images(), progress, int(num_gen))
+    return _extract(_new_stats(detector, capture_all, capture_mean_cov), detector, batches, images(), progress, int(num_gen))
 
 
 def real_set_mirrored(dataset, mirror=None) -> bool:
@@ -278,7 +290,7 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
         elif kind == "kid":
             value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
         else:
-            value = swd_between(detector, real.get_all(), gen.get_all(), seed)
+            value = swd_between(detector, real, gen, seed)
     value = dist.broadcast_object(value)
     extra = {}
     if kind == "swd":
@@ -305,11 +317,17 @@ def _swd_cache_dir(detector: SWDDescriptors, count: int, cache_dir):
 
 
 def swd_between(detector: SWDDescriptors, real_rows, fake_rows, seed: int = 0) -> dict:
-    """Multi-scale SWD (x1e3) of two sets of descriptor rows (SWDDescriptors.features), computed on this process's
-    device: {'levels': {px: value}, 'value': mean}."""
-    dev = dist.device()
-    split = [detector.split(torch.from_numpy(np.asarray(x)).to(dev)) for x in (real_rows, fake_rows)]
-    return multiscale_swd(*split, detector.channels, detector.resolution, seed)
+    """Multi-scale SWD (x1e3) of two sets of descriptors, each a DescriptorFiles (read from disk a level and a chunk
+    at a time), a list of RowSet per level, or rows of SWDDescriptors.features, projected on this process's device:
+    {'levels': {px: value}, 'value': mean}."""
+    def level_sets(x):
+        if isinstance(x, DescriptorFiles):
+            return x.level_sets()
+        if isinstance(x, list) and all(isinstance(r, RowSet) for r in x):
+            return x
+        return [RowSet.of_tensor(d) for d in detector.split(torch.from_numpy(np.asarray(x)))]
+    return multiscale_swd_sets(level_sets(real_rows), level_sets(fake_rows), detector.channels, detector.resolution,
+                               seed, dist.device())
 
 
 def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int = 0, mirror=None) -> dict:
@@ -324,8 +342,8 @@ def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int
                                  capture_mean_cov=False)
     value = None
     if dist.is_main():
-        rows = real.get_all()
-        value = dict(swd_between(detector, rows[: count // 2], rows[count // 2:], seed), num_real=count // 2)
+        halves = real.level_sets(0, count // 2), real.level_sets(count // 2, count)
+        value = dict(swd_between(detector, *halves, seed), num_real=count // 2)
     return dist.broadcast_object(value)
 
 
