@@ -15,9 +15,9 @@ import torch
 import bench_ops
 from ops import _build, dispatch, fused_ops
 from ops.bias_act import activation_funcs, bias_act
+from ops.filters import SYM6
 from ops.fused_ops import kernel_calls
 from ops.upfirdn2d import setup_filter, upfirdn2d
-from training.data.augment_ops import SYM6
 
 # The tolerance rule (see `compare`): errors are measured against a float64 truth computed from the same rounded
 # inputs, in units of the dtype's eps times each element's magnitude ("eps units": 1 is one to two ulps there).
