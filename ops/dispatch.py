@@ -104,7 +104,8 @@ def memory_layout(x) -> str:
     return "strided"
 
 
-def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, variant: str = "", linear=False):
+def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, variant: str = "", linear=False,
+              magnitude=None):
     """The fused function of op `name` for tensor x, or None to use the reference path.
 
     impl is 'auto', 'fused', 'ref' or None (the default). `loader(x)` is the op's own: it returns the fused function
@@ -112,7 +113,9 @@ def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, varian
     warns once and returns None, and 'fused' raises RuntimeError with the reason. With `ref` (the reference function)
     and the call's `args`/`kwargs` (as both functions take them), the first call per (device, dtype, memory layout,
     `variant`, needs-grad) self-checks: see _decide. `linear`: the op is linear in each tensor argument, so the
-    magnitude an error is measured against is the sum of |terms| (the reference on |inputs|), else |truth|.
+    magnitude an error is measured against is the sum of |terms| (the reference on |inputs|), else |truth|;
+    `magnitude(truth)` may give other magnitudes for some outputs ({name: tensor}, e.g. sums of |terms| for a bias
+    gradient; names as in _derivatives).
     """
     impl = _default_impl if impl is None else _checked(impl, f"the impl argument of ops.{name}")
     if impl == "ref":
@@ -135,7 +138,7 @@ def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, varian
     dkey = (name, loader, str(x.device), x.dtype, memory_layout(x), variant, grad)
     d = _decisions.get(dkey)
     if d is None:
-        d = _decisions[dkey] = _decide(name, dkey, fused, ref, args, kwargs, grad, linear)
+        d = _decisions[dkey] = _decide(name, dkey, fused, ref, args, kwargs, grad, (linear, magnitude))
     if d["use"]:
         return fused
     what = f"ops.{name} on {d['device']} {d['dtype']} {d['layout']} {variant}".rstrip()
@@ -153,14 +156,14 @@ def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, varian
 # and second derivatives (as R1 and path-length regularization need); compares them by ops.tolerance's rule (the
 # one check_ops uses). On CUDA it also times both (forward, plus backward where needed) and keeps the fused kernel
 # only when it is faster; on CPU agreement alone decides (see README, "Troubleshooting: custom ops").
-def _decide(name, dkey, fused, ref, args, kwargs, grad, linear):
+def _decide(name, dkey, fused, ref, args, kwargs, grad, scaling):
     _, _, device, dtype, layout, variant, _ = dkey
     record = {"op": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "layout": layout,
               "variant": variant, "grad": grad, "impl": "ref", "reason": "", "err": None, "tol": None, "wrt": None,
               "ms_fused": None, "ms_ref": None, "decided_by": "this process"}
     dist = _dist()
     if dist is None or dist.get_rank() == 0:
-        record.update(_self_check_record(fused, ref, args, kwargs, grad, dtype, linear))
+        record.update(_self_check_record(fused, ref, args, kwargs, grad, dtype, scaling))
     if dist is not None:
         box = [record]
         dist.broadcast_object_list(box, src=0)
@@ -177,10 +180,10 @@ def _dist():
 
 
 # The comparison (and on CUDA the timing) of one self-check: the decision fields of the record.
-def _self_check_record(fused, ref, args, kwargs, grad, dtype, linear):
+def _self_check_record(fused, ref, args, kwargs, grad, dtype, scaling):
     with torch.random.fork_rng(devices=[]):  # the check draws no numbers from the run's generators
         try:
-            worst = _compare_paths(fused, ref, args, kwargs, grad, dtype, linear)
+            worst = _compare_paths(fused, ref, args, kwargs, grad, dtype, scaling)
         except Exception as e:  # noqa: BLE001 - a kernel that raises is a kernel that failed its check
             return {"reason": f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     out = {"err": worst["err"], "tol": worst["tol"], "wrt": worst["wrt"]}
@@ -239,13 +242,15 @@ def _cast(args, dtype):
 
 # Fused, reference (same dtype; float32 for float64, ops.tolerance.REF_DTYPE) and float64 truth on the call's own
 # inputs; returns the worst comparison (failures first, then by err / tol) with its output's name as wrt.
-def _compare_paths(fused, ref, args, kwargs, grad, dtype, linear):
+def _compare_paths(fused, ref, args, kwargs, grad, dtype, scaling):
     dev = next(a.device for a in args if isinstance(a, torch.Tensor))
     rd = REF_DTYPE.get(dtype, dtype)
     with torch.autocast(dev.type, enabled=False):
         truth = _derivatives(ref, _cast(args, torch.float64), kwargs, grad, rd)
+        linear, magnitude = scaling
         scale = truth if not linear else _derivatives(ref, [a.abs() if isinstance(a, torch.Tensor) else a for a in
                                                             _cast(args, torch.float64)], kwargs, grad, rd, True)
+        scale = dict(scale, **(magnitude(truth) if magnitude else {}))
     out = _derivatives(fused, args, kwargs, grad, rd)
     base = _derivatives(ref, _cast(args, rd), kwargs, grad, rd)
     worst = None
