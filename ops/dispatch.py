@@ -84,6 +84,12 @@ def decisions() -> list:
     return [{k: v for k, v in d.items() if k not in ("use", "agrees")} for d in _decisions.values()]
 
 
+def describe(d: dict) -> str:
+    """One line for a decision of decisions(): what, the path taken and why."""
+    what = " ".join(str(d[k]) for k in ("op", "device", "dtype", "layout", "variant") if d[k])
+    return f"{what}{' (with gradients)' if d['grad'] else ''}: {d['impl']}, {d['reason']} [{d['decided_by']}]"
+
+
 @contextlib.contextmanager
 def self_checks(enabled: bool):
     """Turn the first-call self-check on or off while active (check_ops compares the kernels on its own)."""
