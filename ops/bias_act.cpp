@@ -191,7 +191,7 @@ static void emulate_rows(const GfBiasActGeom& geom, const scalar_t* v, const sca
           acc_t bias[VEC];
           for (int j = 0; j < VEC; ++j) bias[j] = (b && s.partial >= 0) ? (acc_t)b[s.channel] : acc_t(0);
           red[y * geom.tx + x] = gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, s.start, s.count, bias, mode, alpha,
-                                                                     gain, clamp, nullptr);
+                                                                     gain, clamp, false, bias);
           for (int j = 0; j < s.count; ++j) ++visits[s.start + j];
           if (x == 0) slot[y] = s.partial;
         }
@@ -224,7 +224,7 @@ static void emulate_cols(const GfBiasActGeom& geom, const scalar_t* v, const sca
           const int64_t slot = by * geom.ty + y;
           for (int64_t r = slot; r < geom.rows; r += geom.grid_y * geom.ty) {
             gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, r * geom.channels + c0, count, bias, mode, alpha, gain,
-                                                clamp, partial ? sums : nullptr);
+                                                clamp, partial != nullptr, sums);
             for (int j = 0; j < count; ++j) ++visits[r * geom.channels + c0 + j];
           }
           for (int j = 0; j < count && partial; ++j) partial[slot * geom.channels + c0 + j] = sums[j];

@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(256) bias_act_rows_kernel(
 #pragma unroll
     for (int j = 0; j < VEC; ++j) bias[j] = bc;
     const acc_t sum =
-        gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, s.start, s.count, bias, mode, alpha, gain, clamp, nullptr);
+        gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, s.start, s.count, bias, mode, alpha, gain, clamp,
+                                            false, bias);
     if (partial) {  // uniform across the launch
       red[y * geom.tx + x] = sum;
       __syncthreads();
@@ -53,10 +54,10 @@ __global__ void __launch_bounds__(256) bias_act_cols_kernel(
   using acc_t = typename GfAcc<scalar_t>::type;
   const int64_t c0 = gf_cols_channel(geom, blockIdx.x, threadIdx.x);
   if (c0 >= geom.channels) return;
-  const int count = (int)(geom.channels - c0 < VEC ? geom.channels - c0 : VEC);
+  constexpr int count = VEC;  // the geometry takes vec > 1 only when it divides the channel count
   acc_t bias[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) bias[j] = (b && j < count) ? (acc_t)b[c0 + j] : acc_t(0);
+  for (int j = 0; j < VEC; ++j) bias[j] = b ? (acc_t)b[c0 + j] : acc_t(0);
   const int64_t slot = (int64_t)blockIdx.y * geom.ty + threadIdx.y;
   const int64_t step = (int64_t)gridDim.y * geom.ty;
   acc_t sums[VEC];
@@ -64,9 +65,11 @@ __global__ void __launch_bounds__(256) bias_act_cols_kernel(
   for (int j = 0; j < VEC; ++j) sums[j] = 0;
   for (int64_t r = slot; r < geom.rows; r += step)
     gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, r * geom.channels + c0, count, bias, mode, alpha, gain, clamp,
-                                        partial ? sums : nullptr);
-  if (partial)
-    for (int j = 0; j < count; ++j) partial[slot * geom.channels + c0 + j] = sums[j];
+                                        partial != nullptr, sums);
+  if (partial) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) partial[slot * geom.channels + c0 + j] = sums[j];
+  }
 }
 
 // Launch the rows or columns kernel for one activation and vector width.

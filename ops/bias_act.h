@@ -199,16 +199,16 @@ GF_HD GfBiasActSpan gf_rows_span(const GfBiasActGeom& g, int64_t k, int x, int y
 // Columns walk: the first channel of thread x of block bx (>= channels: idle) and its partial-sum row slot.
 GF_HD int64_t gf_cols_channel(const GfBiasActGeom& g, int64_t bx, int x) { return (bx * g.tx + x) * g.vec; }
 
-// Up to VEC consecutive elements from i (count of them; all VEC with 16-byte loads and stores when count == VEC),
-// each with bias[j] (j < VEC); returns the sum of the stored outputs (as rounded to scalar_t) and, when `lanes` is
-// not null, adds each output to lanes[j].
+// `count` (0 or VEC) consecutive elements from i, with 16-byte loads and stores when VEC > 1, element j with
+// bias[j]; returns the sum of the stored outputs (as rounded to scalar_t) and, with want_lanes, adds each output to
+// lanes[j] (an array, not a pointer, so that it stays in registers; not touched without want_lanes).
 template <typename scalar_t, int ACT, int VEC>
 GF_HD typename GfAcc<scalar_t>::type gf_bias_act_vec(const scalar_t* v, const scalar_t* g, scalar_t* out, int64_t i,
                                                       int count, const typename GfAcc<scalar_t>::type* bias, int mode,
                                                       typename GfAcc<scalar_t>::type alpha,
                                                       typename GfAcc<scalar_t>::type gain,
-                                                      typename GfAcc<scalar_t>::type clamp,
-                                                      typename GfAcc<scalar_t>::type* lanes) {
+                                                      typename GfAcc<scalar_t>::type clamp, bool want_lanes,
+                                                      typename GfAcc<scalar_t>::type (&lanes)[VEC]) {
   using acc_t = typename GfAcc<scalar_t>::type;
   struct alignas(16) Pack { scalar_t e[VEC]; };
   acc_t sum = 0;
@@ -223,17 +223,19 @@ GF_HD typename GfAcc<scalar_t>::type gf_bias_act_vec(const scalar_t* v, const sc
                                                    alpha, gain, clamp);
       po.e[j] = (scalar_t)r;
       sum += (acc_t)po.e[j];
-      if (lanes) lanes[j] += (acc_t)po.e[j];
+      if (want_lanes) lanes[j] += (acc_t)po.e[j];
     }
     *reinterpret_cast<Pack*>(out + i) = po;
     return sum;
   }
-  for (int j = 0; j < count; ++j) {
+  if (VEC > 1) return sum;  // the geometry gives count 0 or VEC when VEC > 1 (no partial packs)
+  if (count > 0) {
+    const int j = 0;
     const acc_t r = gf_bias_act_mode<ACT, acc_t>(mode, (acc_t)v[i + j], bias[j], g ? (acc_t)g[i + j] : acc_t(0),
                                                  alpha, gain, clamp);
     out[i + j] = (scalar_t)r;
     sum += (acc_t)out[i + j];
-    if (lanes) lanes[j] += (acc_t)out[i + j];
+    if (want_lanes) lanes[j] += (acc_t)out[i + j];
   }
   return sum;
 }
