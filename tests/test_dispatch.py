@@ -182,3 +182,24 @@ def test_two_processes_agree(tmp_path):
         assert d["bias_act"]["impl"] == "ref" and d["upfirdn2d"]["impl"] == "fused"
         assert all(x["decided_by"] == who for x in r["decisions"])
     assert r1["decisions"] == r0["decisions"] and r0["out"] == r1["out"]
+
+
+def test_training_run_logs_decisions_once(tmp_path):
+    """A short 'auto' run prints each decision once and writes them to stats.jsonl ('Ops/decisions') once: every
+    op that ran is there, on CPU kept fused (the kernels agree)."""
+    from test_training import TINY, run_train
+    args = [a for a in TINY if not a.startswith("train.ops_impl=")] + ["train.kimg=0.032", "train.ops_impl=auto",
+                                                                       "run_dir=run"]
+    env_backup = {k: os.environ.pop(k) for k in ("GANFORGE_OPS_IMPL", "GANFORGE_OPS_FORCE_BUILD_FAILURE")
+                  if k in os.environ}
+    try:
+        proc = run_train(args, tmp_path)
+    finally:
+        os.environ.update(env_backup)
+    lines = [json.loads(x) for x in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
+    logged = [d for line in lines for d in line.get("Ops/decisions", [])]
+    assert {d["op"] for d in logged} == {"bias_act", "upfirdn2d"}
+    keys = [tuple(d[k] for k in ("op", "device", "dtype", "layout", "variant", "grad")) for d in logged]
+    assert len(keys) == len(set(keys)) and all(d["impl"] == "fused" and d["err"] <= d["tol"] for d in logged)
+    printed = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("ops: ")]
+    assert len(printed) == len(logged)
