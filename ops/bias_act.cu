@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(256) bias_act_cols_kernel(
   acc_t sums[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) sums[j] = 0;
+#pragma unroll 1  // one row per iteration: unrolled copies would hold several packs in registers at once
   for (int64_t r = slot; r < geom.rows; r += step)
     gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, r * geom.channels + c0, count, bias, mode, alpha, gain, clamp,
                                         partial != nullptr, sums);

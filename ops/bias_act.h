@@ -214,13 +214,13 @@ GF_HD typename GfAcc<scalar_t>::type gf_bias_act_vec(const scalar_t* v, const sc
   acc_t sum = 0;
   if (VEC > 1 && count == VEC) {
     const Pack pv = *reinterpret_cast<const Pack*>(v + i);
-    Pack pg;
+    Pack pg = {};
     if (g) pg = *reinterpret_cast<const Pack*>(g + i);
     Pack po;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const acc_t r = gf_bias_act_mode<ACT, acc_t>(mode, (acc_t)pv.e[j], bias[j], g ? (acc_t)pg.e[j] : acc_t(0),
-                                                   alpha, gain, clamp);
+      const acc_t r = gf_bias_act_mode<ACT, acc_t>(mode, (acc_t)pv.e[j], bias[j], (acc_t)pg.e[j], alpha, gain,
+                                                   clamp);
       po.e[j] = (scalar_t)r;
       sum += (acc_t)po.e[j];
       if (want_lanes) lanes[j] += (acc_t)po.e[j];
