@@ -73,14 +73,14 @@ class FullyConnectedLayer(nn.Module):
         else:
             w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias
-        if b is not None:
-            b = b.to(x.dtype)
-            if self.bias_gain != 1:
-                b = b * self.bias_gain
+        if b is not None and self.bias_gain != 1:
+            b = b * self.bias_gain
         if self.activation == "linear" and b is not None:
-            return torch.addmm(b.unsqueeze(0), x, w.t())
+            return torch.addmm(b.to(x.dtype).unsqueeze(0), x, w.t())
         x = x.matmul(w.t())
-        return bias_act(x, b, act=self.activation)
+        # The bias in the product's dtype (bf16/fp16 under autocast, whatever the input's), so that the fused
+        # bias_act gets one dtype.
+        return bias_act(x, None if b is None else b.to(x.dtype), act=self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
@@ -121,10 +121,10 @@ class Conv2dLayer(nn.Module):
             w = sn_weight(self.weight, self.sn_u, self.sn_v, update=self.training).to(x.dtype)
         else:
             w = self.weight.to(x.dtype) * self.weight_gain
-        b = self.bias.to(x.dtype) if self.bias is not None else None
         flip_weight = self.up == 1  # Transposed convolution truly convolves; keep the tap order consistent.
         x = conv2d_resample(x, w, f=self.resample_filter.to(x.dtype), up=self.up, down=self.down,
                             padding=self.padding, flip_weight=flip_weight)
+        b = self.bias.to(x.dtype) if self.bias is not None else None  # the conv output's dtype (autocast: bf16/fp16)
         act_gain = self.act_gain * gain
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp)

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -24,10 +25,16 @@ finally:
 # Directory of the op sources (ops/*.cpp, *.cu, *.h).
 SRC_DIR = Path(__file__).resolve().parent
 
-# Host and device compiler flags; part of the cache key.
+# Host and device compiler flags; part of the cache key. The CUDA flags keep IEEE math: no --use_fast_math (its
+# tanh.approx.f32 is ~2^-11 relative, thousands of float32 ulps), no flush-to-zero and no approximate division: the
+# kernels are bandwidth-bound, so accurate math costs no time, and check_ops' float32 bound (ops/tolerance.py) holds.
 CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
-CUDA_CFLAGS = ["-O3", "--use_fast_math", "-DGF_WITH_CUDA"]
+CUDA_CFLAGS = ["-O3", "-DGF_WITH_CUDA"]
+
+# PTX instructions that only fast math emits (approximate tanh/sin/cos/log2, approximate and "full-range" fast
+# division); CUDA's accurate libm never uses them (tests/test_ops_ptx.py checks the generated PTX).
+FAST_MATH_PTX = ("tanh.approx", "sin.approx", "cos.approx", "lg2.approx", "div.approx", "div.full")
 
 # Per-process results: loaded modules and failure reasons, by (name, cuda).
 _modules = {}
@@ -164,6 +171,48 @@ def _build(name, sources, cuda):
         except Exception as e:  # compiler or linker error, missing headers, import failure
             log_path.write_text(f"{type(e).__name__}: {e}\n")
             raise BuildError(f"compiling {module_name} failed: {_first_error(str(e))} (full log: {log_path})") from e
+
+
+# The C++ standard torch's extension builder passes to nvcc (c++20 in recent releases, c++17 before).
+def _cuda_std():
+    text = Path(cpp_extension.__file__).read_text()
+    return "-std=c++20" if "-std=c++20" in text else "-std=c++17"
+
+
+def compile_cuda(source: str, arch: str, what: str = "ptx", extra_flags=()) -> str:
+    """Compile one .cu of ops/ for `arch` (e.g. 'sm_90') with the extension's CUDA flags (plus `extra_flags`) and
+    return the PTX text (what='ptx') or ptxas' -v report of registers, shared memory and spills (what='ptxas').
+    Cached under cache_root()/cuda by a hash of the sources and flags; raises BuildError without nvcc."""
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise BuildError("no CUDA toolkit found (nvcc)")
+    incs = cpp_extension.include_paths("cuda") + [sysconfig.get_paths()["include"], str(SRC_DIR)]
+    flags = list(CUDA_CFLAGS) + list(extra_flags) + [_cuda_std(), f"-arch={arch}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                                                      "-DTORCH_EXTENSION_NAME=gf_probe"]
+    flags += list(cpp_extension.COMMON_NVCC_FLAGS) + [f"-I{i}" for i in incs]
+    src = SRC_DIR / source
+    h = hashlib.sha256("\n".join(flags + [what, torch.__version__, cuda_home]).encode())
+    for path in [src] + sorted(SRC_DIR.glob("*.h")):
+        h.update(path.read_bytes())
+    out_dir = cache_root() / "cuda"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = out_dir / f"{src.stem}_{arch}_{what}_{h.hexdigest()[:16]}.txt"
+    if result.is_file():
+        return result.read_text()
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    tmp = out_dir / f"{result.stem}.{os.getpid()}"
+    if what == "ptx":
+        cmd = [nvcc, "-ptx", str(src), "-o", str(tmp)] + flags
+    else:
+        cmd = [nvcc, "-cubin", str(src), "-o", str(tmp), "-Xptxas", "-v"] + flags
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"nvcc failed on {source} for {arch}: {_first_error(proc.stderr + proc.stdout)}")
+    text = tmp.read_text() if what == "ptx" else proc.stderr + proc.stdout
+    tmp.unlink(missing_ok=True)
+    result.with_suffix(f".{os.getpid()}").write_text(text)
+    os.replace(result.with_suffix(f".{os.getpid()}"), result)  # atomic: concurrent tests see whole files only
+    return text
 
 
 # An exclusive fcntl lock on `path`: concurrent ranks/processes on one machine build once, the others wait and then

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <omp.h>
@@ -14,9 +15,19 @@
 
 #ifdef GF_WITH_CUDA
 // Defined in bias_act.cu.
-at::Tensor gf_bias_act_cuda(at::Tensor v, at::Tensor b, at::Tensor g, int act, int mode, double alpha, double gain,
-                            double clamp, int64_t inner, int64_t channels);
+std::tuple<at::Tensor, at::Tensor> gf_bias_act_cuda(at::Tensor v, at::Tensor b, at::Tensor g, int act, int mode,
+                                                    double alpha, double gain, double clamp, int64_t inner,
+                                                    int64_t channels, bool bias_grad);
 #endif
+
+// The bias gradient (per-channel sums, in x's dtype) from the CUDA kernels' partial sums (see GfBiasActGeom); used
+// by bias_act.cu and by the host emulation.
+at::Tensor gf_bias_grad_from_partials(const at::Tensor& partial, const GfBiasActGeom& geom, int64_t channels,
+                                      at::ScalarType dtype) {
+  auto gb = geom.cols ? partial.view({-1, channels}).sum(0)
+                      : partial.view({-1, channels, geom.tiles}).sum(at::IntArrayRef{0, 2});
+  return gb.to(dtype);
+}
 
 // Elements per OpenMP work item: large enough to amortize scheduling, small enough to balance.
 static const int64_t kChunk = 16384;
@@ -129,12 +140,8 @@ std::tuple<at::Tensor, at::Tensor> bias_act(at::Tensor v, at::Tensor b, at::Tens
   TORCH_CHECK(v.is_non_overlapping_and_dense(), "bias_act: x must be dense");
   if (v.is_cuda()) {
 #ifdef GF_WITH_CUDA
-    auto out = gf_bias_act_cuda(v, b.contiguous(), g, (int)act, (int)mode, alpha, gain, clamp, inner, channels);
-    at::Tensor gb;
-    if (bias_grad)  // the storage viewed as [outer, channels, inner]
-      gb = out.as_strided({v.numel() / (channels * inner), channels, inner}, {channels * inner, inner, 1})
-               .sum(at::IntArrayRef{0, 2});
-    return {out, gb};
+    return gf_bias_act_cuda(v, b.contiguous(), g, (int)act, (int)mode, alpha, gain, clamp, inner, channels,
+                            bias_grad);
 #else
     TORCH_CHECK(false, "bias_act: this build of the extension has no CUDA support");
 #endif
@@ -164,8 +171,126 @@ std::tuple<at::Tensor, at::Tensor> bias_act(at::Tensor v, at::Tensor b, at::Tens
   return {out, gb};
 }
 
+// ---- Host emulation of the CUDA kernels (bias_act.cu), for tests on machines without a GPU: the same geometry,
+// spans, 16-byte packs and reduction order, walked by loops over blocks and threads. ----
+
+// Rows walk of every block and thread; partial sums by the kernel's tree over x.
+template <typename scalar_t, int ACT, int VEC>
+static void emulate_rows(const GfBiasActGeom& geom, const scalar_t* v, const scalar_t* b, const scalar_t* g,
+                         scalar_t* out, typename GfAcc<scalar_t>::type* partial, int64_t* visits, int mode,
+                         typename GfAcc<scalar_t>::type alpha, typename GfAcc<scalar_t>::type gain,
+                         typename GfAcc<scalar_t>::type clamp) {
+  using acc_t = typename GfAcc<scalar_t>::type;
+  std::vector<acc_t> red(256);
+  for (int64_t bx = 0; bx < geom.grid_x; ++bx)
+    for (int64_t k = bx; k < geom.units; k += geom.grid_x) {
+      std::vector<int64_t> slot(geom.ty, -1);
+      for (int y = 0; y < geom.ty; ++y)
+        for (int x = 0; x < geom.tx; ++x) {
+          const GfBiasActSpan s = gf_rows_span(geom, k, x, y);
+          acc_t bias[VEC];
+          for (int j = 0; j < VEC; ++j) bias[j] = (b && s.partial >= 0) ? (acc_t)b[s.channel] : acc_t(0);
+          red[y * geom.tx + x] = gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, s.start, s.count, bias, mode, alpha,
+                                                                     gain, clamp, false, bias);
+          for (int j = 0; j < s.count; ++j) ++visits[s.start + j];
+          if (x == 0) slot[y] = s.partial;
+        }
+      for (int y = 0; y < geom.ty && partial; ++y) {
+        const acc_t sum = gf_tree_sum(red.data() + y * geom.tx, geom.tx);
+        if (slot[y] >= 0) partial[slot[y]] = sum;
+      }
+    }
+}
+
+// Columns walk of every block and thread.
+template <typename scalar_t, int ACT, int VEC>
+static void emulate_cols(const GfBiasActGeom& geom, const scalar_t* v, const scalar_t* b, const scalar_t* g,
+                         scalar_t* out, typename GfAcc<scalar_t>::type* partial, int64_t* visits, int mode,
+                         typename GfAcc<scalar_t>::type alpha, typename GfAcc<scalar_t>::type gain,
+                         typename GfAcc<scalar_t>::type clamp) {
+  using acc_t = typename GfAcc<scalar_t>::type;
+  for (int64_t by = 0; by < geom.grid_y; ++by)
+    for (int64_t bx = 0; bx < geom.grid_x; ++bx)
+      for (int y = 0; y < geom.ty; ++y)
+        for (int x = 0; x < geom.tx; ++x) {
+          const int64_t c0 = gf_cols_channel(geom, bx, x);
+          if (c0 >= geom.channels) continue;
+          const int count = (int)std::min<int64_t>(geom.channels - c0, VEC);
+          acc_t bias[VEC], sums[VEC];
+          for (int j = 0; j < VEC; ++j) {
+            bias[j] = (b && j < count) ? (acc_t)b[c0 + j] : acc_t(0);
+            sums[j] = 0;
+          }
+          const int64_t slot = by * geom.ty + y;
+          for (int64_t r = slot; r < geom.rows; r += geom.grid_y * geom.ty) {
+            gf_bias_act_vec<scalar_t, ACT, VEC>(v, g, out, r * geom.channels + c0, count, bias, mode, alpha, gain,
+                                                clamp, partial != nullptr, sums);
+            for (int j = 0; j < count; ++j) ++visits[r * geom.channels + c0 + j];
+          }
+          for (int j = 0; j < count && partial; ++j) partial[slot * geom.channels + c0 + j] = sums[j];
+        }
+}
+
+// Pick the activation and vector width of the emulated kernel (outside the dtype-dispatch macro: no #define in it).
+template <typename scalar_t>
+static void emulate(int act, int mode, const GfBiasActGeom& geom, const scalar_t* vp, const scalar_t* bp,
+                    const scalar_t* gp, scalar_t* op, typename GfAcc<scalar_t>::type* pp, int64_t* vis, double alpha,
+                    double gain, double clamp) {
+  using acc_t = typename GfAcc<scalar_t>::type;
+  constexpr int V = 16 / sizeof(scalar_t);
+  const acc_t a = (acc_t)alpha, s = (acc_t)gain, c = (acc_t)clamp;
+#define GF_EMU(ID)                                                                                               \
+  case ID:                                                                                                       \
+    if (geom.cols)                                                                                               \
+      geom.vec == V ? emulate_cols<scalar_t, ID, V>(geom, vp, bp, gp, op, pp, vis, mode, a, s, c)            \
+                    : emulate_cols<scalar_t, ID, 1>(geom, vp, bp, gp, op, pp, vis, mode, a, s, c);           \
+    else                                                                                                         \
+      geom.vec == V ? emulate_rows<scalar_t, ID, V>(geom, vp, bp, gp, op, pp, vis, mode, a, s, c)            \
+                    : emulate_rows<scalar_t, ID, 1>(geom, vp, bp, gp, op, pp, vis, mode, a, s, c);           \
+    break;
+  switch (act) {
+    GF_EMU(GF_LINEAR) GF_EMU(GF_RELU) GF_EMU(GF_LRELU) GF_EMU(GF_TANH) GF_EMU(GF_SIGMOID)
+    GF_EMU(GF_ELU) GF_EMU(GF_SELU) GF_EMU(GF_SOFTPLUS) GF_EMU(GF_SWISH)
+    default: TORCH_CHECK(false, "bias_act: unknown activation id ", act);
+  }
+#undef GF_EMU
+}
+
+// The CUDA path of bias_act run on the host: (out, bias gradient or empty, visits per element of v's storage, and
+// the geometry [cols, vec, tx, ty, grid_x, grid_y]); max_blocks stands for the device's SM count x 8.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bias_act_emulate_cuda(
+    at::Tensor v, at::Tensor b, at::Tensor g, int64_t act, int64_t mode, double alpha, double gain, double clamp,
+    int64_t inner, int64_t channels, bool bias_grad, int64_t max_blocks) {
+  TORCH_CHECK(v.device().is_cpu() && v.is_non_overlapping_and_dense(), "bias_act_emulate_cuda: dense CPU x");
+  auto bc = b.contiguous();
+  auto out = at::empty_like(v);
+  auto visits = at::zeros({v.numel()}, v.options().dtype(at::kLong));
+  const bool has_bias = bc.numel() > 0;
+  auto al = [](const void* p) { return ((uintptr_t)p & 15) == 0; };
+  const bool aligned = al(v.data_ptr()) && al(out.data_ptr()) && (g.numel() == 0 || al(g.data_ptr()));
+  const GfBiasActGeom geom = gf_bias_act_geom(v.numel(), inner, channels, has_bias, aligned, (int)v.element_size(),
+                                              max_blocks);
+  const auto acc_type = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial = bias_grad && has_bias ? at::zeros({geom.partials}, v.options().dtype(acc_type)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, v.scalar_type(), "bias_act_emu",
+                                  [&] {
+    using acc_t = typename GfAcc<scalar_t>::type;
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = g.numel() ? g.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    acc_t* pp = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
+    int64_t* vis = visits.data_ptr<int64_t>();
+    emulate<scalar_t>((int)act, (int)mode, geom, vp, bp, gp, op, pp, vis, alpha, gain, clamp);
+  });
+  at::Tensor gb = partial.defined() ? gf_bias_grad_from_partials(partial, geom, geom.channels, v.scalar_type())
+                                    : at::Tensor();
+  return {out, gb, visits, {geom.cols, geom.vec, geom.tx, geom.ty, geom.grid_x, geom.grid_y}};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act", &bias_act, "Fused bias + activation + gain + clamp, or its gradients (ganforge)");
+  m.def("bias_act_emulate_cuda", &bias_act_emulate_cuda, "bias_act's CUDA kernels emulated on the host (tests)");
   m.def("has_cuda", [] {
 #ifdef GF_WITH_CUDA
     return true;

@@ -43,16 +43,27 @@ _FWD, _GRAD_X, _GRAD2_X, _GRAD_Y = 0, 1, 2, 3
 def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, act: str = "linear",
              alpha: Optional[float] = None, gain: Optional[float] = None, clamp: Optional[float] = None,
              impl: Optional[str] = None) -> torch.Tensor:
-    """y = clamp(act(x + b) * gain, -clamp, clamp), with b broadcast along `dim`; impl is 'auto', 'fused' or 'ref'
-    (None: ops.dispatch's default)."""
+    """y = clamp(act(x + b) * gain, -clamp, clamp), with b broadcast along `dim` and cast to x's dtype; impl is
+    'auto', 'fused' or 'ref' (None: ops.dispatch's default)."""
     if act not in activation_funcs:
         raise ValueError(f"bias_act: unknown activation {act!r}; expected one of {sorted(activation_funcs)}")
     if clamp is not None and clamp < 0:
         raise ValueError(f"bias_act: clamp must be None or >= 0, got {clamp}")
-    fused = dispatch.get_fused("bias_act", x, impl, load_fused)
+    if b is not None and b.dtype != x.dtype and b.is_floating_point():
+        b = b.to(x.dtype)  # the activation's dtype (fp16/bf16 under autocast): the fused kernel takes one dtype
+    kw = dict(dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+    fused = dispatch.get_fused("bias_act", x, impl, load_fused, ref=bias_act_ref, args=(x, b), kwargs=kw, variant=act,
+                               magnitude=lambda truth: _bias_grad_magnitude(truth, dim))
     if fused is not None:
         return fused(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
     return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+
+# Magnitudes of the bias gradients in a self-check (ops.dispatch): the sums of |terms| of the matching x gradients
+# (arguments 0 = x and 1 = b), as in scripts/check_ops.py.
+def _bias_grad_magnitude(truth, dim):
+    pairs = {"d1": "d0", "d1(create_graph)": "d0(create_graph)", "d2 d1": "d2 d0"}
+    return {db: sum_except(truth[dx].abs(), dim) for db, dx in pairs.items() if db in truth and dx in truth}
 
 
 def bias_act_ref(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):

@@ -101,7 +101,9 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
     if out_w < 1 or out_h < 1:
         raise ValueError(f"upfirdn2d: output would be empty for input {tuple(x.shape)}, filter {tuple(f.shape)}, "
                          f"up {up}, down {down}, padding {padding}")
-    fused = dispatch.get_fused("upfirdn2d", x, impl, load_fused)
+    args = (x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
+    fused = dispatch.get_fused("upfirdn2d", x, impl, load_fused, ref=upfirdn2d_ref, args=args, linear=True,
+                               variant=f"up{upx}x{upy} down{downx}x{downy} f{fw}x{fh}{'' if f.ndim == 2 else ' sep'}")
     if fused is not None:
         return fused(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
     return upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)

@@ -11,25 +11,13 @@ from typing import Callable, Optional
 
 import torch
 
-
 import bench_ops
 from ops import _build, dispatch, fused_ops
 from ops.bias_act import activation_funcs, bias_act
+from ops.filters import SYM6
 from ops.fused_ops import kernel_calls
+from ops.tolerance import FLOOR, K_REF, REF_DTYPE, ULPS, compare, ulp_error  # noqa: F401 - the one rule
 from ops.upfirdn2d import setup_filter, upfirdn2d
-from training.data.augment_ops import SYM6
-
-# The tolerance rule (see `compare`): errors are measured against a float64 truth computed from the same rounded
-# inputs, in units of the dtype's eps times each element's magnitude ("eps units": 1 is one to two ulps there).
-# The fused result passes when err <= max(K_REF * err of the reference path in the same dtype, ULPS[dtype]).
-# In half precision the kernels compute in float and round once (0.5 eps units); in float32/float64 they compute in
-# the dtype itself (on CUDA with --use_fast_math: __expf and __fdividef are a few ulps off), hence a wider floor.
-K_REF = 4.0
-ULPS = {torch.float16: 4.0, torch.bfloat16: 4.0, torch.float32: 8.0, torch.float64: 8.0}
-# Magnitudes below FLOOR x the tensor's RMS magnitude count as that floor (see `ulp_error`).
-FLOOR = 1.0 / 16
-# The dtype the reference runs in for the tolerance, where not the dtype itself (see `compare`).
-REF_DTYPE = {torch.float64: torch.float32}
 
 # Dtypes checked by default per device type (the CPU kernels have no float16/bfloat16: reported as skipped).
 DEFAULT_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -40,35 +28,6 @@ LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
 # The >2^31-element check: 3718 x 64 planes of 95 x 95 = 2^31 + 33,152 elements, so 2^31 falls inside a plane.
 LARGE_SHAPE = (3718, 64, 95, 95)
 INDEX_LIMIT = 2 ** 31  # the int32 boundary whose neighbours are compared (tests make it small)
-
-
-def ulp_error(out, truth, scale, dtype) -> float:
-    """Max over elements of |out - truth| / (eps * max(|scale|, FLOOR * rms(scale))), in eps units (inf for NaN).
-    The floor: entries far below the tensor's typical size come from cancellation (x + b ~ 0, 1 - tanh^2, taps of
-    both signs), where only an absolute accuracy relative to the typical magnitude is meaningful."""
-    if truth.numel() == 0:
-        return 0.0
-    s = scale.double().abs()
-    floor = max(FLOOR * s.square().mean().sqrt().item(), torch.finfo(torch.float64).tiny)
-    e = ((out.double() - truth.double()).abs() / s.clamp(min=floor)).max().item()
-    return math.inf if math.isnan(e) else e / torch.finfo(dtype).eps
-
-
-def compare(fused, ref, truth, scale, dtype, ref_dtype=None) -> dict:
-    """The rule: ok when err(fused) <= max(K_REF * err(ref), ULPS). Why: the reference path in the same dtype
-    shows the accuracy that PyTorch itself reaches for this op and data (several roundings in half precision,
-    cancellation in some derivative formulas), and the fused kernel (math in float, one rounding) must be no
-    worse than a small multiple of it; ULPS eps units of the magnitude is the floor every correct kernel meets (a
-    one-ulp difference in float16 at |y| ~ 100 is 0.0625 absolute but under 1 eps unit), while a wrong tap, index
-    or derivative is off by O(1) relative, i.e. 10^3 (bfloat16) to 10^15 (float64) eps units. For float64 the
-    reference would be the truth itself, so its error is taken from a float32 run on the same
-    (float32-representable) inputs, in float32 eps units: rounding errors scale with the unit roundoff, with the
-    same constants for the same formulas."""
-    err = ulp_error(fused, truth, scale, dtype)
-    err_ref = ulp_error(ref, truth, scale, ref_dtype or dtype) if ref is not None else 0.0
-    tol = max(K_REF * err_ref, ULPS.get(dtype, 8.0))
-    max_abs = (fused.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
-    return {"err": err, "err_ref": err_ref, "tol": tol, "ok": err <= tol, "max_abs": max_abs}
 
 
 @dataclass
@@ -233,8 +192,9 @@ def run_parity(device, dtypes=None, budget_s: float = 600.0, ops=None, layouts=L
     if device.type == "cpu":  # tiny tensors: one thread is faster, and much faster on a busy machine
         torch.set_num_threads(1)
     try:
-        for dtype in dtypes:
-            rows += _parity_dtype(device, dtype, cases, layouts, deadline, budget_s)
+        with dispatch.self_checks(False):  # this check compares the kernels itself (and must see a wrong one run)
+            for dtype in dtypes:
+                rows += _parity_dtype(device, dtype, cases, layouts, deadline, budget_s)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -324,7 +284,8 @@ def check_large_tensor(device, budget_s: float = 300.0, force: bool = False) -> 
     deadline = time.perf_counter() + budget_s
     fused_ops.load_all(device.type)
     try:
-        _large_checks(device, dtype, rows, deadline, budget_s)
+        with dispatch.self_checks(False):
+            _large_checks(device, dtype, rows, deadline, budget_s)
     except Exception as e:  # noqa: BLE001 - out of memory: skipped; a kernel or build error: that row failed
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         for r in [r for r in rows if r["ok"] is None and r["skipped"] is None]:

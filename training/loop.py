@@ -29,7 +29,7 @@ from training.phases import (check_batch, freeze_summary, make_phases, optimizer
                              sample_labels, update_ema)
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.io.records import read_stats
-from training.report import ReportPage, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
+from training.report import OPS_KEY, ReportPage, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
 from training.resume import (check_config, check_dataset, dataset_files_sha256, load_weights, resolve_resume_all,
                              truncate_stats, with_dataset_hash, write_config_files)
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
@@ -175,6 +175,7 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
     # Loss, phases (optimizers through Accelerate, for mixed-precision loss scaling) and ADA: every image D sees goes
     # through the pipe (the loss applies it), and the sign of D on augmented reals drives p (ADA, sec. 3).
     tick_stats = TickStats()
+    ops_logged = 0  # fused-op decisions (ops.dispatch) already in stats.jsonl
     loss = StyleGAN2Loss(G, D, r1_gamma=t.r1_gamma, style_mixing_prob=t.style_mixing_prob, pl_weight=t.pl_weight,
                          pl_batch_shrink=t.pl_batch_shrink, pl_decay=t.pl_decay, autocast=accelerator.autocast,
                          backward=accelerator.backward, loss_type=t.loss, wgan_lambda=t.wgan_lambda,
@@ -385,6 +386,9 @@ def _train(requested: Config, run_dir: Path, stop: StopRequest, probe) -> dict:
                 if images is not None and real_diversity is not None:
                     stats.update({DIVERSITY_FAKE: diversity(images), DIVERSITY_REAL: real_diversity})
                 stats[WARNINGS_KEY] = [w.as_dict() for w in monitor.feed(stats)]
+            ops_new = dispatch.decisions()[ops_logged:]  # each self-check decision once, when made
+            if ops_new:
+                stats[OPS_KEY], ops_logged = ops_new, ops_logged + len(ops_new)
             if dist.is_main():
                 write_report(stats, run_dir, pbar, trackers, cur_nimg)
 

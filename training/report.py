@@ -6,11 +6,15 @@ from pathlib import Path
 
 import torch
 
+from ops import dispatch
 from training import dist
 from training.eval.metrics import evaluate_snapshot, metric_label, parse_metric, swd_floor
 from training.health import WARNINGS_KEY
 from training.io.images import make_grid, to_uint8
 from training.io.run_report import write_run_report
+
+# The stats.jsonl key of the fused-op self-check decisions (ops.dispatch.decisions()) made since the last line.
+OPS_KEY = "Ops/decisions"
 
 
 def peak_memory_gb(device) -> float:
@@ -72,6 +76,8 @@ def write_report(stats: dict, run_dir: Path, pbar, trackers, step: int) -> None:
     for w in warnings:  # the quantity and remedy in full when a kind begins
         if w.get("new", True):
             write(f"  warning ({w['kind']}): {w['message']}")
+    for d in stats.get(OPS_KEY) or []:  # fused-op decisions, once each
+        write(f"  ops: {dispatch.describe(d)}")
     stats = dict(stats, timestamp=time.time())
     with open(run_dir / "stats.jsonl", "a") as f:
         f.write(json.dumps(stats) + "\n")
