@@ -185,9 +185,10 @@ class MappingNetwork(nn.Module):
         for idx in range(self.num_layers):
             x = getattr(self, f"fc{idx}")(x)
 
-        # Track the running mean of w (for truncation), only while training G.
+        # Track the running mean of w (for truncation), only while training G; in w_avg's float32 also when autocast
+        # gives ws in bf16/fp16.
         if update_emas and self.w_avg_beta is not None:
-            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+            self.w_avg.copy_(x.detach().mean(dim=0, dtype=self.w_avg.dtype).lerp(self.w_avg, self.w_avg_beta))
 
         if self.num_ws is not None:
             x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
@@ -195,9 +196,9 @@ class MappingNetwork(nn.Module):
         # Truncation trick (StyleGAN, sec. 3.2): w' = w_avg + psi * (w - w_avg) for the first `cutoff` ws.
         if truncation_psi != 1:
             if self.num_ws is None or truncation_cutoff is None:
-                x = self.w_avg.lerp(x, truncation_psi)
+                x = self.w_avg.to(x.dtype).lerp(x, truncation_psi)
             else:
-                x[:, :truncation_cutoff] = self.w_avg.lerp(x[:, :truncation_cutoff], truncation_psi)
+                x[:, :truncation_cutoff] = self.w_avg.to(x.dtype).lerp(x[:, :truncation_cutoff], truncation_psi)
         return x
 
     def extra_repr(self) -> str:

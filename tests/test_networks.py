@@ -98,6 +98,22 @@ def test_truncation_and_w_avg():
     assert torch.allclose(G.mapping.w_avg, ws[:, 0].mean(0).lerp(old, 0.995), atol=1e-6)
 
 
+def test_w_avg_and_truncation_under_bf16_autocast():
+    """Under bf16 autocast (train.mixed_precision=bf16) the mapping gives bf16 ws; w_avg stays float32, tracks the
+    float32 mean of those ws, and truncation lerps in the ws' dtype."""
+    G = small_G(16)
+    z = torch.randn(4, 16)
+    old = G.mapping.w_avg.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ws = G.mapping(z, None, update_emas=True)
+        wst = G.mapping(z, None, truncation_psi=0.5, truncation_cutoff=2)
+    assert ws.dtype == torch.bfloat16 and G.mapping.w_avg.dtype == torch.float32
+    assert torch.allclose(G.mapping.w_avg, ws[:, 0].float().mean(0).lerp(old, 0.995), atol=1e-6)
+    w_avg = G.mapping.w_avg.to(torch.bfloat16)
+    assert wst.dtype == torch.bfloat16
+    assert torch.equal(wst[:, :2], w_avg.lerp(ws[:, :2], 0.5)) and torch.equal(wst[:, 2:], ws[:, 2:])
+
+
 def test_noise_modes():
     """'const' is repeatable, 'random' and 'none' differ from it, an unknown mode is refused."""
     G = small_G(16)
