@@ -372,6 +372,30 @@ def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int
     return dist.broadcast_object(value)
 
 
+def fid_floor(dataset, detector, num: int, batch_size: int = 32, cache_dir=None, mirror=None) -> dict:
+    """FID between two disjoint halves of the reals, num images each (less when the set has fewer than 2 num: its
+    halves), in every convention of the detector: the value a perfect generator would get at this sample size (the
+    metric's noise floor). Same call on every rank. Returns {conventions: {name: value}, value (the default
+    convention's), num_real}."""
+    mirror = real_set_mirrored(dataset, mirror)
+    total = len(_Images(dataset, mirror))
+    count = min(2 * int(num), total - total % 2)
+    conventions = list(getattr(detector, "conventions", None) or [detector.convention])
+    real = compute_dataset_stats(dataset, detector, max_items=count, batch_size=batch_size, xflip=mirror,
+                                 cache_dir=cache_dir, capture_all=True, capture_mean_cov=False,
+                                 conventions=conventions)
+    value = None
+    if dist.is_main():
+        values = {}
+        for c, stats in real.items():
+            rows = stats.get_all().astype(np.float64)
+            a, b = rows[: count // 2], rows[count // 2:]
+            values[c] = frechet_distance(a.mean(0), np.cov(a, rowvar=False, bias=True),
+                                         b.mean(0), np.cov(b, rowvar=False, bias=True))
+        value = dict(conventions=values, value=values[conventions[0]], num_real=count // 2)
+    return dist.broadcast_object(value)
+
+
 def evaluate_snapshot(G, dataset, detector, metrics, run_dir: str, snapshot, kimg, mirror: Optional[bool] = None,
                       **kwargs) -> list:
     """For the training loop, every `metrics_every` kimg, on every rank: compute `metrics` for G_ema, append each to
