@@ -412,7 +412,7 @@ def test_fid_and_kid_in_both_conventions(tmp_path):
     layers = TinyLayers()
 
     def clean_feats(u8):
-        x = torch.stack([torch.stack([torch.from_numpy(np.asarray(Image.fromarray(ch.astype(np.float32)).resize(
+        x = torch.stack([torch.stack([torch.from_numpy(np.array(Image.fromarray(ch.astype(np.float32)).resize(
             (299, 299), Image.Resampling.BICUBIC))) for ch in img]) for img in u8]).clamp(0, 255)
         return layers((x - 128) / 128).flatten(1).double().numpy()
     gen = metrics.compute_generator_stats(G, det, 20, capture_all=True, conventions=["clean"])["clean"]

@@ -132,7 +132,7 @@ def _extract(stats: dict, detector, batches, images_iter, progress=None, total=N
                 feats = torch.zeros((0, detector.feature_dim), dtype=torch.float32, device=dev)
             elif indexed:
                 feats = detector.features(images, idx).to(dev)
-            elif convention is None:
+            elif convention is None or convention == getattr(detector, "convention", None):
                 feats = detector.features(images).to(dev)
             else:
                 feats = detector.features(images, convention=convention).to(dev)
