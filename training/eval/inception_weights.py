@@ -72,8 +72,9 @@ def nvidia_to_port(state: dict, port_state: dict) -> dict:
     expected = nvidia_key_names()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"not NVIDIA's FID Inception parameter names: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        more = lambda keys: " ..." if len(keys) > 5 else ""  # noqa: E731
+        raise ValueError(f"not NVIDIA's FID Inception parameter names: missing {missing[:5]}{more(missing)}, "
+                         f"unexpected {extra[:5]}{more(extra)}")
     out = dict(port_state)
     for nv, port in unit_names():
         for a, b in _UNIT:
