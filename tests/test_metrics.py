@@ -438,6 +438,24 @@ def test_fid_and_kid_in_both_conventions(tmp_path):
         det.features(torch.from_numpy(images[:2]), convention="pytorch-fid")
 
 
+# The FID floor: FID between the first and second halves of the reals, in each convention, from their features.
+def test_fid_floor_is_the_fid_of_two_halves(tmp_path):
+    path = str(tmp_path / "nv-like.pt")
+    torch.jit.save(torch.jit.script(TinyNvidiaLike()), path)
+    det = load_detector(path, device="cpu")
+    dataset = W.ArrayDataset(W.make_images(41))
+    floor = metrics.fid_floor(dataset, det, 30, batch_size=8, cache_dir=False)
+    assert floor["num_real"] == 20 and set(floor["conventions"]) == {"nvidia", "clean"}
+    for c in ("nvidia", "clean"):
+        rows = metrics.compute_dataset_stats(dataset, det, max_items=40, capture_all=True, cache_dir=False,
+                                             conventions=[c])[c].get_all().astype(np.float64)
+        a, b = rows[:20], rows[20:]
+        want = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False, bias=True),
+                                        b.mean(0), np.cov(b, rowvar=False, bias=True))
+        assert floor["conventions"][c] == pytest.approx(want, rel=1e-9) and want > 0
+    assert floor["value"] == floor["conventions"]["nvidia"]
+
+
 def test_append_metric_jsonl_and_best_tracking(tmp_path):
     run = str(tmp_path / "run")
     base = dict(metric="fid50k_full", detector="x.pt", detector_hash="ab")
