@@ -97,7 +97,9 @@ def _build_key(name, sources, cuda, cuda_home):
     for path in files:
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    meta = [name, str(cuda), torch.__version__, str(torch.version.cuda), sys.version, sysconfig.get_platform(),
+    # SRC_DIR too: the generated build.ninja names the sources by path, so two checkouts with equal sources must not
+    # share a build folder (each would rewrite it and make ninja rebuild the other's).
+    meta = [name, str(cuda), str(SRC_DIR), torch.__version__, str(torch.version.cuda), sys.version, sysconfig.get_platform(),
             " ".join(CFLAGS + LDFLAGS), os.environ.get("CXX", "")]
     if cuda:
         meta += [" ".join(CUDA_CFLAGS), cuda_home or "", os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
