@@ -262,8 +262,8 @@ def main(argv=None) -> int:
     print(f"wrote {len(labels)} images ({n_cls} classes) to {args.dest}; skipped {skipped} unreadable file(s)"
           + (f"; resized {resized} to {res}x{res}" if not synthetic else ""))
     if classes:
-        print(f"labels: train with data.use_labels=true for a class-conditional model; generate.py --class <name> "
-              f"takes these names")
+        print("labels: train with data.use_labels=true for a class-conditional model; generate.py --class <name> "
+              "takes these names")
     return 0
 
 

@@ -9,7 +9,6 @@ import torch
 
 import bench_ops
 from ops import _build, dispatch, fused_ops
-from ops.fused_ops import kernel_calls
 from ops.upfirdn2d import setup_filter
 
 try:  # parity and the large tensors need check_ops; where it cannot be imported, they say why and the rest runs
@@ -103,44 +102,19 @@ def speed_plan(device: torch.device, small: bool) -> list:
             ("paper256 fp32", m256, b256, m256 // 8, lambda r: (torch.float32, "contiguous"))]
 
 
-def _to_layout(t, layout):
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" and t.ndim == 4 else t
-
-
 def time_case(op, fn, shape, nbias, device, dtype, layout, rep_budget) -> dict:
-    """bench_ops.bench_case in a memory layout: ms of 'ref' and 'fused', forward (no grad) and forward + backward,
-    the inputs and the output gradient in `layout`; refuses (RuntimeError) to time a fused call that ran no
-    kernel. Then one forward + backward with impl='auto' on the same inputs, so that a self-checking 'auto' decides
-    for this dtype and layout at a real shape."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = _to_layout(torch.randn(shape, generator=g, device=device, dtype=dtype), layout)
-    b = torch.randn(nbias, generator=g, device=device, dtype=dtype) if nbias else None
-    xg = x.detach().clone().requires_grad_(True)
-    bg = b.detach().clone().requires_grad_(True) if b is not None else None
-    with kernel_calls(op, device.type) as calls:
-        with torch.no_grad():
-            y = fn(x, "fused", b)
-        fwd_calls = calls[0]
-        fn(xg, "fused", bg).backward(torch.ones_like(y))
-        if fwd_calls == 0 or calls[0] == fwd_calls:
-            raise RuntimeError(f"impl='fused' fell back to the reference ({'forward' if fwd_calls == 0 else 'backward'}"
-                               f" ran no kernel): not timed")
-    gy = _to_layout(torch.randn(y.shape, generator=g, device=device, dtype=dtype), layout)
-    row = {"out_layout": "channels_last" if y.ndim == 4 and y.is_contiguous(memory_format=torch.channels_last)
-           and not y.is_contiguous() else "contiguous"}
-    for impl in ("ref", "fused", "auto"):
-        def fwd_bwd():
-            xg.grad = None
-            if bg is not None:
-                bg.grad = None
-            fn(xg, impl, bg).backward(gy)
-        if impl == "auto":  # decides once (and is then cached): not timed here
-            fwd_bwd()
-            continue
-        with torch.no_grad():
-            row[f"ms_{impl}_fwd"] = bench_ops.timeit(lambda: fn(x, impl, b), device, rep_budget)
-        row[f"ms_{impl}_fwd_bwd"] = bench_ops.timeit(fwd_bwd, device, rep_budget)
-    row["bytes_fwd"], row["bytes_fwd_bwd"] = bench_ops.traffic(op, x.numel(), y.numel(), nbias, x.element_size())
+    """bench_ops.bench_case in a memory layout (ms of 'ref' and 'fused', forward and forward + backward; refuses to
+    time a fused call that ran no kernel), then one forward + backward with impl='auto' on inputs of the same kind,
+    so that a self-checking 'auto' decides for this dtype and layout at a real shape."""
+    fmt = torch.channels_last if layout == "channels_last" and len(shape) == 4 else torch.contiguous_format
+    row = bench_ops.bench_case(op, fn, shape, nbias, device, dtype, rep_budget, fmt)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(shape, generator=g, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    b = torch.randn(nbias, generator=g, device=device, dtype=dtype).requires_grad_(True) if nbias else None
+    y = fn(x, "auto", b)
+    y.backward(torch.randn_like(y))  # (randn_like keeps y's layout)
+    row["out_layout"] = ("channels_last" if y.ndim == 4 and y.is_contiguous(memory_format=torch.channels_last)
+                         and not y.is_contiguous() else "contiguous")
     return row
 
 

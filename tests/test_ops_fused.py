@@ -15,6 +15,8 @@ from ops.bias_act import activation_funcs, bias_act
 from ops.modulated_conv import modulated_conv2d
 from ops.upfirdn2d import setup_filter, upfirdn2d
 
+pytestmark = pytest.mark.usefixtures("fused_one_thread")
+
 FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
 
 
@@ -33,14 +35,6 @@ def exts():
     dispatch.reset()
 
 
-# Tiny tensors run on one thread (tests that need OpenMP threads set them); the CPU kernel path is reset.
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    upfirdn2d_module.upfirdn2d_cpu_path = 0
 
 
 # Forward output and gradients (w.r.t. every input that requires grad) of fn for a fixed random output gradient.

@@ -6,6 +6,8 @@ import ops.upfirdn2d as upfirdn2d_module
 from ops import dispatch
 from ops.upfirdn2d import setup_filter, upfirdn2d, upfirdn2d_ref
 
+pytestmark = pytest.mark.usefixtures("fused_one_thread")
+
 # Test shapes: odd sizes so that tiles and channel groups have partial edges, and at least two tiles along each axis
 # for every variant (contiguous tiles are 64 or 32 wide and 16 high, channels-last ones 8 x 8).
 CL_CHANNELS = 21  # channels-last: one full and one partial group for every dtype's channel block (8, 16 or 32)
@@ -34,13 +36,6 @@ def ext():
     return upfirdn2d_module.load("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    upfirdn2d_module.upfirdn2d_cpu_path = 0
 
 
 # Input and filter of variant v (channels-last ids are the contiguous id + 10) in dtype.
