@@ -38,7 +38,7 @@ train: $(STAMP)
 # so, when the fetch fails; in CI, CI=true, a test fails instead).
 test: $(STAMP)
 	@test -f "$(INCEPTION)" || $(PY) scripts/get_inception.py || echo "warning: no Inception weights; their tests skip"
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=15 tests
 
 bench: $(STAMP)
 	@for b in scripts/bench*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
