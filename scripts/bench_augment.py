@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from training.data.augment import AugmentPipe, presets
+from training.augment import AugmentPipe, presets
 
 # Channels per resolution of a StyleGAN2 D at 256 px with cbase 16384 (the ADA paper's 256-px setting).
 D_CHANNELS = {256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}

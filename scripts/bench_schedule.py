@@ -13,9 +13,9 @@ from networks.discriminator import Discriminator
 from networks.factory import build_networks
 from networks.generator import Generator
 from ops import dispatch
-from training.config import CONF_DIR, Config, ModelConfig, TrainConfig, apply_auto
+from training.config import CONF_DIR, Config, ModelConfig, TrainConfig, apply_auto, check_batch
 from training.loss import StyleGAN2Loss
-from training.phases import check_batch, make_phases, update_ema
+from training.phases import make_phases, update_ema
 from training.schedule import stage_reals
 
 

@@ -13,7 +13,7 @@ import torch
 
 from training import dist
 from training.config import compose_config
-from training.probes import CountMinibatch, run_with_probe
+from probes import CountMinibatch, run_with_probe
 
 # The counted minibatch: r1_interval = pl_interval = 2 make Gmain, Greg, Dmain and Dreg all due at every even
 # index; index 2 is past the first (state-initializing) steps and not at a tick.

@@ -4,7 +4,7 @@ import traceback
 import torch
 
 from training.config import compose_config
-from training.probes import CountMinibatch, TimeMinibatches, run_with_probe
+from probes import CountMinibatch, TimeMinibatches, run_with_probe
 
 # NVIDIA's published StyleGAN2-ADA speeds (8 A100s) per GPU, and ganforge's targets for one H200 (s/kimg).
 REFERENCE_SEC_PER_KIMG = {"paper256": (2.47 * 8, 10.0), "stylegan2": (14.57 * 8, 58.0)}

@@ -16,9 +16,9 @@ sys.path.insert(0, str(ROOT))
 
 from ops import upfirdn2d  # noqa: E402
 from ops.grid_sample_gradfix import grid_sample  # noqa: E402
-from training.data import augment_ops  # noqa: E402
+from training import augment_ops  # noqa: E402
 from training.config import AugConfig  # noqa: E402
-from training.data.augment import (AdaptiveP, AugmentPipe, make_adaptive_p, make_augment_pipe,  # noqa: E402
+from training.augment import (AdaptiveP, AugmentPipe, make_adaptive_p, make_augment_pipe,  # noqa: E402
                               presets)
 
 
@@ -240,6 +240,13 @@ def test_grid_sample_gradfix():
         gx.sum().backward()
 
 
+# The loop's use of AdaptiveP at a step boundary: when an update is due after minibatch `batch_idx`, the
+# statistic summed over ranks (one host read) moves p. Returns True when p was updated.
+def _step(ada, batch_idx):
+    from training import dist
+    return ada.due(batch_idx) and ada.update(*dist.sum_to_host(ada.pending()))
+
+
 # AdaptiveP with D's sign fixed at +1: p rises by exactly batch * interval / (ada_kimg * 1000) per update, only
 # every `interval` minibatches, and r_t reads 1; the pipe's buffer follows.
 def test_adaptive_p_rises_at_specified_rate():
@@ -249,27 +256,27 @@ def test_adaptive_p_rises_at_specified_rate():
     for batch_idx in range(40):
         for _ in range(2):  # two accumulation rounds per minibatch
             ada.accumulate(torch.rand(16, 1) + 0.1)
-        updated = ada.step(batch_idx)
+        updated = _step(ada, batch_idx)
         assert updated == ((batch_idx + 1) % 4 == 0)
         assert ada.p == pytest.approx(delta * ((batch_idx + 1) // 4), abs=1e-12)
     assert ada.r_t == 1.0
     assert pipe.p.item() == pytest.approx(10 * delta, rel=1e-6)
 
 
-# With sign -1, p falls and clamps at 0 (it never goes negative); set_ada_kimg changes the step size.
+# With sign -1, p falls and clamps at 0 (it never goes negative); a new ada_kimg changes the step size.
 def test_adaptive_p_falls_and_clamps_at_zero():
     pipe = _pipe(0.01)
     ada = AdaptiveP(pipe, target=0.6, interval=1, ada_kimg=100, batch_size=64)
-    ada.set_ada_kimg(200)
+    ada.ada_kimg = 200.0
     p0 = ada.p  # 0.01 as stored in the pipe's float32 buffer
     for batch_idx in range(3):
         ada.accumulate(-torch.rand(8) - 0.1)
-        ada.step(batch_idx)
+        _step(ada, batch_idx)
         assert ada.p == pytest.approx(p0 - (batch_idx + 1) * 64 / 200_000, abs=1e-12)
-    ada.set_ada_kimg(1)  # steps of 0.064: the next update would take p below 0
+    ada.ada_kimg = 1.0  # steps of 0.064: the next update would take p below 0
     for batch_idx in range(3, 6):
         ada.accumulate(-torch.ones(8))
-        ada.step(batch_idx)
+        _step(ada, batch_idx)
         assert ada.p == 0.0 and pipe.p.item() == 0.0 and ada.r_t == -1.0
 
 
@@ -278,13 +285,13 @@ def test_adaptive_p_state_dict_round_trip():
     a = AdaptiveP(_pipe(0.25), interval=4, ada_kimg=10, batch_size=100)
     for i in range(6):  # one update (r_t = 1) after minibatch 3, then two minibatches pending
         a.accumulate(torch.ones(3))
-        a.step(i)
+        _step(a, i)
     b = AdaptiveP(_pipe(0.0), interval=4, ada_kimg=10, batch_size=100)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.p == a.p == pytest.approx(0.29) and b.r_t == a.r_t == 1.0 and float(b.pipe.p) == pytest.approx(0.29)
     for ada in (a, b):
         ada.accumulate(-torch.ones(1))  # with the 6 pending +1s: r_t = 5/7 > 0.6 (without them it would be -1)
-        ada.step(6), ada.step(7)
+        _step(ada, 6), _step(ada, 7)
     assert a.p == b.p == pytest.approx(0.33) and a.r_t == b.r_t == pytest.approx(5 / 7)
 
 
@@ -322,7 +329,7 @@ def test_configs_and_presets():
     assert built["noaug"] == (None, None)
     assert isinstance(built["ada"][1], AdaptiveP) and built["fixed"][1] is None
     assert float(built["fixed"][0].p) == pytest.approx(0.2)
-    assert make_adaptive_p(AugConfig(), make_augment_pipe(AugConfig()), 32, resumed=True).ada_kimg == 100
+    assert make_adaptive_p(AugConfig(), make_augment_pipe(AugConfig()), 32, from_weights=True).ada_kimg == 100
     assert presets("bgc") == dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
                                   brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
     for name in ("blit", "geom", "color", "filter", "noise", "cutout", "bg", "bgc", "bgcf", "bgcfn", "bgcfnc"):
@@ -341,7 +348,7 @@ def _worker(out_dir):
     sign = 1.0 if dist.get_rank() == 0 else -1.0
     for batch_idx in range(4):
         ada.accumulate(sign * (torch.rand(10) + 0.1))
-        ada.step(batch_idx)
+        _step(ada, batch_idx)
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"p": ada.p, "r_t": ada.r_t, "pipe_p": float(pipe.p)}, f)
     dist.end_process(0)  # a gloo rank can abort in the interpreter's teardown ("terminate called without ...")

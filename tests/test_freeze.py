@@ -2,6 +2,8 @@
 import copy
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +14,18 @@ from tests import official_builder as ob
 from tests.test_state import assert_same
 from tests.test_step import tiny_nets, tiny_nets_like
 from tests.test_training import TINY, run_train
-from training import loop
+from training import run as run_setup
 from training.config import ModelConfig, TrainConfig, compose_config
 from training.io import official
 from training.io.checkpoint import save_snapshot
 from training.loss import StyleGAN2Loss
-from training.phases import freeze_summary, make_phases, optimizer_step, resolve_freeze_d, source_freeze_d
-from training.probes import ProbeDone, run_with_probe
+from training.loop import LoopHooks
+from training.phases import freeze_summary, make_phases, optimizer_step
+from training.resume import read_weights, resolve_freeze_d, source_freeze_d
 from training.state import TrainState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from probes import ProbeDone, run_with_probe  # noqa: E402 (scripts/: the benchmarks' loop probes)
 
 # NVIDIA's counting at 32 px (blocks 32, 16, 8 above the 4x4 epilogue): per block from the input, fromRGB where the
 # block has one (the entry block; every block with skip), conv0, conv1, and the skip with resnet.
@@ -224,11 +230,12 @@ def test_official_pickle_keeps_freeze_layers(tmp_path):
     assert nets["config"]["freeze_d"] == 4 and "freeze_layers" not in json.dumps(nets["config"]["D_kwargs"])
     assert_same(nets["D"].state_dict(), D.state_dict())
     assert "b32.fromrgb.weight" not in official.load_official_pkl(path)["D"]["param_names"]
-    assert official.read_freeze_layers(path) == source_freeze_d(path) == 4
-    weights = {"kind": "weights", "path": str(path)}
+    weights = read_weights({"kind": "weights", "path": str(path)})
+    assert official.read_freeze_layers(path) == source_freeze_d(weights["snapshot"]) == 4
     assert [resolve_freeze_d(r, weights) for r in (None, 0, 7)] == [4, 0, 7]
     del kwargs["block_kwargs"]["freeze_layers"]
     ob.write_pkl(path, {"D": ob.module_tree(D.state_dict(), {"": "Discriminator"}, {"": kwargs})})
+    weights = read_weights({"kind": "weights", "path": str(path)})
     assert official.read_freeze_layers(path) is None and resolve_freeze_d(None, weights) == 0
     kwargs["block_kwargs"]["freeze_layers"] = -1
     ob.write_pkl(path, {"D": ob.module_tree(D.state_dict(), {"": "Discriminator"}, {"": kwargs})})
@@ -236,9 +243,9 @@ def test_official_pickle_keeps_freeze_layers(tmp_path):
         official.build_networks(path)
     snap = tmp_path / "network-snapshot-000000.safetensors"
     save_snapshot(snap, None, D, None, config={"train": {"freeze_d": 3}})
-    assert resolve_freeze_d(None, {"kind": "weights", "path": str(snap)}) == 3
+    assert resolve_freeze_d(None, read_weights({"kind": "weights", "path": str(snap)})) == 3
     save_snapshot(snap, None, D, None, config={"source": "frozen.pkl", "freeze_d": 5})  # convert_official.py's
-    assert source_freeze_d(snap) == 5
+    assert source_freeze_d(read_weights({"kind": "weights", "path": str(snap)})["snapshot"]) == 5
     state = {"kind": "state", "state": {"config": json.dumps({"train": {"freeze_d": 6}})}}
     assert resolve_freeze_d(None, state) == 6 and resolve_freeze_d(None, {"kind": "fresh"}) == 0
 
@@ -267,13 +274,10 @@ def test_loop_gives_frozen_layers_no_gradient(tmp_path, monkeypatch, ref_ops_one
     def spy(G, D, *args, **kwargs):
         nets["D"] = D
         return make_phases(G, D, *args, **kwargs)
-    monkeypatch.setattr(loop, "make_phases", spy)
+    monkeypatch.setattr(run_setup, "make_phases", spy)
 
-    class Probe:
-        def begin(self, counters):
-            pass
-
-        def end(self, counters):
+    class Probe(LoopHooks):
+        def end_minibatch(self, counters):
             frozen = nets["D"].frozen_parameters(2).values()
             ends.append(all(p.grad is None and not p.requires_grad for p in frozen))
             if counters.batch_idx >= 4:

@@ -17,7 +17,8 @@ import torch
 
 from training.io import checkpoint as ckpt
 from training.resume import check_config, config_changes
-from training.state import ResumeError
+from faults import train_script
+from training.errors import ResumeError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -39,12 +40,12 @@ def env_for(cwd, **extra):
                 GANFORGE_CACHE=str(Path(cwd) / "cache"), **extra)
 
 
-def train_cmd(args, launcher=None):
-    return (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
+def train_cmd(args, launcher=None, env=None):
+    return (launcher or [PY]) + [train_script(ROOT, env or {})] + args
 
 
 def run_train(args, cwd, check=True, launcher=None, timeout=600, **env):
-    proc = subprocess.run(train_cmd(args, launcher), cwd=cwd, env=env_for(cwd, **env), capture_output=True,
+    proc = subprocess.run(train_cmd(args, launcher, env), cwd=cwd, env=env_for(cwd, **env), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from networks.factory import build_networks
-from training.config import AugConfig, ModelConfig, TrainConfig
-from training.data.augment import make_adaptive_p, make_augment_pipe
+from training.config import AugConfig, ModelConfig, ScheduleConfig, TrainConfig
+from training.augment import make_adaptive_p, make_augment_pipe
 from training.loss import StyleGAN2Loss
 from training.phases import make_phases
-from training.state import Counters, ResumeError, TrainState
+from training.schedule import make_schedule
+from training.errors import ResumeError
+from training.state import Counters, TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 # A training state written by ganforge at commit d85b71e (before TrainState existed), with the overrides below.
@@ -27,17 +29,18 @@ LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolutio
 
 
 # A TrainState for `config` (a plain config dict, as stored in training states) at 16 px: networks from `seed`,
-# phases, loss, ADA.
-def make_state(config: dict, seed: int) -> TrainState:
+# phases, loss, ADA; with `schedule` (a ScheduleConfig), progressive networks and that schedule.
+def make_state(config: dict, seed: int, schedule=None) -> TrainState:
     model, train = ModelConfig(**config["model"]), TrainConfig(**config["train"])
     aug = AugConfig(**{k: v for k, v in config["aug"].items() if k in {f.name for f in dataclasses.fields(AugConfig)}})
     torch.manual_seed(seed)
-    G, D, G_ema = build_networks(model, 16, 3, 0)
+    G, D, G_ema = build_networks(model, 16, 3, 0, grow=schedule is not None)
     loss = StyleGAN2Loss(G, D, r1_gamma=train.r1_gamma, pl_weight=train.pl_weight)
     phases = make_phases(G, D, train, use_pl=train.pl_weight != 0, use_r1=loss.has_d_reg)
     pipe = make_augment_pipe(aug)
     ada = make_adaptive_p(aug, pipe, batch_size=train.batch_size)
-    return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=config)
+    return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=config,
+                      schedule=make_schedule(schedule, 16, train) if schedule is not None else None)
 
 
 # Every tensor and value of two nested structures, compared exactly; returns how many tensors were compared.
@@ -64,10 +67,11 @@ def legacy():
 # state_dict -> load_state_dict -> state_dict gives back every field: networks, both Adams (after real steps),
 # counters, path-length mean, ADA's p, r_t and pending statistic, the pipe's buffer, the stage, the timing, the
 # config; the RNG state saved for this rank comes back as the one to start from. A state from other weights loads
-# over it.
+# over it. The schedule puts 16 px at fade 0.5 at 1234 images (8 px, then 16 px from 1000 images over 468).
 def test_train_state_round_trip(legacy):
     config = json.loads(legacy["config"])
-    a = make_state(config, seed=1)
+    schedule = ScheduleConfig(enabled=True, start_res=8, boundaries_kimg=[1.0], fade_kimg=0.468)
+    a = make_state(config, seed=1, schedule=schedule)
     for ph in a.phases:  # real optimizer state: one Adam step on every parameter
         for p in ph.module.parameters():
             p.grad = torch.randn_like(p)
@@ -78,14 +82,16 @@ def test_train_state_round_trip(legacy):
     a.ada.accumulate(torch.tensor([1.0, -2.0, 3.0]))
     a.ada.update(3.0, 4)
     a.ada.accumulate(torch.tensor([0.5, 0.25]))
-    a.stage = {"resolution": 8, "alpha": 0.5}
+    for net in a.nets.values():
+        net.set_stage(16, 0.5)
     a.timing = {"total_sec": 123.5, "tick_sec": 4.25}
     saved = a.state_dict()
     assert {"G", "D", "G_ema", "opt", "phases", "counters", "pl_mean", "rng", "fingerprints", "world_size", "config",
             "config_requested", "augment_pipe", "ada", "stage", "timing", "format", "version"} == set(saved)
 
-    b = make_state(config, seed=2)
-    b.stage = {"resolution": 16, "alpha": 1.0}
+    b = make_state(config, seed=2, schedule=schedule)
+    for net in b.nets.values():
+        net.set_stage(8, 1.0)
     assert not torch.equal(next(b.G.parameters()), next(a.G.parameters()))
     b.load_state_dict(saved, "round trip")
     again = b.state_dict()
@@ -93,6 +99,7 @@ def test_train_state_round_trip(legacy):
     saved.pop("rng"), again.pop("rng")  # the RNG of the moment, not a field that loads into the networks
     assert assert_same(saved, again) > 50
     assert b.counters == a.counters and b.ada.p == a.ada.p and b.stage == a.stage and b.timing == a.timing
+    assert a.stage == {"resolution": 16, "alpha": 0.5} and all(n.stage == (16, 0.5) for n in b.nets.values())
 
 
 # A state whose networks do not match the model, or which lacks a field, is refused naming the file and the part.
@@ -100,8 +107,14 @@ def test_train_state_refuses_mismatches(legacy):
     config = json.loads(legacy["config"])
     saved = make_state(config, seed=1).state_dict()
     wider = dict(config, model=dict(config["model"], channel_max=16))
-    with pytest.raises(ResumeError, match=r"x.pt: G: .*mis-shaped keys \[synthesis.b4.const: file \(8, 4, 4\) vs network \(16, 4, 4\)"):
+    # The config diff is checked first (the state's owner refuses a change of what is trained, naming the key) ...
+    with pytest.raises(ResumeError, match=r"(?s)x.pt: the config differs .*model.channel_max: 8 → 16"):
         make_state(wider, seed=1).load_state_dict(saved, "x.pt")
+    # ... and networks that do not fit the file are refused naming the keys, whatever the config says.
+    mismatched = make_state(wider, seed=1)
+    mismatched.config = mismatched.requested = config
+    with pytest.raises(ResumeError, match=r"x.pt: G: .*mis-shaped keys \[synthesis.b4.const: file \(8, 4, 4\) vs network \(16, 4, 4\)"):
+        mismatched.load_state_dict(saved, "x.pt")
     with pytest.raises(ResumeError, match=r"x.pt: not a ganforge training state \(no pl_mean\)"):
         make_state(config, seed=1).load_state_dict({k: v for k, v in saved.items() if k != "pl_mean"}, "x.pt")
     tampered = dict(saved, fingerprints=[{**saved["fingerprints"][0], "D": "0" * 64}])

@@ -14,13 +14,14 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator
 from ops import dispatch
 from training import dist
-from training.data.augment import AugmentPipe, presets
-from training.hostsync import HostSyncCounter
+from training.augment import AugmentPipe, presets
 from training.phases import optimizer_step, update_ema
 from training.loss import StyleGAN2Loss
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT / "scripts"))
+from hostsync import HostSyncCounter  # noqa: E402 (scripts/: a tool of the benchmarks and tests)
 
 
 # scripts/bench_sync.py as a module: the tests count with the benchmark's own configuration.

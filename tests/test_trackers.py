@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from faults import train_script
 from tests.test_training import ROOT, TINY
 from training.config import LogConfig
 from training.trackers import WANDB_ID_FILE, open_trackers, resolve
@@ -29,7 +30,7 @@ def train(args, cwd, extra_env=None):
                WANDB_CONFIG_DIR=str(cwd / "wandb-config"), WANDB_DATA_DIR=str(cwd / "wandb-data"),
                **(extra_env or {}))
     env.pop("WANDB_API_KEY", None)
-    return subprocess.run([PY, str(ROOT / "scripts/train.py")] + args, cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([PY, train_script(ROOT, env)] + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
 
 

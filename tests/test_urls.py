@@ -17,7 +17,7 @@ from training.eval import inception
 from training.io import weights
 from training.io.checkpoint import load_snapshot, save_snapshot
 from training.resume import resolve_resume
-from training.state import ResumeError
+from training.errors import ResumeError
 
 pytestmark = pytest.mark.usefixtures("ref_ops_one_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -269,6 +269,33 @@ def drop_synthetic_keys(cfg: Config) -> tuple:
                  f"--resolution resizes them)")
 
 
+# Batch divisibility, checked at start-up for the run and for every stage of a progressive schedule.
+def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int) -> tuple:
+    """Check batch divisibility at start-up; return (batch_gpu, accumulation rounds). Errors (ConfigError) name the
+    keys and a value that works."""
+    if batch_size <= 0:
+        raise ConfigError(f"train.batch_size={batch_size} must be a positive number of images (total over all "
+                          f"processes, e.g. train.batch_size=32)")
+    if batch_gpu is not None and batch_gpu <= 0:
+        raise ConfigError(f"train.batch_gpu={batch_gpu} must be a positive number of images per process, or null "
+                          f"(train.batch_size / processes)")
+    if batch_gpu is None:
+        if batch_size % world != 0:
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the number of processes ({world})")
+        batch_gpu = batch_size // world
+    if batch_size % (batch_gpu * world) != 0:
+        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of train.batch_gpu={batch_gpu} times "
+                          f"the number of processes ({world})")
+    if mbstd_group < 1:
+        raise ConfigError(f"model.mbstd_group={mbstd_group} must be at least 1 (images per minibatch-std group)")
+    group = min(mbstd_group, batch_gpu)
+    if batch_gpu % group != 0:
+        raise ConfigError(f"train.batch_gpu={batch_gpu} must be divisible by model.mbstd_group={mbstd_group} (the "
+                          f"minibatch-std group); pick a group that divides it, e.g. model.mbstd_group="
+                          f"{max(g for g in range(1, group + 1) if batch_gpu % g == 0)}")
+    return batch_gpu, batch_size // (batch_gpu * world)
+
+
 def parse_bool(text: str) -> bool:
     """true/false, 1/0, yes/no, on/off (any case) as a bool: for command-line options written as NVIDIA's scripts
     take them (`--mirror 1`, `--save-video true`)."""

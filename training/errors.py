@@ -19,6 +19,10 @@ class RunTimeFailure(UserError):
     exit_code = EXIT_RUNTIME
 
 
+class ResumeError(RunTimeFailure, ValueError):
+    """The run cannot start from what it was asked to resume from (and the message says why)."""
+
+
 def debug() -> bool:
     """Whether GANFORGE_DEBUG asks for tracebacks."""
     return os.environ.get("GANFORGE_DEBUG", "").strip() not in ("", "0", "false", "no")

@@ -1,16 +1,10 @@
 """The G and D phases of a minibatch (lazy regularization, Freeze-D), the optimizer step they end with, and G's EMA."""
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-from safetensors import safe_open
 
 from training import dist
-from training.config import ConfigError
-from training.io import official
 
 
 @dataclass
@@ -45,14 +39,16 @@ class Phase:
             p.requires_grad_(flag)
 
 
-def make_phases(G, D, train, use_pl: bool, use_r1: bool, freeze_d: Optional[int] = None) -> list:
+def make_phases(G, D, train, use_pl: bool, use_r1: bool, freeze_d: Optional[int] = None, prepare=None) -> list:
     """The phases for G and D under `train` (a TrainConfig): with lazy regularization every k minibatches, Adam's
     lr and betas are compensated by k/(k+1) so that the combined updates match an unregularized schedule.
 
-    `freeze_d` (default: train.freeze_d; see resolve_freeze_d): D's first this many layers (Freeze-D,
-    Discriminator.freezable_layers) are left out of D's optimizer and of the phases' `params`, and get
-    requires_grad False.
+    `freeze_d` (default: train.freeze_d; see training.resume.resolve_freeze_d): D's first this many layers
+    (Freeze-D, Discriminator.freezable_layers) are left out of D's optimizer and of the phases' `params`, and get
+    requires_grad False. `prepare` wraps each optimizer as it is made (Accelerate's, for mixed-precision loss
+    scaling); default: the plain torch optimizer.
     """
+    prepare = prepare or (lambda opt: opt)
     if freeze_d is None:
         freeze_d = train.freeze_d or 0
     frozen = {id(p) for p in D.frozen_parameters(freeze_d).values()} if freeze_d else set()
@@ -64,47 +60,16 @@ def make_phases(G, D, train, use_pl: bool, use_r1: bool, freeze_d: Optional[int]
                                                   ("D", D, train.dlr, train.r1_interval, use_r1)):
         params = [p for p in module.parameters() if id(p) not in frozen]
         if not active or interval in (None, 0, 1):
-            opt = torch.optim.Adam(params, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+            opt = prepare(torch.optim.Adam(params, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps))
             phases.append(Phase(network + ("both" if active else "main"), network, module, opt, 1, True,
                                 params=params))
         else:
             ratio = interval / (interval + 1)
-            opt = torch.optim.Adam(params, lr=lr * ratio, betas=(train.beta1 ** ratio, train.beta2 ** ratio),
-                                   eps=train.eps)
+            opt = prepare(torch.optim.Adam(params, lr=lr * ratio, betas=(train.beta1 ** ratio, train.beta2 ** ratio),
+                                           eps=train.eps))
             phases.append(Phase(network + "main", network, module, opt, 1, True, ratio, params=params))
             phases.append(Phase(network + "reg", network, module, opt, interval, False, ratio, params=params))
     return phases
-
-
-def source_freeze_d(path) -> Optional[int]:
-    """The Freeze-D count a weights file was trained with, or None when it records none: an official pickle's D
-    block_kwargs.freeze_layers (NVIDIA's --freezed), a ganforge snapshot's train.freeze_d (its resolved config) or,
-    in a snapshot converted from an official pickle (scripts/convert_official.py), the imported freeze_d."""
-    path = Path(path)
-    if path.suffix == ".pkl":
-        return official.read_freeze_layers(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        config = json.loads((f.metadata() or {}).get("config", "{}"))
-    value = config["train"].get("freeze_d") if isinstance(config.get("train"), dict) else config.get("freeze_d")
-    return int(value) if value is not None else None
-
-
-def resolve_freeze_d(requested: Optional[int], plan: dict) -> int:
-    """The Freeze-D count of a run starting from `plan` (training.resume.resolve_resume's): `requested`
-    (train.freeze_d) when it is set, 0 included; when it is null, the resumed run's own (its training state's
-    resolved config), or the weights file's (source_freeze_d: an official pickle's freeze_layers, a snapshot's
-    train.freeze_d), else 0. The loop records the result in the resolved config, so that a full resume of the run
-    freezes the same layers."""
-    value = requested
-    if value is None and plan.get("kind") == "state":
-        saved = plan["state"].get("config")
-        value = (json.loads(saved) if isinstance(saved, str) else saved or {}).get("train", {}).get("freeze_d")
-    elif value is None and plan.get("kind") == "weights":
-        value = source_freeze_d(plan["path"])
-    value = 0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
-    return value
 
 
 def freeze_summary(D, freeze_d: int) -> str:
@@ -118,32 +83,6 @@ def freeze_summary(D, freeze_d: int) -> str:
             if freeze_d > len(layers) else "")
     return (f"Freeze-D: D's first {min(freeze_d, len(layers))} of {len(layers)} layers stay frozen ({span}){more}; "
             f"{n_all - n_frozen:,} of {n_all:,} D parameters train")
-
-
-def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int) -> tuple:
-    """Check batch divisibility at start-up; return (batch_gpu, accumulation rounds). Errors (ConfigError) name the
-    keys and a value that works."""
-    if batch_size <= 0:
-        raise ConfigError(f"train.batch_size={batch_size} must be a positive number of images (total over all "
-                          f"processes, e.g. train.batch_size=32)")
-    if batch_gpu is not None and batch_gpu <= 0:
-        raise ConfigError(f"train.batch_gpu={batch_gpu} must be a positive number of images per process, or null "
-                          f"(train.batch_size / processes)")
-    if batch_gpu is None:
-        if batch_size % world != 0:
-            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the number of processes ({world})")
-        batch_gpu = batch_size // world
-    if batch_size % (batch_gpu * world) != 0:
-        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of train.batch_gpu={batch_gpu} times "
-                          f"the number of processes ({world})")
-    if mbstd_group < 1:
-        raise ConfigError(f"model.mbstd_group={mbstd_group} must be at least 1 (images per minibatch-std group)")
-    group = min(mbstd_group, batch_gpu)
-    if batch_gpu % group != 0:
-        raise ConfigError(f"train.batch_gpu={batch_gpu} must be divisible by model.mbstd_group={mbstd_group} (the "
-                          f"minibatch-std group); pick a group that divides it, e.g. model.mbstd_group="
-                          f"{max(g for g in range(1, group + 1) if batch_gpu % g == 0)}")
-    return batch_gpu, batch_size // (batch_gpu * world)
 
 
 def optimizer_step(opt, params, scaler):
@@ -181,15 +120,3 @@ def update_ema(G_ema, G, cur_nimg: int, batch_size: int, ema_kimg: float, ema_ra
         bufs = dist.changing_buffers(G_ema)
         if bufs:
             torch._foreach_copy_(bufs, dist.changing_buffers(G))
-
-
-def sample_labels(dataset, n: int, device) -> torch.Tensor:
-    """Labels for generated samples, drawn from the dataset's label distribution (zeros [N, 0] when
-    unconditional); on CUDA they travel from pinned memory without blocking."""
-    if dataset.label_dim == 0:
-        return torch.zeros([n, 0], device=device)
-    idx = np.random.randint(len(dataset), size=n)
-    labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx]))
-    if device.type == "cuda":
-        labels = labels.pin_memory()
-    return labels.to(device, non_blocking=True)

@@ -1,4 +1,4 @@
-"""Preemption (SIGTERM, SIGINT, SIGUSR1 stop every rank at the next step boundary) and test-only fault injection."""
+"""Preemption: SIGTERM, SIGINT, SIGUSR1 or a dead launcher stop every rank at the next step boundary."""
 import ctypes
 import os
 import signal
@@ -137,31 +137,6 @@ def _exit_after(seconds: float) -> None:
     sys.stderr.write(f"\nThe launcher is gone and the checkpoint did not finish within {seconds:.0f} s: exiting\n")
     sys.stderr.flush()
     os._exit(1)
-
-
-class Faults:
-    """Test-only faults, switched on by environment variables (never set in normal runs): GANFORGE_TEST_KILL_AT_NIMG=N
-    (with GANFORGE_TEST_KILL_RANK=r, default 0): rank r SIGKILLs itself at the first step boundary at or after N
-    images; GANFORGE_TEST_NONFINITE_FROM_NIMG=N: gradients become NaN from N images on."""
-    def __init__(self, rank: int):
-        env = os.environ
-        self.kill_at = int(env["GANFORGE_TEST_KILL_AT_NIMG"]) if env.get("GANFORGE_TEST_KILL_AT_NIMG") else None
-        self.kill = self.kill_at is not None and rank == int(env.get("GANFORGE_TEST_KILL_RANK", "0"))
-        nan_from = env.get("GANFORGE_TEST_NONFINITE_FROM_NIMG")
-        self.nan_from = int(nan_from) if nan_from else None
-
-    def at_step(self, cur_nimg: int) -> None:
-        """At a step boundary: die like a killed process when asked to."""
-        if self.kill and cur_nimg >= self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def corrupt_grads(self, params, cur_nimg: int) -> None:
-        """After the backward passes of a phase: poison the gradients when asked to."""
-        if self.nan_from is not None and cur_nimg >= self.nan_from:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-                    break
 
 
 def all_finite(modules, tensors=()) -> bool:

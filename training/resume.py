@@ -1,16 +1,18 @@
-"""Where a run starts from (its own newest state, resume=, or scratch), which config changes a resume allows, and
-the run directory's own files (config.yaml/json, stats.jsonl) around a resume."""
+"""Where a run starts from (its own newest state, resume=, or scratch; weights and their Freeze-D count), which config
+changes a resume allows, and the run directory's own files (config.yaml/json, stats.jsonl) around a resume."""
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
 from training import dist
+from training.config import ConfigError
+from training.errors import ResumeError
 from training.io import checkpoint as ckpt, weights
 from training.io.files import atomic_write, load_strict
-from training.state import ResumeError
 
 # Config keys that may change when a run resumes (lengths, intervals, logging, metrics, resources); a key ending
 # in '.' stands for its whole group. Every other change is refused with a diff.
@@ -174,14 +176,49 @@ def resolve_resume_all(resume, run_dir, log=print) -> dict:
     return plan
 
 
-def load_weights(path, G, D, G_ema, log=print) -> None:
-    """Load G, D and G_ema from a snapshot (.safetensors or official .pkl) for transfer learning: the networks must
-    match the configured architecture; a network the file lacks is taken from its twin (G <-> G_ema) or kept
-    fresh."""
+def read_weights(plan: dict) -> dict:
+    """`plan` (resolve_resume_all's) with the networks of a weights-only start read once: plan['snapshot'] is
+    load_snapshot's dict (G, D, G_ema, config), used for its Freeze-D count and then loaded by load_weights."""
+    if plan["kind"] != "weights":
+        return plan
     try:
-        snap = ckpt.load_snapshot(path)
+        return dict(plan, snapshot=ckpt.load_snapshot(plan["path"]))
     except (ValueError, FileNotFoundError) as e:
-        raise ResumeError(f"resume={path}: {e}") from e
+        raise ResumeError(f"resume={plan['path']}: {e}") from e
+
+
+def source_freeze_d(snapshot: dict) -> Optional[int]:
+    """The Freeze-D count a weights file (load_snapshot's dict) was trained with, or None when it records none: an
+    official pickle's D block_kwargs.freeze_layers (NVIDIA's --freezed, imported as config['freeze_d']), a ganforge
+    snapshot's train.freeze_d (its resolved config) or, in a snapshot converted from an official pickle
+    (scripts/convert_official.py), the imported freeze_d."""
+    config = snapshot.get("config") or {}
+    value = config["train"].get("freeze_d") if isinstance(config.get("train"), dict) else config.get("freeze_d")
+    return int(value) if value is not None else None
+
+
+def resolve_freeze_d(requested: Optional[int], plan: dict) -> int:
+    """The Freeze-D count of a run starting from `plan` (read_weights'): `requested` (train.freeze_d) when it is set,
+    0 included; when it is null, the resumed run's own (its training state's resolved config), or the weights file's
+    (source_freeze_d), else 0. The run records the result in its resolved config, so that a full resume of the run
+    freezes the same layers."""
+    value = requested
+    if value is None and plan.get("kind") == "state":
+        saved = plan["state"].get("config")
+        value = (json.loads(saved) if isinstance(saved, str) else saved or {}).get("train", {}).get("freeze_d")
+    elif value is None and plan.get("kind") == "weights":
+        value = source_freeze_d(plan["snapshot"])
+    value = 0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train.freeze_d must be a non-negative integer (or null), got {value!r}")
+    return value
+
+
+def load_weights(plan: dict, G, D, G_ema, log=print) -> None:
+    """Load G, D and G_ema from the snapshot read by read_weights (a .safetensors or official .pkl) for transfer
+    learning: the networks must match the configured architecture; a network the file lacks is taken from its twin
+    (G <-> G_ema) or kept fresh."""
+    path, snap = plan["path"], plan["snapshot"]
     sources = {"G": snap.get("G") or snap.get("G_ema"), "D": snap.get("D"), "G_ema": snap.get("G_ema") or snap.get("G")}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         src = sources[name]

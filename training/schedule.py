@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
 from training.config import ConfigError
-from training.state import ResumeError
+from training.errors import ResumeError
 
 
 @dataclass(frozen=True)

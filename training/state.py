@@ -4,22 +4,32 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from training import dist
-from training.errors import RunTimeFailure
+from training.errors import ResumeError
 from training.io import checkpoint as ckpt
 from training.io.files import load_strict
+from training.resume import check_config, check_dataset
+from training.schedule import check_stage_state, stage_meta
 
 STATE_FORMAT = "ganforge-training-state"
 STATE_VERSION = 2
 
 
-class ResumeError(RunTimeFailure, ValueError):
-    """The run cannot start from what it was asked to resume from (and the message says why)."""
+# One entry of the training state's table: how the field is saved and loaded. `present`: this run has the part (no
+# scaler, ADA or schedule otherwise; an absent part is neither saved nor loaded). `required`: a file without it is
+# not a training state (optional: fields that earlier ganforge versions did not write). `load` None: the field is
+# written for reference or checked elsewhere in load_state_dict, not loaded.
+@dataclasses.dataclass
+class Field:
+    save: Callable
+    load: Optional[Callable]
+    present: bool = True
+    required: bool = True
 
 
 @dataclasses.dataclass
@@ -60,21 +70,23 @@ class TrainState:
     state, the number of processes and the config.
 
     `state_dict()` and `load_state_dict()` are symmetric and walk one table (`_fields`): adding a field to the
-    training state is one entry there. `state_dict` and `save` are collective (every rank must call them: the
-    RNG states and weight fingerprints of all ranks are gathered); only rank 0 writes.
+    training state is one entry there. load_state_dict is the only reader of a loaded state and makes every check
+    of it (the config diff and the dataset, the schedule's stage, the weights' fingerprints, the number of
+    processes). `state_dict` and `save` are collective (every rank must call them: the RNG states and weight
+    fingerprints of all ranks are gathered); only rank 0 writes. The file's own checksum ('sha256') belongs to the
+    file format (training.io.checkpoint.write_state_file / read_state_file), not to the table.
     """
 
     def __init__(self, G, D, G_ema, phases, loss, augment_pipe=None, ada=None, scaler=None, config=None,
-                 requested=None):
+                 requested=None, schedule=None):
         self.G, self.D, self.G_ema = G, D, G_ema
         self.phases, self.loss, self.augment_pipe, self.ada, self.scaler = phases, loss, augment_pipe, ada, scaler
         self.config = config or {}        # the resolved config (plain data)
         self.requested = requested or {}  # the config as asked for, before 'auto' (compared on resume)
+        self.schedule = schedule          # the progressive schedule (None when off): the stage follows from it
         self.counters = Counters()
-        self.stage = None                 # {'resolution', 'alpha'} during a progressive schedule, else None
         self.rng = None                   # this rank's RNG state from a loaded state (see start_rng)
         self.saved_world = None           # the number of processes that wrote the loaded state
-        self.saved_config = self.saved_requested = None  # the loaded state's configs (plain data)
         # Wall-clock seconds of the run so far and of its current tick at the last save (or load): a resumed run's
         # Timing/total_sec continues, and a tick cut by a stop is timed whole. Not part of what is trained.
         self.timing = {"total_sec": 0.0, "tick_sec": 0.0}
@@ -83,53 +95,75 @@ class TrainState:
     def nets(self) -> dict:
         return {"G": self.G, "D": self.D, "G_ema": self.G_ema}
 
-    def _fields(self, source="the training state", counters: Optional[Counters] = None) -> dict:
-        """The table of fields: key -> (save, load, present). `present` is False for a part this run does not
-        have (no scaler, ADA or stage); a required field missing from a file is an error, an absent optional
-        one is skipped. Fields load in this order (world_size first: counters and RNG depend on it)."""
+    @property
+    def stage(self) -> Optional[dict]:
+        """The progressive stage the networks are at ({'resolution', 'alpha'}), or None without a schedule."""
+        return stage_meta(self.G) if self.schedule is not None else None
+
+    def _fields(self, source="the training state", state: Optional[dict] = None,
+                counters: Optional[Counters] = None, run_dir=None) -> dict:
+        """The table of fields, in load order: the configs first (a refused change is reported before anything
+        loads), then world_size (counters and RNG depend on it). `state`: the state being loaded, if any;
+        `counters`, `run_dir`: what state_dict saves (see there)."""
         opts = [ph for ph in self.phases if ph.owns_opt]
+        has_requested = state is not None and "config_requested" in state
         return {
-            "world_size": (dist.get_world_size, self._load_world, True),
-            **{name: (lambda net=net: {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                      lambda v, net=net, name=name: load_strict(net, v, f"{source}: {name}", ResumeError), True)
+            # Older states hold only the resolved config: it is compared with this run's resolved one.
+            "config": Field(lambda: json.dumps(self.config),
+                            None if has_requested else lambda v: self._check_config(json.loads(v), self.config, source),
+                            required=False),
+            "config_requested": Field(lambda: json.dumps(self.requested),
+                                      lambda v: self._check_config(json.loads(v), self.requested, source),
+                                      required=False),
+            "world_size": Field(dist.get_world_size, lambda v: self._load_world(v, source), required=False),
+            **{name: Field(lambda net=net: {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                           lambda v, net=net, name=name: load_strict(net, v, f"{source}: {name}", ResumeError))
                for name, net in self.nets.items()},
-            "opt": (lambda: [ph.opt.state_dict() for ph in opts], lambda v: self._load_opts(v, opts, source), True),
-            "phases": (lambda: [[ph.name, ph.interval] for ph in self.phases],
-                       lambda v: self._check_phases(v, source), True),
-            "counters": (lambda: dataclasses.asdict(counters or self.counters), self._load_counters, True),
-            "pl_mean": (lambda: self.loss.pl_mean.detach().cpu(), lambda v: self.loss.pl_mean.copy_(v), True),
-            "rng": (lambda: dist.all_gather_object(ckpt.get_rng_state()), self._load_rng, True),
-            "fingerprints": (lambda: self._fingerprints(), lambda v: self._check_fingerprints(v, source), True),
-            "config": (lambda: json.dumps(self.config), lambda v: setattr(self, "saved_config", json.loads(v)), True),
-            "config_requested": (lambda: json.dumps(self.requested),
-                                 lambda v: setattr(self, "saved_requested", json.loads(v)), True),
-            "scaler": (lambda: self.scaler.state_dict(), lambda v: self.scaler.load_state_dict(v),
-                       self.scaler is not None),
-            "augment_pipe": (lambda: {k: v.detach().cpu() for k, v in self.augment_pipe.state_dict().items()},
-                             lambda v: self.augment_pipe.load_state_dict(v), self.augment_pipe is not None),
-            "ada": (lambda: self.ada.state_dict(), lambda v: self.ada.load_state_dict(v), self.ada is not None),
-            "timing": (lambda: dict(self.timing), lambda v: setattr(self, "timing", dict(v)), True),
-            "stage": (lambda: dict(self.stage), lambda v: setattr(self, "stage", dict(v)), self.stage is not None),
+            "opt": Field(lambda: [ph.opt.state_dict() for ph in opts], lambda v: self._load_opts(v, opts, source)),
+            "phases": Field(lambda: [[ph.name, ph.interval] for ph in self.phases],
+                            lambda v: self._check_phases(v, source), required=False),
+            "counters": Field(lambda: dataclasses.asdict(counters or self.counters), self._load_counters),
+            "pl_mean": Field(lambda: self.loss.pl_mean.detach().cpu(), lambda v: self.loss.pl_mean.copy_(v)),
+            "rng": Field(lambda: dist.all_gather_object(ckpt.get_rng_state()), self._load_rng),
+            "fingerprints": Field(self._fingerprints, lambda v: self._check_fingerprints(v, source), required=False),
+            "scaler": Field(lambda: self.scaler.state_dict(), lambda v: self.scaler.load_state_dict(v),
+                            self.scaler is not None),
+            "augment_pipe": Field(lambda: {k: v.detach().cpu() for k, v in self.augment_pipe.state_dict().items()},
+                                  lambda v: self.augment_pipe.load_state_dict(v), self.augment_pipe is not None),
+            "ada": Field(lambda: self.ada.state_dict(), lambda v: self.ada.load_state_dict(v), self.ada is not None),
+            "timing": Field(lambda: dict(self.timing), lambda v: setattr(self, "timing", dict(v)), required=False),
+            # The stage follows from cur_nimg and the schedule: load_state_dict checks it, then sets the networks to it.
+            "stage": Field(lambda: self.stage, None, self.schedule is not None, required=False),
+            # The best metric records when the state was written, for reference (the run directory's own
+            # metric-*-best.json files are what a resumed run reads).
+            "best_metrics": Field(lambda: json.dumps(ckpt.best_metrics(run_dir)), None, run_dir is not None,
+                                  required=False),
         }
 
-    def state_dict(self, counters: Optional[Counters] = None) -> dict:
+    def state_dict(self, counters: Optional[Counters] = None, run_dir=None) -> dict:
         """The training state as tensors and plain data (collective). `counters` replace the current ones in it
-        (a checkpoint at a tick saves the next tick's)."""
+        (a checkpoint at a tick saves the next tick's); with `run_dir`, its best metric records go in too."""
         state = {"format": STATE_FORMAT, "version": STATE_VERSION}
-        state.update({k: save() for k, (save, _, present) in self._fields(counters=counters).items() if present})
+        fields = self._fields(counters=counters, run_dir=run_dir)
+        state.update({k: f.save() for k, f in fields.items() if f.present})
         return state
 
     def load_state_dict(self, state: dict, source="the training state") -> None:
-        """Load a training state written by state_dict (also by earlier ganforge versions); raises ResumeError
-        naming `source` and what does not match."""
-        fields = self._fields(source)
-        missing = [k for k, (_, _, present) in fields.items() if present and k not in state
-                   and k not in ("fingerprints", "config_requested", "world_size", "phases", "config", "timing")]
+        """Load a training state written by state_dict (also by earlier ganforge versions) and check it against this
+        run: its config (only the keys training.resume allows may differ; the allowed changes are printed) and
+        dataset, its progressive stage, its weights' fingerprints. Raises ResumeError naming `source` and what does
+        not match."""
+        fields = self._fields(source, state)
+        missing = [k for k, f in fields.items() if f.present and f.required and k not in state]
         if missing:
             raise ResumeError(f"{source}: not a ganforge training state (no {', '.join(missing)})")
-        for key, (_, load, present) in fields.items():
-            if present and key in state:
-                load(state[key])
+        for key, f in fields.items():
+            if f.present and f.load is not None and key in state:
+                f.load(state[key])
+        check_stage_state(state, self.schedule, self.counters.cur_nimg, source)
+        if self.schedule is not None:
+            for net in self.nets.values():
+                net.set_stage(int(state["stage"]["resolution"]), float(state["stage"]["alpha"]))
 
     def save(self, run_dir, cur_nimg: int, counters: Optional[Counters] = None, snapshot: bool = True,
              keep: int = 0) -> Path:
@@ -137,7 +171,7 @@ class TrainState:
         `run_dir` (collective; rank 0 writes, then keeps the newest `keep` states plus the best metrics'). A write
         error stops every rank with CheckpointWriteError. Returns the state's path."""
         run_dir = Path(run_dir)
-        state = self.state_dict(counters)
+        state = self.state_dict(counters, run_dir)
         kimg = cur_nimg // 1000
         path = run_dir / f"training-state-{kimg:06d}.pt"
 
@@ -146,7 +180,7 @@ class TrainState:
                 ckpt.save_snapshot(run_dir / f"network-snapshot-{kimg:06d}.safetensors", self.G, self.D,
                                    self.G_ema, config=self.config,
                                    extra={"cur_nimg": cur_nimg, **({"stage": self.stage} if self.stage else {})})
-            ckpt.write_state_file(path, dict(state, best_metrics=json.dumps(ckpt.best_metrics(run_dir))))
+            ckpt.write_state_file(path, state)
             ckpt.prune_states(run_dir, keep, protect=ckpt.best_kimgs(run_dir))
         try:
             dist.rank0_decides(write, Exception)
@@ -170,8 +204,18 @@ class TrainState:
 
     # -- field helpers ------------------------------------------------------------------------------------------
 
-    def _load_world(self, world) -> None:
+    def _load_world(self, world, source) -> None:
         self.saved_world = int(world)
+        if self.saved_world != dist.get_world_size():
+            dist.print0(f"Warning: {source} was written by {self.saved_world} processes, this run has "
+                        f"{dist.get_world_size()}: it continues, but not bit-for-bit as the original run would have")
+
+    def _check_config(self, saved: dict, ours: dict, source) -> None:
+        """Refuse another dataset or a change of what is trained (ResumeError with the diff); print the allowed
+        changes."""
+        check_dataset(saved, self.requested, source)
+        for line in check_config(saved, ours, source):
+            dist.print0(f"Config change on resume (allowed): {line}")
 
     def _load_opts(self, opts_state, opts, source) -> None:
         if len(opts_state) != len(opts):

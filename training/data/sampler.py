@@ -1,4 +1,5 @@
-"""An endless, resumable, rank-sharded sampler: the global stream is a sequence of seeded permutations."""
+"""Sampling: the endless, resumable, rank-sharded stream of dataset items (a sequence of seeded permutations), and
+labels for generated images."""
 import numpy as np
 import torch
 
@@ -36,3 +37,15 @@ class InfiniteSampler(torch.utils.data.Sampler):
         while True:
             yield self.index_at(k * self.num_replicas + self.rank)
             k += 1
+
+
+def sample_labels(dataset, n: int, device) -> torch.Tensor:
+    """Labels for generated samples, drawn from the dataset's label distribution (zeros [N, 0] when
+    unconditional); on CUDA they travel from pinned memory without blocking."""
+    if dataset.label_dim == 0:
+        return torch.zeros([n, 0], device=device)
+    idx = np.random.randint(len(dataset), size=n)
+    labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx]))
+    if device.type == "cuda":
+        labels = labels.pin_memory()
+    return labels.to(device, non_blocking=True)

@@ -1,12 +1,13 @@
-"""Training-loop probes (training_loop(..., probe=)): count host syncs in a minibatch, time a window of minibatches."""
+"""Training-loop probes (LoopHooks for training_loop(..., hooks=)): count host syncs in a minibatch, time a window of
+minibatches; for the benchmarks, gpu_check and tests."""
 import time
 import warnings
 
 import torch
 
+from hostsync import HostSyncCounter
 from training import dist
-from training.hostsync import HostSyncCounter
-from training.loop import training_loop
+from training.loop import LoopHooks, training_loop
 from training.report import peak_memory_gb
 
 
@@ -15,12 +16,12 @@ class ProbeDone(Exception):
     pass
 
 
-def run_with_probe(cfg: dict, probe):
-    """Run the training loop for the resolved config `cfg` (in cfg['run_dir']) until `probe` ends it; returns the
-    probe. The process's Accelerator is forgotten afterwards, so that the next run in this process starts its own.
-    """
+def run_with_probe(cfg, probe: LoopHooks):
+    """Run the training loop for the config `cfg` (in cfg.run_dir) with `probe` as its hooks until the probe ends it
+    (ProbeDone); returns the probe. The process's Accelerator is forgotten afterwards, so that the next run in this
+    process starts its own."""
     try:
-        training_loop(cfg, cfg.run_dir, probe=probe)
+        training_loop(cfg, cfg.run_dir, hooks=probe)
     except ProbeDone:
         pass
     finally:
@@ -28,7 +29,7 @@ def run_with_probe(cfg: dict, probe):
     return probe
 
 
-class CountMinibatch:
+class CountMinibatch(LoopHooks):
     """Count host syncs over minibatch `batch_idx` (its step boundary included) and end the run after it. `.counter`
     holds the HostSyncCounter; on CUDA, `.cuda_syncs` counts what torch.cuda.set_sync_debug_mode reports (every
     synchronizing CUDA call, also those made inside C++), with their messages in `.cuda_messages`."""
@@ -40,7 +41,7 @@ class CountMinibatch:
         self._active = False
         self._caught = None
 
-    def begin(self, counters: dict) -> None:
+    def begin_minibatch(self, counters) -> None:
         if counters.batch_idx != self.batch_idx:
             return
         self.counter = HostSyncCounter()
@@ -52,7 +53,7 @@ class CountMinibatch:
             torch.cuda.set_sync_debug_mode("warn")
         self._active = True
 
-    def end(self, counters: dict) -> None:
+    def end_minibatch(self, counters) -> None:
         if not self._active:
             return
         self.counter.__exit__(None, None, None)
@@ -65,7 +66,7 @@ class CountMinibatch:
         raise ProbeDone()
 
 
-class TimeMinibatches:
+class TimeMinibatches(LoopHooks):
     """Time minibatches `warmup` .. `warmup + count - 1` (one window, the device synchronized at both ends), then end
     the run. A window of 16 minibatches after 4 warm-up ones holds every lazy-regularization phase in its share
     (Greg every 4, Dreg every 16 with the default intervals). When `budget_s` (from the probe's creation) runs out
@@ -83,12 +84,12 @@ class TimeMinibatches:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def begin(self, counters: dict) -> None:
+    def begin_minibatch(self, counters) -> None:
         if counters.batch_idx == self.warmup and self._t0 is None:
             self._sync()
             self._t0, self._nimg0 = time.perf_counter(), counters.cur_nimg
 
-    def end(self, counters: dict) -> None:
+    def end_minibatch(self, counters) -> None:
         over = time.perf_counter() - self.created > self.budget_s
         if self._t0 is None:
             if over:  # still warming up: nothing measured

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from ops import upfirdn2d
-from training.data import augment_ops as ops
-from training import dist
+from training import augment_ops as ops
 from training.config import ConfigError
 
 
@@ -271,25 +270,20 @@ class AdaptiveP:
     """The ADA heuristic (paper §3): r_t = E[sign(D(augmented reals))] over every accumulation round and rank of the
     last `interval` minibatches; then p += sign(r_t - target) * batch_size * interval / (ada_kimg * 1000), clamped
     to [0, 1], so p can cross 0 -> 1 in ada_kimg thousand images. `batch_size` is the global minibatch (all ranks).
-    The sum of signs stays on the device (no read per round); the training loop reads it with its other per-step
-    values (`pending` / `update`), or `step` reads it alone."""
+    p itself is the pipe's (held once, there); the sum of signs stays on the device (no read per round), and the
+    training loop reads it with its other per-step values (`pending`, then `update` with the sums over ranks)."""
     def __init__(self, pipe: AugmentPipe, target: float = 0.6, interval: int = 4, ada_kimg: float = 500,
                  batch_size: int = 64):
         self.pipe, self.target, self.interval = pipe, float(target), int(interval)
         self.ada_kimg, self.batch_size = float(ada_kimg), int(batch_size)
-        self._p = pipe.p_host if pipe.p_host is not None else float(pipe.p)
         self.r_t = float("nan")  # the last measured r_t (nan before the first update)
         self._acc_sum = 0.0  # sum of signs since the last update: a Python float until a device tensor takes over
         self._acc_count = 0  # number of logits since the last update (known on the host)
 
     @property
     def p(self) -> float:
-        """Current p (the pipe's buffer holds the same value in float32)."""
-        return self._p
-
-    def set_ada_kimg(self, kimg: float) -> None:
-        """p's step size for the rest of training (ada_kimg_resume after a resume)."""
-        self.ada_kimg = float(kimg)
+        """Current p: the pipe's, as the host set it (its buffer holds the same value in float32)."""
+        return self.pipe.p_host if self.pipe.p_host is not None else float(self.pipe.p)
 
     def accumulate(self, real_logits: torch.Tensor) -> None:
         """Add D's raw logits on augmented reals (any shape) to the statistic; call after every D-main round. No sync.
@@ -321,36 +315,27 @@ class AdaptiveP:
             return False
         self.r_t = total / count
         adjust = float(np.sign(self.r_t - self.target)) * self.batch_size * self.interval / (self.ada_kimg * 1000)
-        self._set_p(min(max(self._p + adjust, 0.0), 1.0))
+        self.pipe.set_p(min(max(self.p + adjust, 0.0), 1.0))
         return True
 
-    def step(self, batch_idx: int) -> bool:
-        """After minibatch `batch_idx` (0-based) finished: every `interval` minibatches, sum the statistic over ranks
-        (every rank must call step with the same batch_idx; one host read), update p and reset. Returns True when p
-        was updated."""
-        if not self.due(batch_idx):
-            return False
-        return self.update(*dist.sum_to_host(self.pending()))
-
-    def _set_p(self, p: float) -> None:
-        self._p = p
-        self.pipe.set_p(p)
-
     def state_dict(self) -> dict:
-        """Checkpoint state: p, the last r_t and the pending accumulators."""
-        return {"p": self._p, "r_t": self.r_t, "acc_sum": float(self._acc_sum), "acc_count": float(self._acc_count)}
+        """Checkpoint state: p as the host holds it (the pipe's buffer is float32), the last r_t and the pending
+        accumulators."""
+        return {"p": self.p, "r_t": self.r_t, "acc_sum": float(self._acc_sum), "acc_count": float(self._acc_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._set_p(float(state["p"]))
+        self.pipe.set_p(float(state["p"]))
         self.r_t = float(state.get("r_t", float("nan")))
         self._acc_sum = float(state.get("acc_sum", 0.0))
         self._acc_count = int(state.get("acc_count", 0))
 
 
-def make_adaptive_p(cfg, pipe: Optional[AugmentPipe], batch_size: int, resumed: bool = False) -> Optional[AdaptiveP]:
-    """The heuristic for an `aug` config in mode 'ada' (None otherwise); `resumed` switches to ada_kimg_resume."""
+def make_adaptive_p(cfg, pipe: Optional[AugmentPipe], batch_size: int,
+                    from_weights: bool = False) -> Optional[AdaptiveP]:
+    """The heuristic for an `aug` config in mode 'ada' (None otherwise); `from_weights` (a run starting from another
+    run's weights, not a full resume) takes the faster ada_kimg_resume."""
     if pipe is None or cfg.mode != "ada":
         return None
-    kimg = cfg.ada_kimg_resume if resumed else cfg.ada_kimg
+    kimg = cfg.ada_kimg_resume if from_weights else cfg.ada_kimg
     return AdaptiveP(pipe, target=cfg.ada_target, interval=cfg.ada_interval, ada_kimg=kimg,
                      batch_size=batch_size)
