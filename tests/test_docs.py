@@ -1,4 +1,5 @@
 """README.md and docs/*.md stay true to the repository: links, anchors, make targets, scripts, length."""
+import dataclasses
 import re
 from pathlib import Path
 
@@ -125,6 +126,41 @@ def test_named_scripts_and_tests_exist():
     assert "scripts/train.py" in named and "scripts/dataset_tool.py" in named
     missing = {rel: page for rel, page in named.items() if not (ROOT / rel).is_file()}
     assert not missing, f"files named in the docs that do not exist: {missing}"
+
+
+# The schema's keys with their defaults, as docs/configuration.md writes them: `model.z_dim`, `512`.
+def schema_keys(cls, prefix: str = "") -> dict:
+    def spelled(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return "[" + ", ".join(spelled(x) for x in v) + "]"
+        return str(v)
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(value):
+            out.update(schema_keys(type(value), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = spelled(value)
+    return out
+
+
+# Every key of the schema has a row in docs/configuration.md with the schema's default, and every row is a key.
+def test_every_config_key_is_documented():
+    from training.config import Config
+    keys = schema_keys(Config)
+    assert keys["model.z_dim"] == "512" and keys["train.grid_size"] == "[8, 4]" and keys["resume"] == "null"
+    section = (ROOT / "docs/configuration.md").read_text().split("\n## Every key\n")[1].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", section, re.M))
+    missing = sorted(set(keys) - set(rows))
+    assert not missing, f"docs/configuration.md has no row for {missing}"
+    unknown = sorted(set(rows) - set(keys))
+    assert not unknown, f"docs/configuration.md documents keys the schema does not have: {unknown}"
+    wrong = {k: (rows[k], keys[k]) for k in keys if rows[k] != keys[k]}
+    assert not wrong, f"docs/configuration.md defaults differ from training/config.py (doc, schema): {wrong}"
 
 
 # The checks themselves: a broken link, a missing anchor and an unknown make target are caught.
