@@ -128,6 +128,27 @@ def test_named_scripts_and_tests_exist():
     assert not missing, f"files named in the docs that do not exist: {missing}"
 
 
+# Tables whose rows have another number of cells than their header: a `|` in a cell must be written `\\|`
+# (GitHub splits cells at a bare `|`, also inside a code span). Returns (line number, header cells, row cells).
+def ragged_rows(path: Path) -> list:
+    bad, header = [], None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = len(re.split(r"(?<!\\)\|", line.strip())) - 2
+        if header is None:
+            header = cells
+        elif cells != header:
+            bad.append((number, header, cells))
+    return bad
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_table_rows_have_their_header_cells(page):
+    assert not ragged_rows(page), f"{page.relative_to(ROOT)}: (line, header cells, row cells) {ragged_rows(page)}"
+
+
 # The schema's keys with their defaults, as docs/configuration.md writes them: `model.z_dim`, `512`.
 def schema_keys(cls, prefix: str = "") -> dict:
     def spelled(v):
@@ -175,3 +196,6 @@ def test_checks_catch_breakage(tmp_path):
     assert broken_links(page, tmp_path) == ["#nothing: no heading #nothing in page.md"]
     assert sorted(t for c in code_text(page) for t in make_targets(c)) == ["gpu-check", "train"]
     assert {"train", "test", "gpu-check", "bench"} <= makefile_targets()
+    table = tmp_path / "table.md"
+    table.write_text("| a | b |\n| --- | --- |\n| `x\\|y` | z |\n| `x|y` | z |\n\ntext\n| c |\n| --- |\n")
+    assert ragged_rows(table) == [(4, 2, 3)]
