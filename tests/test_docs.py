@@ -128,7 +128,7 @@ def test_named_scripts_and_tests_exist():
     assert not missing, f"files named in the docs that do not exist: {missing}"
 
 
-# Tables whose rows have another number of cells than their header: a `|` in a cell must be written `\\|`
+# Tables whose rows have another number of cells than their header: a `|` in a cell must be written `\|`
 # (GitHub splits cells at a bare `|`, also inside a code span). Returns (line number, header cells, row cells).
 def ragged_rows(path: Path) -> list:
     bad, header = [], None
