@@ -43,8 +43,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	@for b in scripts/bench*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Check a GPU machine in one command within GPU_BUDGET seconds, builds included (report in gpu-check/; README "On a
-# GPU"). No .venv bootstrap, since a GPU machine may have no package index: with .venv it runs .venv's Python; without,
+# Check a GPU machine in one command within GPU_BUDGET seconds, builds included (report in gpu-check/;
+# docs/gpu.md). No .venv bootstrap, since a GPU machine may have no package index: with .venv it runs .venv's Python; without,
 # python3 (whose torch must see the GPU) with the wheels of .whl/ (scripts/gpu_wheels.sh) in a temporary folder.
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 GPU_BUDGET ?= 360

@@ -5,7 +5,7 @@
 # imports on that path is there. Not there, and not needed by the check: wandb (log.trackers=[wandb] only) and
 # imageio-ffmpeg (scripts/project.py's video): pass such names as arguments to fetch them too.
 # The same as ../shared/gpu/wheels.sh, done here so that it also works in a git worktree (where .git is a file).
-# Run it from anywhere, on a machine with PyPI; then carry .whl/ and run `make gpu-check` there (see README).
+# Run it from anywhere, on a machine with PyPI; then carry .whl/ and run `make gpu-check` there (see docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.whl

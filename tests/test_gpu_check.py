@@ -110,13 +110,13 @@ def test_passed_judges_rows_and_stages():
     assert not gpu_check.passed(dict(good, env={"ok": False}))
 
 
-# The command that README documents for a bare GPU machine is the one that --help prints.
+# The command that docs/gpu.md documents for a bare GPU machine is the one that --help prints.
 def test_documented_command_matches_help():
     out = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--help"], capture_output=True,
                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     command = next(ln.strip() for ln in out.splitlines() if "--budget 360" in ln)
     assert command.startswith("PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_check.py --device cuda")
-    assert command in (ROOT / "README.md").read_text()
+    assert command in (ROOT / "docs/gpu.md").read_text()
     assert "--target /tmp/site .whl/*.whl" in out
 
 
