@@ -165,16 +165,16 @@ def _nobench(value):
 @dataclass(frozen=True)
 class NvidiaOption:
     """One option of NVIDIA's train.py: its spellings, repositories, argument, ganforge equivalent (for the
-    README) and translation (for the message)."""
+    docs/nvidia-flags.md) and translation (for the message)."""
     names: tuple
     repos: str                              # "2-ADA", "3" or "2-ADA, 3"
     arg: str                                # metavar; "BOOL" takes an optional boolean, "" no value
-    ganforge: str                           # the equivalent, as the README says it
+    ganforge: str                           # the equivalent, as docs/nvidia-flags.md says it
     translate: Callable[[str], Translation]
 
 
 # The one table of NVIDIA's train.py options (stylegan2-ada-pytorch and stylegan3): the message of
-# `nvidia_message` and the README's table (`nvidia_markdown`) both come from it.
+# `nvidia_message` and the table in docs/nvidia-flags.md (`nvidia_markdown`) both come from it.
 NVIDIA_OPTIONS = [
     NvidiaOption(("--outdir",), "2-ADA, 3", "DIR", "`outdir=DIR` (runs go to `DIR/<NNNNN>-<dataset>-<preset>`)",
                  _key("outdir", path=True)),
@@ -298,13 +298,13 @@ def nvidia_message(script: str, items: list) -> str:
     invalid = any(text.startswith("invalid: ") for _, text in rows)
     lines += [f"Run instead{' (with the invalid options above corrected)' if invalid else ''}:",
               "  " + " ".join([*(launcher or ["python"]), script, *(shlex.quote(c) for c in command)])]
-    lines.append("Nothing was started or written. Every NVIDIA option and its ganforge equivalent: README.md, "
-                 "\"Coming from NVIDIA's StyleGAN2-ADA / StyleGAN3\".")
+    lines.append("Nothing was started or written. Every NVIDIA option and its ganforge equivalent: "
+                 "docs/nvidia-flags.md.")
     return "\n".join(lines)
 
 
 def nvidia_markdown() -> str:
-    """The README's table of NVIDIA's train.py options (from NVIDIA_OPTIONS)."""
+    """The table of NVIDIA's train.py options in docs/nvidia-flags.md (from NVIDIA_OPTIONS)."""
     lines = ["| NVIDIA `train.py` | in | ganforge `scripts/train.py` |", "| --- | --- | --- |"]
     for opt in NVIDIA_OPTIONS:
         spelled = ", ".join(f"`{n}`" for n in opt.names[:-1]) + (", " if len(opt.names) > 1 else "") + \
@@ -509,9 +509,9 @@ resumes elsewhere, resume=<snapshot.safetensors|official .pkl> starts from weigh
   --hydra-help        Hydra's own flags
   GANFORGE_DEBUG=1    show tracebacks behind `error:` lines
 
-Every key with its default: conf/ and training/config.py. README.md explains the rest: "Train on your own images",
-"Configuration", "Outputs of a run", "Long runs" (resume, preemption), "Coming from NVIDIA's StyleGAN2-ADA /
-StyleGAN3" (NVIDIA's --options and what they become here)."""
+Every key with its default: docs/configuration.md (and conf/, training/config.py).
+README.md and docs/ explain the rest: docs/datasets.md (your own images), docs/training.md, docs/long-runs.md
+(outputs of a run, resume, preemption), docs/nvidia-flags.md (NVIDIA's --options and what they become here)."""
 
 
 # The command line as Hydra gets it: data=<path> shorthand expanded, model=auto added when chosen for a user dataset,

@@ -55,8 +55,7 @@ def test_example_command_is_answered_and_nothing_is_written(tmp_path):
         "  --mirror=1      ->  data.xflip=true",
         "Run instead:",
         f"  accelerate launch --multi_gpu --num_processes 8 {SCRIPT} data=x.zip model=paper256 data.xflip=true",
-        ("Nothing was started or written. Every NVIDIA option and its ganforge equivalent: README.md, \"Coming from "
-         "NVIDIA's StyleGAN2-ADA / StyleGAN3\"."),
+        "Nothing was started or written. Every NVIDIA option and its ganforge equivalent: docs/nvidia-flags.md.",
     ]
     assert list(tmp_path.iterdir()) == []
 

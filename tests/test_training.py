@@ -62,7 +62,8 @@ def test_snapshot_regenerates_the_same_grid(two_tick_run):
     from training.io.checkpoint import load_snapshot
     from training.data.dataset import open_dataset
     from training.io.images import make_grid, to_uint8
-    from training.loop import generate_grid, grid_setup
+    from training.loop import generate_grid
+    from training.run import grid_setup
     run_dir, _ = two_tick_run
     snap = load_snapshot(run_dir / "network-snapshot-000000.safetensors")
     assert snap["meta"]["cur_nimg"] == 64

@@ -263,7 +263,7 @@ def test_train_help_and_cfg_job(inputs, tmp_path):
     out, err = helped.communicate(timeout=600)
     assert helped.returncode == 0, err
     for part in ("data=<folder|zip>   shorthand for data=images data.path=<folder|zip>", "model=<preset>",
-                 "Resume: rerunning the same command resumes", "README.md explains the rest"):
+                 "Resume: rerunning the same command resumes", "README.md and docs/ explain the rest"):
         assert part in out
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, err

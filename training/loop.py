@@ -215,8 +215,7 @@ def end_of_tick(run: Run, tick: Tick, done: bool) -> bool:
     images = None
     if dist.is_main() and t.image_snap and (done or c.cur_tick % t.image_snap == 0):
         with KeepRNG():
-            images = torch.cat([run.G_ema(z, gc, noise_mode="const") for z, gc in
-                                zip(run.grid["z"].split(run.batch.gpu), run.grid["c"].split(run.batch.gpu))])
+            images = generate_grid(run.G_ema, run.grid["z"], run.grid["c"], run.batch.gpu)
         if images.shape[-1] < run.dataset.resolution:  # A progressive stage: shown at the dataset's size.
             images = torch.nn.functional.interpolate(images, size=run.dataset.resolution, mode="nearest")
     if run.monitor is not None:
@@ -264,6 +263,13 @@ def end_of_tick(run: Run, tick: Tick, done: bool) -> bool:
     tick.tick_start_nimg = cur_nimg
     tick.tick_start_time = time.time()
     return False
+
+
+@torch.no_grad()
+def generate_grid(G_ema, grid_z, grid_c, batch: int):
+    """G_ema's images for the fixed grid latents (constant noise), in batches."""
+    out = [G_ema(z, c, noise_mode="const") for z, c in zip(grid_z.split(batch), grid_c.split(batch))]
+    return torch.cat(out)
 
 
 # The end of a run that trained to train.kimg: DONE (with the kimg reached) written by rank 0, every rank past it.
