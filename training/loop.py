@@ -21,7 +21,6 @@ from training.data.loader import default_num_workers, local_process_count, make_
 from training.data.sampler import InfiniteSampler
 from training.eval import inception
 from training.eval.metrics import parse_metric
-from training.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, HealthMonitor, diversity
 from training.io import checkpoint as ckpt
 from training.io.images import make_grid, save_image_grid, save_png
 from training.loss import StyleGAN2Loss
@@ -29,12 +28,15 @@ from training.phases import (check_batch, freeze_summary, make_phases, optimizer
                              sample_labels, update_ema)
 from training.preempt import Faults, NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.io.records import read_stats
-from training.report import OPS_KEY, ReportPage, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
+from training.report.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, HealthMonitor, diversity
+from training.report.metrics import evaluate_metrics
+from training.report.page import ReportPage
+from training.report.tick import OPS_KEY, TickStats, peak_memory_gb, write_report
+from training.report.trackers import log_grid, open_trackers
 from training.resume import (check_config, check_dataset, dataset_files_sha256, load_weights, resolve_resume_all,
                              truncate_stats, with_dataset_hash, write_config_files)
 from training.schedule import check_stage_state, make_schedule, set_stage, stage_meta, stage_reals
 from training.state import KeepRNG, TrainState
-from training.trackers import open_trackers
 
 
 def grid_setup(dataset, seed: int, grid_size, z_dim: int):

@@ -7,7 +7,7 @@ import torch
 from training import dist
 from training.hostsync import HostSyncCounter
 from training.loop import training_loop
-from training.report import peak_memory_gb
+from training.report.tick import peak_memory_gb
 
 
 class ProbeDone(Exception):

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from training import dist
 from training.io import checkpoint as ckpt, weights
 from training.io.files import atomic_write, load_strict
+from training.io.records import stats_path
 from training.state import ResumeError
 
 # Config keys that may change when a run resumes (lengths, intervals, logging, metrics, resources); a key ending
@@ -196,7 +197,7 @@ def load_weights(path, G, D, G_ema, log=print) -> None:
 
 def truncate_stats(run_dir, cur_nimg: int) -> None:
     """Drop the lines of stats.jsonl that a killed run wrote after the checkpoint it resumes from (rank 0)."""
-    path = Path(run_dir) / "stats.jsonl"
+    path = stats_path(run_dir)
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
