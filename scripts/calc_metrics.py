@@ -16,7 +16,8 @@ from training.eval.inception import DetectorNotFound, load_detector
 from training.eval.metrics import (append_metric_jsonl, calc_metric, fid_floor, generator_stage, parse_metric,
                                    swd_floor)
 from training.io.checkpoint import load_snapshot
-from training.report import ReportPage
+from training.io.records import stats_path
+from training.report.page import ReportPage
 
 
 def parse_args(argv=None):
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
                 result = append_metric_jsonl(run_dir, result, args.network, kimg)
             print(json.dumps(result, sort_keys=True), flush=True)
             print(summary(result), file=sys.stderr, flush=True)
-    if dist.is_main() and not args.no_log and (Path(run_dir) / "stats.jsonl").is_file():
+    if dist.is_main() and not args.no_log and stats_path(run_dir).is_file():
         ReportPage(Path(run_dir), None).update()  # A training run's report page shows the new records.
     dist.barrier()
     return 0

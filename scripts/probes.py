@@ -8,7 +8,7 @@ import torch
 from hostsync import HostSyncCounter
 from training import dist
 from training.loop import LoopHooks, training_loop
-from training.report import peak_memory_gb
+from training.report.tick import peak_memory_gb
 
 
 class ProbeDone(Exception):

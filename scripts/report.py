@@ -3,7 +3,8 @@ import argparse
 from pathlib import Path
 
 from training.errors import EXIT_RUNTIME, UserError, report, run_cli
-from training.io.run_report import write_run_report
+from training.io.records import STATS_FILE, stats_path
+from training.report.page import write_run_report
 
 
 # Command-line arguments (see --help).
@@ -19,8 +20,8 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    if not (run_dir / "stats.jsonl").is_file():
-        raise UserError(f"{run_dir}: no stats.jsonl in it (not a training run directory?)")
+    if not stats_path(run_dir).is_file():
+        raise UserError(f"{run_dir}: no {STATS_FILE} in it (not a training run directory?)")
     try:
         path = write_run_report(run_dir)
     except UserError:

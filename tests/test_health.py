@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from training.config import HealthConfig
-from training.health import DIVERSITY_FAKE, DIVERSITY_REAL, HealthMonitor, diversity
-from training.report import write_report
+from training.report.health import DIVERSITY_FAKE, DIVERSITY_REAL, HealthMonitor, diversity
+from training.report.tick import write_report
 
 
 # A healthy tick at `kimg` (numbers of the order a tiny run shows), with `extra` keys overriding.

@@ -1,4 +1,4 @@
-"""The run report (training/io/run_report.py, scripts/report.py): its page, plots and errors, in a headless browser."""
+"""The run report (training/report/page.py, scripts/report.py): its page, plots and errors, in a headless browser."""
 import json
 import os
 import subprocess
@@ -14,7 +14,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from training.io.files import temp_pattern
-from training.io.run_report import write_run_report
+from training.report.page import write_run_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # Debian's browser and driver, named explicitly so that Selenium Manager never looks for (or downloads) others.

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from training.io import checkpoint as ckpt
-from training.io.run_report import format_value
+from training.report.page import format_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _metrics_dist_worker as W  # noqa: E402

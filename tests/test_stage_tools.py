@@ -20,13 +20,14 @@ import _metrics_dist_worker as W  # noqa: E402
 from test_metrics import _count_calls, _isolated, _save_tiny_detector  # noqa: E402,F401 (_isolated: autouse)
 from networks.generator import Generator  # noqa: E402
 from scripts import project as proj_script  # noqa: E402
-from training import dist, report  # noqa: E402
+from training import dist  # noqa: E402
 from training.config import MetricsConfig  # noqa: E402
 from training.eval import metrics  # noqa: E402
 from training.eval.inception import load_detector  # noqa: E402
 from training.eval.projector import project  # noqa: E402
 from training.io.checkpoint import save_snapshot  # noqa: E402
 from training.io.images import to_uint8  # noqa: E402
+from training.report.metrics import evaluate_metrics  # noqa: E402
 from training.schedule import stage_meta  # noqa: E402
 
 # The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
@@ -157,14 +158,14 @@ def test_evaluate_metrics_labels_stage(tmp_path, monkeypatch, capsys):
     G = make_G()
     G.set_stage(8, 0.5)
     cfg = MetricsConfig(batch=6)
-    report.evaluate_metrics(G, dataset, det, ["fid10"], tmp_path, 3000, cfg, None, Run(), 7)
+    evaluate_metrics(G, dataset, det, ["fid10"], tmp_path, 3000, cfg, None, Run(), 7)
     out = capsys.readouterr().out
     assert out.startswith("fid10@8px ") and "fade 0.50" in out
     assert list(logged[0][0]) == ["Metrics/fid10@8px"] and logged[0][1] == 7
     record = json.loads(open(tmp_path / "metric-fid10.jsonl").readline())
     assert logged[0][0]["Metrics/fid10@8px"] == record["value"] and record["resolution"] == 8
     G.set_stage(16, 1.0)
-    report.evaluate_metrics(G, dataset, det, ["fid10"], tmp_path, 4000, cfg, None, Run(), 8)
+    evaluate_metrics(G, dataset, det, ["fid10"], tmp_path, 4000, cfg, None, Run(), 8)
     assert list(logged[1][0]) == ["Metrics/fid10"] and capsys.readouterr().out.startswith("fid10 ")
 
 

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from faults import train_script
 from tests.test_training import ROOT, TINY
 from training.config import LogConfig
-from training.trackers import WANDB_ID_FILE, open_trackers, resolve
+from training.report.trackers import WANDB_ID_FILE, open_trackers, resolve
 
 PY = sys.executable
 TRACKED = TINY + ["log.trackers=[tensorboard,wandb]"]

@@ -116,7 +116,7 @@ class MetricsConfig:
 
 @dataclass
 class HealthConfig:
-    """Health warnings (training/health.py) in the status line, stats.jsonl and report.html: their thresholds."""
+    """Health warnings (training/report/health.py) in the status line, stats.jsonl and report.html: their thresholds."""
     enabled: bool = True              # watch the run and warn
     warmup_kimg: float = 10.0          # no collapse or overfitting warning before this (kimg)
     collapse_ratio: float = 0.5        # mode collapse: G_ema grid diversity below this fraction of the reals' grid

@@ -9,13 +9,15 @@ import torch
 from ops import dispatch
 from training import dist
 from training.config import Config
-from training.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, diversity
 from training.io import checkpoint as ckpt
 from training.io.images import save_image_grid
 from training.data.sampler import sample_labels
 from training.phases import optimizer_step, update_ema
 from training.preempt import NonFiniteError, ParentWatch, StopRequest, all_finite
-from training.report import OPS_KEY, TickStats, evaluate_metrics, log_grid, peak_memory_gb, write_report
+from training.report.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, diversity
+from training.report.metrics import evaluate_metrics
+from training.report.tick import OPS_KEY, TickStats, peak_memory_gb, write_report
+from training.report.trackers import log_grid
 from training.run import Run, open_session, setup_run
 from training.schedule import set_stage, stage_reals
 from training.state import KeepRNG

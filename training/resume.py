@@ -13,6 +13,7 @@ from training.config import ConfigError
 from training.errors import ResumeError
 from training.io import checkpoint as ckpt, weights
 from training.io.files import atomic_write, load_strict
+from training.io.records import stats_path
 
 # Config keys that may change when a run resumes (lengths, intervals, logging, metrics, resources); a key ending
 # in '.' stands for its whole group. Every other change is refused with a diff.
@@ -233,7 +234,7 @@ def load_weights(plan: dict, G, D, G_ema, log=print) -> None:
 
 def truncate_stats(run_dir, cur_nimg: int) -> None:
     """Drop the lines of stats.jsonl that a killed run wrote after the checkpoint it resumes from (rank 0)."""
-    path = Path(run_dir) / "stats.jsonl"
+    path = stats_path(run_dir)
     if not path.is_file():
         return
     lines = path.read_text().splitlines()

@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from networks.discriminator import Discriminator
 from networks.generator import Generator
 from training.errors import RunTimeFailure, UserError
-from training.io import official, weights
+from training.io import official, records, weights
 # atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
 from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
 
@@ -273,10 +273,10 @@ def remove_stale_temps(run_dir) -> list:
 def best_metrics(run_dir) -> dict:
     """The best record of each metric (metric-<name>-best.json), as {name: record}; unreadable files are left out."""
     out = {}
-    for p in sorted(Path(run_dir).glob("metric-*-best.json")):
+    for name, p in records.best_files(run_dir):
         try:
             record = json.loads(p.read_text())
-            out[record.get("metric", p.name[len("metric-"):-len("-best.json")])] = record
+            out[record.get("metric", name)] = record
         except (OSError, ValueError):
             continue
     return out

@@ -1,10 +1,47 @@
-"""Metric and stats records on disk: JSON lines read and appended, the best record per metric, display labels."""
+"""Metric and stats records on disk: their file names, JSON lines read and appended, the best record per metric."""
 import json
 import os
 import time
 from pathlib import Path
 
 from training.io.files import atomic_write
+
+# The per-tick stats of a run (one JSON line per tick) in its run directory.
+STATS_FILE = "stats.jsonl"
+# A metric's records are metric-<name>.jsonl (every evaluation) and metric-<name>-best.json (the best so far).
+METRIC_PREFIX, METRIC_SUFFIX, BEST_SUFFIX = "metric-", ".jsonl", "-best.json"
+
+
+def stats_path(run_dir) -> Path:
+    """<run_dir>/stats.jsonl."""
+    return Path(run_dir) / STATS_FILE
+
+
+def metric_stem(name: str) -> str:
+    """The stem shared by the files of metric `name` ("metric-<name>"); the report page names its plots with it."""
+    return f"{METRIC_PREFIX}{name}"
+
+
+def metric_path(run_dir, name: str) -> Path:
+    """<run_dir>/metric-<name>.jsonl, the records of metric `name`."""
+    return Path(run_dir) / f"{metric_stem(name)}{METRIC_SUFFIX}"
+
+
+def best_path(run_dir, name: str) -> Path:
+    """<run_dir>/metric-<name>-best.json, the best record of metric `name`."""
+    return Path(run_dir) / f"{metric_stem(name)}{BEST_SUFFIX}"
+
+
+def metric_files(run_dir) -> list:
+    """The metric-<name>.jsonl files of `run_dir` as [(name, path)], sorted by path."""
+    paths = sorted(Path(run_dir).glob(f"{METRIC_PREFIX}*{METRIC_SUFFIX}"))
+    return [(p.name[len(METRIC_PREFIX):-len(METRIC_SUFFIX)], p) for p in paths]
+
+
+def best_files(run_dir) -> list:
+    """The metric-<name>-best.json files of `run_dir` as [(name, path)], sorted by path."""
+    paths = sorted(Path(run_dir).glob(f"{METRIC_PREFIX}*{BEST_SUFFIX}"))
+    return [(p.name[len(METRIC_PREFIX):-len(BEST_SUFFIX)], p) for p in paths]
 
 
 # One JSON object per line of `path`: blank lines are skipped, and so is an unfinished last line (no newline yet:
@@ -29,11 +66,11 @@ def read_jsonl(path: Path) -> list:
     return rows
 
 
-
 def read_stats(run_dir) -> list:
     """The lines of <run_dir>/stats.jsonl as dicts (read_jsonl's rules; [] when there is none)."""
-    path = Path(run_dir) / "stats.jsonl"
+    path = stats_path(run_dir)
     return read_jsonl(path) if path.is_file() else []
+
 
 def metric_label(record: dict) -> str:
     """The metric's name for display: with "@<res>px" when the record is at a stage below the dataset's resolution
@@ -51,7 +88,7 @@ def append_metric_jsonl(run_dir: str, result: dict, snapshot, kimg) -> dict:
                   kimg=kimg, timestamp=time.time())
     os.makedirs(run_dir, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with open(os.path.join(run_dir, f"metric-{result['metric']}.jsonl"), "a") as f:
+    with open(metric_path(run_dir, result["metric"]), "a") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
@@ -65,7 +102,7 @@ def update_best(run_dir: str, record: dict) -> bool:
     resolution (an earlier progressive stage) never does; at the same, one from another detector or against another
     real set (mirrored or not; a record without `mirror` was not) replaces it (the numbers are not comparable), else
     the lower value wins. No resolution compares as the same. Atomic write."""
-    path = os.path.join(run_dir, f"metric-{record['metric']}-best.json")
+    path = best_path(run_dir, record["metric"])
     best = None
     if os.path.isfile(path):
         with open(path) as f:

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from training.io.files import atomic_open, atomic_write  # noqa: E402
-from training.io.records import metric_label, read_jsonl, read_stats  # noqa: E402
+from training.io.records import (metric_files, metric_label, metric_stem, read_jsonl, read_stats,  # noqa: E402
+                                 stats_path)
 
 # The page, and the folder of its plots (both inside the run directory; the page refers to them by relative paths).
 REPORT_NAME = "report.html"
@@ -120,7 +121,7 @@ def collect_warnings(rows: list, given, stats_path: Path) -> list:
 # The records of each metric-<name>.jsonl (metric-<name>-best.json files are not jsonl and not read): {name: rows}.
 def read_metrics(run_dir: Path) -> dict:
     out = {}
-    for path in sorted(run_dir.glob("metric-*.jsonl")):
+    for name, path in metric_files(run_dir):
         rows = read_jsonl(path)
         for number, r in enumerate(rows, 1):
             missing = [k for k in ("metric", "value", "kimg") if k not in r]
@@ -128,7 +129,7 @@ def read_metrics(run_dir: Path) -> dict:
                 raise ValueError(f"{path}: record {number}: missing key(s) {', '.join(missing)}; expected at least "
                                  f"metric, value and kimg")
         if rows:
-            out[path.name[len("metric-"):-len(".jsonl")]] = rows
+            out[name] = rows
     return out
 
 
@@ -209,7 +210,7 @@ def metric_plots(metrics: dict, out_dir: Path, stage_kimgs: list) -> list:
                   {"linestyle": "--", "linewidth": 0.9, "marker": ".", "markersize": 3})
                  for (label, level), pts in lines.items()]
         if drawn:
-            stem = "metric-" + re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
+            stem = metric_stem(re.sub(r"[^A-Za-z0-9_.@-]", "_", name))
             out.append(save_plot(out_dir, stem, name, drawn, stage_kimgs))
     return out
 
@@ -317,7 +318,6 @@ def write_run_report(run_dir, warnings=None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    stats_path = run_dir / "stats.jsonl"
     rows = read_stats(run_dir)
     metrics = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
@@ -330,7 +330,7 @@ def write_run_report(run_dir, warnings=None) -> Path:
     plots = stats_plots(rows, out_dir, stage_kimgs, ada_target(config_text))
     mplots = metric_plots(metrics, out_dir, stage_kimgs)
     body = [header_html(run_dir, rows, metrics),
-            warnings_html(collect_warnings(rows, warnings, stats_path)),
+            warnings_html(collect_warnings(rows, warnings, stats_path(run_dir))),
             stages_html(stages),
             grids_html(fakes_grids(run_dir), (run_dir / "reals.png").is_file()),
             plots_html("Training", plots),
@@ -347,3 +347,19 @@ def write_run_report(run_dir, warnings=None) -> Path:
         if old.name not in written:
             old.unlink()
     return path
+
+
+class ReportPage:
+    """One run's report.html (write_run_report), rewritten by update() (rank 0): a failure is printed once per
+    run and training goes on."""
+    def __init__(self, run_dir: Path, pbar):
+        self.run_dir, self.pbar, self.failed = run_dir, pbar, False
+
+    def update(self) -> None:
+        try:
+            write_run_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the page is a convenience, the run is not
+            if not self.failed:
+                self.failed = True
+                (self.pbar.write if self.pbar is not None else print)(
+                    f"Warning: report.html not written ({type(e).__name__}: {e}); training goes on")

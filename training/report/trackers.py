@@ -8,6 +8,7 @@ from accelerate.tracking import TensorBoardTracker, WandBTracker
 
 from training import dist
 from training.io.files import atomic_write
+from training.io.images import make_grid, to_uint8
 
 # The trackers `log.trackers` may name, and the modes of `log.wandb`.
 KNOWN_TRACKERS = ("wandb", "tensorboard")
@@ -143,3 +144,9 @@ def open_trackers(log, config: dict, run_dir, purge_step: int) -> Trackers:
         Trackers(opened).finish()
         raise
     return Trackers(opened)
+
+
+def log_grid(trackers, images, grid_size, step: int) -> None:
+    """Log an image grid (float images in [-1, 1]) as 'fakes' to the trackers at `step` (nothing without any)."""
+    if trackers:
+        trackers.log_images("fakes", make_grid(to_uint8(images), *grid_size), step)
