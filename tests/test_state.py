@@ -28,19 +28,20 @@ LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolutio
                "train.tick_kimg=0.008"]
 
 
-# A TrainState for `config` (a plain config dict, as stored in training states) at 16 px: networks from `seed`,
-# phases, loss, ADA; with `schedule` (a ScheduleConfig), progressive networks and that schedule.
-def make_state(config: dict, seed: int, schedule=None) -> TrainState:
+# A TrainState for `config` (a plain config dict, as stored in training states; `requested`: the config as asked for,
+# default the same) at `resolution` px: networks from `seed`, phases, loss, ADA; with `schedule` (a ScheduleConfig),
+# progressive networks and that schedule.
+def make_state(config: dict, seed: int, schedule=None, resolution: int = 16, requested=None) -> TrainState:
     model, train = ModelConfig(**config["model"]), TrainConfig(**config["train"])
     aug = AugConfig(**{k: v for k, v in config["aug"].items() if k in {f.name for f in dataclasses.fields(AugConfig)}})
     torch.manual_seed(seed)
-    G, D, G_ema = build_networks(model, 16, 3, 0, grow=schedule is not None)
+    G, D, G_ema = build_networks(model, resolution, 3, 0, grow=schedule is not None)
     loss = StyleGAN2Loss(G, D, r1_gamma=train.r1_gamma, pl_weight=train.pl_weight)
     phases = make_phases(G, D, train, use_pl=train.pl_weight != 0, use_r1=loss.has_d_reg)
     pipe = make_augment_pipe(aug)
     ada = make_adaptive_p(aug, pipe, batch_size=train.batch_size)
-    return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=config,
-                      schedule=make_schedule(schedule, 16, train) if schedule is not None else None)
+    return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=requested or config,
+                      schedule=make_schedule(schedule, resolution, train) if schedule is not None else None)
 
 
 # Every tensor and value of two nested structures, compared exactly; returns how many tensors were compared.
@@ -56,6 +57,15 @@ def assert_same(a, b, path="state") -> int:
         return sum(assert_same(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
     assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
     return 0
+
+# A training state written by main at commit 92f0dc8 (the training core before training/run.py, ADA in
+# training/data/, the stage held by TrainState), half-way through the fade-in of 16 px with ADA's p at 0.016.
+PREVIOUS = ROOT / "tests/data/training-state-92f0dc8.pt"
+PREVIOUS_ARGS = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=64", "model.channel_max=8",
+                 "model.z_dim=8", "model.w_dim=8", "model.map_layers=1", "data.num_images=64", "metrics=none",
+                 "train.ops_impl=ref", "train.cpu_threads=1", "train.tick_kimg=0.016", "aug=ada", "aug.ada_kimg=1",
+                 "aug.ada_interval=2", "data.max_size=32", "schedule=prog32", "schedule.boundaries_kimg=[0.032,0.064]",
+                 "schedule.fade_kimg=0.032", "schedule.batch_size=[16,8,8]", "aug.ada_target=0.2"]
 
 
 # The legacy state's config, for building a matching TrainState.
@@ -148,3 +158,37 @@ def test_training_resumes_from_an_earlier_version(tmp_path):
     assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in proc.stdout
     final = torch.load(run / "training-state-000000.pt", weights_only=True)
     assert final["counters"]["cur_nimg"] == 32 and final["format"] == "ganforge-training-state"
+
+
+# The state of the previous layout loads field by field: the networks go to its stage, p is the exact host value
+# (not the pipe's float32 buffer), and saving it again gives back every field it had.
+def test_loads_a_state_of_the_previous_layout():
+    previous = torch.load(PREVIOUS, map_location="cpu", weights_only=True)
+    config = json.loads(previous["config"])
+    state = make_state(config, seed=3, schedule=ScheduleConfig(**config["schedule"]), resolution=32,
+                       requested=json.loads(previous["config_requested"]))
+    state.load_state_dict(previous, PREVIOUS.name)
+    assert state.counters == Counters(**previous["counters"]) and state.stage == {"resolution": 16, "alpha": 0.5}
+    assert all(net.stage == (16, 0.5) for net in state.nets.values())
+    assert state.ada.p == previous["ada"]["p"] == 0.016 and float(state.augment_pipe.p) != 0.016
+    again = state.state_dict()
+    previous.pop("rng"), again.pop("rng")
+    for key in ("sha256", "best_metrics"):  # the file's own checksum; the run directory's records
+        previous.pop(key)
+    assert set(again) == set(previous) and assert_same(again, previous) > 100
+
+
+# ... and the training script continues it to the end of the schedule's last fade.
+def test_training_continues_a_state_of_the_previous_layout(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(PREVIOUS, run / "training-state-000000.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *PREVIOUS_ARGS, "train.kimg=0.08",
+                           "run_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from run/training-state-000000.pt at 0.048 kimg" in proc.stdout
+    assert "Stage 2: 32 px from 0.064 kimg" in proc.stdout
+    final = torch.load(run / "training-state-000000.pt", weights_only=True)
+    assert final["counters"]["cur_nimg"] == 80 and final["stage"] == {"resolution": 32, "alpha": 0.5}
+    assert final["ada"]["p"] == pytest.approx(float(final["augment_pipe"]["p"]), rel=1e-6)
