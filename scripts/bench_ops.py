@@ -7,9 +7,9 @@ import time
 import torch
 
 
-from ops import _build, fused_ops
+from ops import _build, dispatch
 from ops.bias_act import bias_act
-from ops.fused_ops import kernel_calls
+from ops.dispatch import kernel_calls
 from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d
 
 # Peak DRAM bandwidth (bytes/s) of known GPUs, by a substring of the device name (checked in order); others get a
@@ -167,7 +167,7 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     resolutions = resolutions or ([256] if cpu else [256, 1024])
     batch = batch or (2 if cpu else 8)
     deadline = time.perf_counter() + budget_s
-    fused_ops.load_all(device.type)  # build both ops at once if not cached (part of the budget)
+    dispatch.load_all(device.type)  # build both ops at once if not cached (part of the budget)
     f = setup_filter([1, 3, 3, 1], device=device).to(dtype)
     # A 12-tap 1-D filter standing for ADA's (its taps do not change the time; this script imports only ops).
     f12 = setup_filter(torch.hann_window(14, periodic=False)[1:-1], device=device).to(dtype)
@@ -175,7 +175,7 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     if rep_budget is None:  # seconds per timing loop: 0.25 on CPU, 0.1 on CUDA, less when the budget is short
         rep_budget = min(0.25 if cpu else 0.1, budget_s / (8 * max(len(todo), 1)))
     peak, peak_source = peak_bandwidth(device)
-    why_not = {op: fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+    why_not = {op: dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
                for op in ("bias_act", "upfirdn2d")}
     rows = []
     for _, (label, shape, fn, nbias, fmt) in todo:

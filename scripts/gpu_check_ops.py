@@ -8,7 +8,7 @@ import time
 import torch
 
 import bench_ops
-from ops import _build, dispatch, fused_ops
+from ops import _build, dispatch
 from ops.upfirdn2d import setup_filter
 
 try:  # parity and the large tensors need check_ops; where it cannot be imported, they say why and the rest runs
@@ -49,7 +49,7 @@ def check_env(device: torch.device) -> dict:
                    driver=_command_version(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     t0 = time.time()
     env["op_builds"] = {op: "built" if not isinstance(r, Exception) else f"NOT BUILT: {r}"
-                        for op, r in fused_ops.load_all(device.type).items()}
+                        for op, r in dispatch.load_all(device.type).items()}
     env["op_build_s"] = round(time.time() - t0, 1)
     env["ok"] = all(v == "built" for v in env["op_builds"].values())
     env["status"] = "complete" if env["ok"] else "error: " + "; ".join(
@@ -143,7 +143,7 @@ def op_speed(device: torch.device, budget_s: float, small: bool) -> list:
         row = {"group": title, "case": label.split(" ", 1)[1], "op": op, "dtype": str(dtype)[6:], "layout": layout,
                "shape": list(shape), "peak_gbps": None if peak is None else peak / 1e9, "peak_source": peak_source}
         rows.append(row)
-        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+        why = dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         if why:
             row["status"] = f"skipped: fused {op} unavailable: {why}"
             continue
@@ -169,8 +169,8 @@ def op_speed(device: torch.device, budget_s: float, small: bool) -> list:
 
 def fused_unavailable(device: torch.device, dtype: torch.dtype):
     """Why some fused op cannot run on `dtype` tensors of `device` ('op: reason'), or None when every one can."""
-    for op in fused_ops.OPS:
-        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+    for op in dispatch.OPS:
+        why = dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         if why:
             return f"{op}: {why}"
     return None
