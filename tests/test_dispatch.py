@@ -95,6 +95,20 @@ def test_forced_fused_raises_on_a_mismatch(monkeypatch):
             bias_act(torch.randn(2, 3), torch.randn(3), act="tanh", impl="fused")
 
 
+def test_arguments_the_kernel_does_not_take_make_no_decision():
+    """A call the kernel does not take (a bias of another length) goes to the reference, which raises its own error,
+    and records no decision: a later valid call of the same key under impl='fused' self-checks and runs the kernel."""
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="bias of shape \\(3,\\) does not match dim 1"):
+        bias_act(x, torch.randn(3), act="lrelu", impl="fused")
+    assert dispatch.decisions() == []
+    with dispatch.kernel_calls("bias_act", "cpu") as calls:
+        y = bias_act(x, torch.randn(4), act="lrelu", impl="fused")
+    assert calls[0] > 0 and y.shape == x.shape
+    d = dispatch.decisions()
+    assert len(d) == 1 and d[0]["impl"] == "fused" and d[0]["variant"] == "lrelu"
+
+
 def test_decision_is_made_once_per_key(monkeypatch):
     """One self-check per (op, device, dtype, layout, variant, grad); later calls run the kernel once and nothing
     else; a new layout, dtype or activation gets its own decision."""
