@@ -150,20 +150,13 @@ def op_speed(device: torch.device, budget_s: float, small: bool) -> list:
         if time.perf_counter() > deadline:
             row["status"] = f"budget: {budget_s:.0f} s for op speed spent"
             continue
-        try:
-            row.update(time_case(op, fn, shape, nbias, device, dtype, layout, rep_budget))
-        except torch.cuda.OutOfMemoryError as e:
-            row["status"] = f"out of memory: {str(e).splitlines()[0][:200]}"
-            torch.cuda.empty_cache()
+        fields, why = bench_ops.measure(lambda: time_case(op, fn, shape, nbias, device, dtype, layout, rep_budget),
+                                        peak)
+        if why is not None:
+            kind, message = why
+            row["status"] = f"{kind}: {message[:200 if kind == 'out of memory' else 300]}"
             continue
-        except (RuntimeError, _build.BuildError) as e:
-            row["status"] = f"error: {(str(e).splitlines() or [''])[0][:300]}"
-            continue
-        row["status"] = "complete"
-        for mode in ("fwd", "fwd_bwd"):
-            row[f"ratio_{mode}"] = row[f"ms_ref_{mode}"] / row[f"ms_fused_{mode}"]
-            row[f"gbps_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_fused_{mode}"] / 1e6
-            row[f"pct_peak_{mode}"] = None if peak is None else 100 * row[f"gbps_{mode}"] * 1e9 / peak
+        row.update(fields, status="complete")
     return rows
 
 
