@@ -1,4 +1,4 @@
-"""Builds, loads and chooses an op's fused kernel or its reference path ('auto' | 'fused' | 'ref'); 'auto' checks first."""
+"""Builds and loads the fused ops, and chooses a kernel or the reference path per call ('auto' checks first)."""
 import concurrent.futures
 import contextlib
 import functools
