@@ -1,45 +1,8 @@
-"""Helpers shared by the fused ops: supported dtypes, availability, binding to an extension, tensor layouts."""
-import functools
-
+"""Helpers shared by the fused ops' kernel bindings: empty arguments and the tensor layouts the kernels index."""
 import torch
-
-from ops import _build, dispatch
-
-# Dtypes each device's kernels handle.
-SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
-                    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 # An empty tensor standing for "no bias" / "no gradient" in kernel calls, by dtype and device.
 _empties = {}
-
-
-def extension(op: str, sources: dict, device_type: str):
-    """The extension of `op` for 'cpu' or 'cuda' from sources[device_type]; raises _build.BuildError saying why."""
-    return _build.load_extension(op, sources[device_type], cuda=(device_type == "cuda"))
-
-
-def unavailable_reason(load_ext, x):
-    """Why the fused op whose extension `load_ext(device_type)` loads cannot run on x (device, dtype or the build),
-    or None when it can."""
-    dev = x.device.type
-    if dev not in SUPPORTED_DTYPES:
-        return f"no fused kernel for device '{dev}'"
-    if x.dtype not in SUPPORTED_DTYPES[dev]:
-        return f"no fused kernel for {x.dtype} on {dev}"
-    try:
-        load_ext(dev)
-    except _build.BuildError as e:
-        return f"build failed: {e}"
-    return None
-
-
-def bind(load_ext, fn, x):
-    """fn(ext, ...) bound to the extension `load_ext(device_type)` gives for x's device; raises dispatch.Unavailable
-    saying why it cannot run on x."""
-    why = unavailable_reason(load_ext, x)
-    if why is not None:
-        raise dispatch.Unavailable(why)
-    return functools.partial(fn, load_ext(x.device.type))
 
 
 def empty(x):

@@ -6,11 +6,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ops import _fused, dispatch
+from ops import dispatch
 from ops._fused import dense, empty, like, sum_except
-
-# Sources of the extension: the CPU-only build, and the CUDA build (its .cpp also holds the CPU kernel).
-SOURCES = {"cpu": ["bias_act.cpp"], "cuda": ["bias_act.cpp", "bias_act.cu"]}
 
 
 @dataclass(frozen=True)
@@ -52,11 +49,14 @@ def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, ac
     if b is not None and b.dtype != x.dtype and b.is_floating_point():
         b = b.to(x.dtype)  # the activation's dtype (fp16/bf16 under autocast): the fused kernel takes one dtype
     kw = dict(dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
-    fused = dispatch.get_fused("bias_act", x, impl, load_fused, ref=bias_act_ref, args=(x, b), kwargs=kw, variant=act,
-                               magnitude=lambda truth: _bias_grad_magnitude(truth, dim))
-    if fused is not None:
-        return fused(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
-    return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+    # The kernel takes a 1-D bias of x's dtype and device along an existing dim; anything else goes to the reference.
+    takes = 0 <= dim < x.ndim and (b is None or (b.ndim == 1 and b.shape[0] == x.shape[dim] and b.dtype == x.dtype
+                                                 and b.device == x.device))
+    ext = dispatch.kernel("bias_act", x, impl, bias_act_ref, bias_act_fused, (x, b), kw, variant=act, takes=takes,
+                          magnitude=lambda truth: _bias_grad_magnitude(truth, dim))
+    if ext is not None:
+        return bias_act_fused(ext, x, b, **kw)
+    return bias_act_ref(x, b, **kw)
 
 
 # Magnitudes of the bias gradients in a self-check (ops.dispatch): the sums of |terms| of the matching x gradients
@@ -66,12 +66,17 @@ def _bias_grad_magnitude(truth, dim):
     return {db: sum_except(truth[dx].abs(), dim) for db, dx in pairs.items() if db in truth and dx in truth}
 
 
+# (alpha, gain, clamp) as floats: alpha and gain default to the activation's, clamp None is -1 (no clamping).
+def _params(act, alpha, gain, clamp):
+    spec = activation_funcs[act]
+    return (float(alpha if alpha is not None else spec.def_alpha), float(gain if gain is not None else spec.def_gain),
+            float(clamp if clamp is not None else -1))
+
+
 def bias_act_ref(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
     """The reference path of bias_act: plain PyTorch ops, differentiable to any order."""
     spec = activation_funcs[act]
-    alpha = float(alpha if alpha is not None else spec.def_alpha)
-    gain = float(gain if gain is not None else spec.def_gain)
-    clamp = float(clamp if clamp is not None else -1)
+    alpha, gain, clamp = _params(act, alpha, gain, clamp)
     if b is not None:
         if b.ndim != 1 or b.shape[0] != x.shape[dim]:
             raise ValueError(f"bias_act: bias of shape {tuple(b.shape)} does not match dim {dim} of x {tuple(x.shape)}")
@@ -82,16 +87,6 @@ def bias_act_ref(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=No
     if clamp >= 0:
         x = x.clamp(-clamp, clamp)
     return x
-
-
-def load(device_type: str):
-    """The bias_act extension for 'cpu' or 'cuda', built on first use; raises _build.BuildError saying why not."""
-    return _fused.extension("bias_act", SOURCES, device_type)
-
-
-def load_fused(x):
-    """bias_act_fused bound to the extension for x's device (ops.dispatch's loader); raises dispatch.Unavailable."""
-    return _fused.bind(load, bias_act_fused, x)
 
 
 # One bias_act kernel call on the dense tensor v (b and g may be None); returns (out, per-channel sum of out or
@@ -157,17 +152,9 @@ class _BiasActGrad(torch.autograd.Function):
 
 
 def bias_act_fused(ext, x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
-    """bias_act by the kernels of extension `ext`, with the reference signature after it; arguments the kernel does
-    not take go to the reference (which validates them)."""
-    spec = activation_funcs[act]
-    alpha = float(alpha if alpha is not None else spec.def_alpha)
-    gain = float(gain if gain is not None else spec.def_gain)
-    clamp = float(clamp if clamp is not None else -1)
-    ok = act in ACT_IDS and x.numel() > 0 and 0 <= dim < x.ndim
-    if b is not None:
-        ok = ok and b.ndim == 1 and b.shape[0] == x.shape[dim] and b.dtype == x.dtype and b.device == x.device
-    if not ok:
-        return bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+    """bias_act by the kernels of extension `ext` (from ops.dispatch.kernel, which checked that they take these
+    arguments), with the reference signature after it."""
+    alpha, gain, clamp = _params(act, alpha, gain, clamp)
     if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
         return _BiasAct.apply(dense(x), None if b is None else b.contiguous(), ext, dim, act, alpha, gain, clamp)
     return _kernel(ext, dense(x), b, None, _FWD, dim, act, alpha, gain, clamp)[0]  # no autograd needed

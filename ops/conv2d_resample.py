@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ops.upfirdn2d import _parse_padding, filter_size, upfirdn2d
+from ops.upfirdn2d import filter_size, parse_padding, upfirdn2d
 
 
 # conv2d that correlates (flip_weight=True, PyTorch's convention) or truly convolves (False); optionally transposed.
@@ -19,7 +19,7 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
 # Add the resampling filter's own padding to [px0, px1, py0, py1], so that up/downsampling stays centred.
 def _filter_padding(padding, f, up: int, down: int):
     fw, fh = filter_size(f)
-    px0, px1, py0, py1 = _parse_padding(padding)
+    px0, px1, py0, py1 = parse_padding(padding)
     if up > 1:
         px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
         py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
@@ -89,7 +89,7 @@ def conv2d_resample_ref(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_we
                         filter_padded=False):
     """The general (slow) order: upsample with padding, convolve, then filter and downsample. `filter_padded`
     means the filter's own padding is already included in `padding`."""
-    px0, px1, py0, py1 = _parse_padding(padding) if filter_padded else _filter_padding(padding, f, up, down)
+    px0, px1, py0, py1 = parse_padding(padding) if filter_padded else _filter_padding(padding, f, up, down)
     x = upfirdn2d(x, f if up > 1 else None, up=up, padding=[px0, px1, py0, py1], gain=up ** 2,
                   flip_filter=flip_filter)
     x = _conv(x, w, groups=groups, flip_weight=flip_weight)

@@ -1,5 +1,7 @@
-"""Chooses between an op's fused kernel and its reference path ('auto' | 'fused' | 'ref'); 'auto' checks first."""
+"""Builds and loads the fused ops, and chooses a kernel or the reference path per call ('auto' checks first)."""
+import concurrent.futures
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -15,9 +17,18 @@ from ops.tolerance import REF_DTYPE, compare
 # always the reference PyTorch code (nothing is built).
 IMPLS = ("auto", "fused", "ref")
 
+# The sources (in ops/) of each op's extension, by op name and device type: the CPU-only build, and the CUDA build
+# (its .cpp files also hold the CPU kernels). The extension's kernel function is named as the op.
+SOURCES = {"bias_act": {"cpu": ["bias_act.cpp"], "cuda": ["bias_act.cpp", "bias_act.cu"]},
+           "upfirdn2d": {"cpu": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp"],
+                         "cuda": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp", "upfirdn2d.cu"]}}
 
-class Unavailable(RuntimeError):
-    """Raised by an op's loader when its fused kernel cannot run on a tensor; the message says why."""
+# The ops with a fused kernel.
+OPS = tuple(SOURCES)
+
+# Dtypes each device's kernels handle.
+SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
+                    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 # Validate an impl name (from the config, the environment or a call).
@@ -30,15 +41,15 @@ def _checked(impl: str, source: str) -> str:
 # Process-wide default implementation; `GANFORGE_OPS_IMPL` or `set_default_impl` (from the config) override it.
 _default_impl = _checked(os.environ.get("GANFORGE_OPS_IMPL", "auto"), "GANFORGE_OPS_IMPL")
 
-# Fused functions a loader returned, by (loader, device type, dtype): the per-call fast path. Keyed by the loader
-# itself, so that a replaced loader (tests) is asked again.
-_bound = {}
+# Extensions that can run, by (op, device type, dtype): the per-call fast path.
+_loaded = {}
 
-# Self-check decisions by (op, loader, device, dtype, layout, variant, needs grad): the record of decisions() plus
-# "use" (bool). Made once per key and process; later calls only look the key up.
+# Self-check decisions by (op, fused function, device, dtype, layout, variant, needs grad): the record of
+# decisions() plus "use" (bool). Made once per key and process; later calls only look the key up. Keyed by the
+# fused function itself, so that a replaced one (tests) is checked again.
 _decisions = {}
 
-# Whether get_fused self-checks (scripts/check_ops.py turns it off: it measures the kernels itself).
+# Whether `kernel` self-checks (scripts/check_ops.py turns it off: it measures the kernels itself).
 _self_check = True
 
 # Ops (or op + key) that already warned in this process.
@@ -68,10 +79,9 @@ def warn_once(name: str, message: str) -> None:
 
 
 def reset() -> None:
-    """Forget warnings given, builds tried or loaded, fused functions bound and self-check decisions (tests; a
-    changed environment)."""
+    """Forget warnings given, builds tried or loaded and self-check decisions (tests; a changed environment)."""
     _warned.clear()
-    _bound.clear()
+    _loaded.clear()
     _decisions.clear()
     _build.reset_cache()
 
@@ -110,50 +120,99 @@ def memory_layout(x) -> str:
     return "strided"
 
 
-def get_fused(name: str, x, impl, loader, ref=None, args=(), kwargs=None, variant: str = "", linear=False,
-              magnitude=None):
-    """The fused function of op `name` for tensor x, or None to use the reference path.
+def load(op: str, device_type: str):
+    """The extension of `op` for 'cpu' or 'cuda', built on first use; raises _build.BuildError saying why not."""
+    return _build.load_extension(op, SOURCES[op][device_type], cuda=(device_type == "cuda"))
 
-    impl is 'auto', 'fused', 'ref' or None (the default). `loader(x)` is the op's own: it returns the fused function
-    (with the reference function's signature) or raises Unavailable saying why it cannot run on x; then 'auto'
-    warns once and returns None, and 'fused' raises RuntimeError with the reason. With `ref` (the reference function)
-    and the call's `args`/`kwargs` (as both functions take them), the first call per (device, dtype, memory layout,
-    `variant`, needs-grad) self-checks: see _decide. `linear`: the op is linear in each tensor argument, so the
-    magnitude an error is measured against is the sum of |terms| (the reference on |inputs|), else |truth|;
-    `magnitude(truth)` may give other magnitudes for some outputs ({name: tensor}, e.g. sums of |terms| for a bias
-    gradient; names as in _derivatives).
+
+def unavailable_reason(op: str, x):
+    """Why the fused `op` cannot run on x (device, dtype or the build), or None when it can."""
+    dev = x.device.type
+    if dev not in SUPPORTED_DTYPES:
+        return f"no fused kernel for device '{dev}'"
+    if x.dtype not in SUPPORTED_DTYPES[dev]:
+        return f"no fused kernel for {x.dtype} on {dev}"
+    try:
+        load(op, dev)
+    except _build.BuildError as e:
+        return f"build failed: {e}"
+    return None
+
+
+def kernel(name: str, x, impl, ref, fused, args, kwargs=None, variant: str = "", takes: bool = True, linear=False,
+           magnitude=None):
+    """The extension of op `name` to run this call with (as `fused(ext, *args, **kwargs)`), or None to run
+    `ref(*args, **kwargs)`: the one place an op chooses its path.
+
+    impl is 'auto', 'fused', 'ref' or None (the default). Where the kernel cannot run on x (unavailable_reason),
+    'auto' warns once and returns None and 'fused' raises RuntimeError with the reason. `takes`: whether the kernel
+    takes this call's arguments (else None, silently: the reference validates them). The first call per (device,
+    dtype, memory layout, `variant`, needs-grad) self-checks `fused` against `ref` on the call's own args: see
+    _decide. `linear`: the op is linear in each tensor argument, so the magnitude an error is measured against is
+    the sum of |terms| (the reference on |inputs|), else |truth|; `magnitude(truth)` may give other magnitudes for
+    some outputs ({name: tensor}, e.g. sums of |terms| for a bias gradient; names as in _derivatives).
     """
     impl = _default_impl if impl is None else _checked(impl, f"the impl argument of ops.{name}")
     if impl == "ref":
         return None
-    key = (loader, x.device.type, x.dtype)
-    fused = _bound.get(key)
-    if fused is None:
-        try:
-            fused = _bound[key] = loader(x)
-        except Unavailable as e:
-            message = f"ops.{name}: fused kernel unavailable on {x.device.type} ({e})"
+    key = (name, x.device.type, x.dtype)
+    ext = _loaded.get(key)
+    if ext is None:
+        why = unavailable_reason(name, x)
+        if why is not None:
+            message = f"ops.{name}: fused kernel unavailable on {x.device.type} ({why})"
             if impl == "fused":
-                raise RuntimeError(f"{message}; impl='fused' was requested") from None
+                raise RuntimeError(f"{message}; impl='fused' was requested")
             warn_once(name, f"{message}; using the reference implementation (run scripts/check_ops.py)")
             return None
-    if ref is None or not _self_check or x.numel() == 0:
-        return fused
+        ext = _loaded[key] = load(name, x.device.type)
+    if not takes or x.numel() == 0:
+        return None
+    if not _self_check:
+        return ext
     kwargs = kwargs or {}
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    dkey = (name, loader, str(x.device), x.dtype, memory_layout(x), variant, grad)
+    dkey = (name, fused, str(x.device), x.dtype, memory_layout(x), variant, grad)
     d = _decisions.get(dkey)
     if d is None:
-        d = _decisions[dkey] = _decide(name, dkey, fused, ref, args, kwargs, grad, (linear, magnitude))
+        check = functools.partial(fused, ext)
+        d = _decisions[dkey] = _decide(name, dkey, check, ref, args, kwargs, grad, (linear, magnitude))
     if d["use"]:
-        return fused
+        return ext
     what = f"ops.{name} on {d['device']} {d['dtype']} {d['layout']} {variant}".rstrip()
     if impl == "fused":
         if d["agrees"]:
-            return fused
+            return ext
         raise RuntimeError(f"{what}: fused kernel {d['reason']}; impl='fused' was requested")
     warn_once(f"{name}:{dkey[2:]}", f"{what}: fused kernel {d['reason']}; using the reference")
     return None
+
+
+def load_all(device_type: str):
+    """Build (or load) every op's extension for a device type at once, in threads so that their compilers run in
+    parallel; returns {op: module or the BuildError} (the tools: check_ops, bench_ops, gpu_check, tests)."""
+    with concurrent.futures.ThreadPoolExecutor(len(OPS)) as pool:
+        futures = {op: pool.submit(load, op, device_type) for op in OPS}
+    return {op: (f.exception() or f.result()) for op, f in futures.items()}
+
+
+@contextlib.contextmanager
+def kernel_calls(op: str, device_type: str):
+    """Count calls into the compiled function of `op` while active (yields a one-element list), by wrapping the
+    attribute of the loaded extension (restored on exit): proves that impl='fused' really ran the kernel and did not
+    fall back to the reference. Raises _build.BuildError when the extension cannot build."""
+    ext = load(op, device_type)
+    orig = getattr(ext, op)
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return orig(*args)
+    setattr(ext, op, counted)
+    try:
+        yield calls
+    finally:
+        setattr(ext, op, orig)
 
 
 # The first-call self-check of one key, made by rank 0 (under torch.distributed) and broadcast, so that every rank

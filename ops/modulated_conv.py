@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 
 from ops.conv2d_resample import conv2d_resample
-from ops.fma import fma
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, noise: Optional[torch.Tensor] = None,
@@ -37,7 +36,8 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         x = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                             flip_weight=flip_weight)
         if demodulate and noise is not None:
-            return fma(x, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1), noise.to(x.dtype))
+            # x * dcoefs + noise in one op.
+            return torch.addcmul(noise.to(x.dtype), x, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1))
         if demodulate:
             return x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
         if noise is not None:

@@ -5,21 +5,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ops import _fused, dispatch
+from ops import dispatch
 
 Padding = Union[int, Sequence[int]]
-
-# Sources of the extension: the CPU-only build (CPU kernels, and the GPU kernels emulated), and the CUDA build.
-SOURCES = {"cpu": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp"],
-           "cuda": ["upfirdn2d.cpp", "upfirdn2d_gpu.cpp", "upfirdn2d.cu"]}
 
 # CPU kernel choice: 0 = fastest, 1 = direct 2-D loops, 2 = the GPU's general kernel emulated, 3 = the GPU's tiled
 # kernels emulated (the variant CUDA would pick); tests set it.
 upfirdn2d_cpu_path = 0
 
 
-# Normalize `padding` to [px0, px1, py0, py1] (int: the same on every side; two values: x and y).
-def _parse_padding(padding: Padding):
+def parse_padding(padding: Padding):
+    """`padding` as [px0, px1, py0, py1] (int: the same on every side; two values: x and y)."""
     if isinstance(padding, (int, np.integer)):
         padding = [padding, padding]
     padding = [int(p) for p in padding]
@@ -92,7 +88,7 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
         raise ValueError(f"upfirdn2d: expected x of shape [N, C, H, W], got {tuple(x.shape)}")
     upx, upy = _parse_scaling(up)
     downx, downy = _parse_scaling(down)
-    px0, px1, py0, py1 = _parse_padding(padding)
+    px0, px1, py0, py1 = parse_padding(padding)
     if f is None:
         f = _identity_filter(x.device)
     fw, fh = filter_size(f)
@@ -102,11 +98,13 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up=1, down=1, padding:
         raise ValueError(f"upfirdn2d: output would be empty for input {tuple(x.shape)}, filter {tuple(f.shape)}, "
                          f"up {up}, down {down}, padding {padding}")
     args = (x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
-    fused = dispatch.get_fused("upfirdn2d", x, impl, load_fused, ref=upfirdn2d_ref, args=args, linear=True,
-                               variant=f"up{upx}x{upy} down{downx}x{downy} f{fw}x{fh}{'' if f.ndim == 2 else ' sep'}")
-    if fused is not None:
-        return fused(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
-    return upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
+    # The kernel takes a filter on x's device that needs no gradient; anything else goes to the reference.
+    takes = f.device == x.device and not (f.requires_grad and torch.is_grad_enabled())
+    ext = dispatch.kernel("upfirdn2d", x, impl, upfirdn2d_ref, upfirdn2d_fused, args, takes=takes, linear=True,
+                          variant=f"up{upx}x{upy} down{downx}x{downy} f{fw}x{fh}{'' if f.ndim == 2 else ' sep'}")
+    if ext is not None:
+        return upfirdn2d_fused(ext, *args)
+    return upfirdn2d_ref(*args)
 
 
 def upfirdn2d_ref(x, f, up, down, padding, flip_filter=False, gain=1):
@@ -133,7 +131,7 @@ def upfirdn2d_ref(x, f, up, down, padding, flip_filter=False, gain=1):
 
 def filter2d(x, f, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
     """Filter without resampling; the padding keeps the size by default ("same" for odd and even taps alike)."""
-    px0, px1, py0, py1 = _parse_padding(padding)
+    px0, px1, py0, py1 = parse_padding(padding)
     fw, fh = filter_size(f)
     p = [px0 + fw // 2, px1 + (fw - 1) // 2, py0 + fh // 2, py1 + (fh - 1) // 2]
     return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
@@ -142,7 +140,7 @@ def filter2d(x, f, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
 def upsample2d(x, f, up=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
     """Upsample by `up` with filter f; output size in*up (+ padding); gain up**2 keeps the mean brightness."""
     upx, upy = _parse_scaling(up)
-    px0, px1, py0, py1 = _parse_padding(padding)
+    px0, px1, py0, py1 = parse_padding(padding)
     fw, fh = filter_size(f)
     p = [px0 + (fw + upx - 1) // 2, px1 + (fw - upx) // 2, py0 + (fh + upy - 1) // 2, py1 + (fh - upy) // 2]
     return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
@@ -151,20 +149,10 @@ def upsample2d(x, f, up=2, padding: Padding = 0, flip_filter=False, gain=1, impl
 def downsample2d(x, f, down=2, padding: Padding = 0, flip_filter=False, gain=1, impl=None):
     """Downsample by `down` with filter f; output size in/down (+ padding)."""
     downx, downy = _parse_scaling(down)
-    px0, px1, py0, py1 = _parse_padding(padding)
+    px0, px1, py0, py1 = parse_padding(padding)
     fw, fh = filter_size(f)
     p = [px0 + (fw - downx + 1) // 2, px1 + (fw - downx) // 2, py0 + (fh - downy + 1) // 2, py1 + (fh - downy) // 2]
     return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
-
-
-def load(device_type: str):
-    """The upfirdn2d extension for 'cpu' or 'cuda', built on first use; raises _build.BuildError saying why not."""
-    return _fused.extension("upfirdn2d", SOURCES, device_type)
-
-
-def load_fused(x):
-    """upfirdn2d_fused bound to the extension for x's device (ops.dispatch's loader); raises dispatch.Unavailable."""
-    return _fused.bind(load, upfirdn2d_fused, x)
 
 
 # One kernel call; the kernels read a channels-last input in place and write a channels-last output, as the
@@ -202,10 +190,8 @@ class _UpFirDn2d(torch.autograd.Function):
 
 
 def upfirdn2d_fused(ext, x, f, up, down, padding, flip_filter=False, gain=1):
-    """upfirdn2d by the kernel of extension `ext`, with the reference signature after it (parsed up, down and
-    padding); a filter that needs a gradient goes to the reference."""
-    if (f.requires_grad and torch.is_grad_enabled()) or x.numel() == 0 or f.device != x.device:
-        return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
+    """upfirdn2d by the kernel of extension `ext` (from ops.dispatch.kernel, which checked that it takes these
+    arguments), with the reference signature after it (parsed up, down and padding)."""
     args = (tuple(up), tuple(down), tuple(padding), bool(flip_filter), float(gain))
     if torch.is_grad_enabled() and x.requires_grad:
         return _UpFirDn2d.apply(x, f, ext, *args)

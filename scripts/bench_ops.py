@@ -7,9 +7,9 @@ import time
 import torch
 
 
-from ops import _build, fused_ops
+from ops import _build, dispatch
 from ops.bias_act import bias_act
-from ops.fused_ops import kernel_calls
+from ops.dispatch import kernel_calls
 from ops.upfirdn2d import downsample2d, setup_filter, upfirdn2d, upsample2d
 
 # Peak DRAM bandwidth (bytes/s) of known GPUs, by a substring of the device name (checked in order); others get a
@@ -152,6 +152,25 @@ def bench_case(op, fn, shape, nbias, device, dtype, rep_budget, memory_format=to
     return row
 
 
+def measure(time_case, peak):
+    """time_case() (bench_case's fields: ms and bytes of 'ref' and 'fused') with ratio_*, gbps_* (fused) and
+    pct_peak_* (None without a `peak` in bytes/s) added, forward and forward + backward: (fields, None); or (None,
+    (kind, first line of the error)) where it ran out of memory (kind 'out of memory') or raised (kind 'error':
+    the fall-back refused, or a kernel error)."""
+    try:
+        row = time_case()
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return None, ("out of memory", str(e).splitlines()[0])
+    except (RuntimeError, _build.BuildError) as e:
+        return None, ("error", (str(e).splitlines() or [""])[0])
+    for mode in ("fwd", "fwd_bwd"):
+        row[f"ratio_{mode}"] = row[f"ms_ref_{mode}"] / row[f"ms_fused_{mode}"]
+        row[f"gbps_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_fused_{mode}"] / 1e6
+        row[f"pct_peak_{mode}"] = None if peak is None else 100 * row[f"gbps_{mode}"] * 1e9 / peak
+    return row, None
+
+
 def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_s: float = 600.0, min_res: int = 8,
               rep_budget: float = None, layouts=("contiguous", "channels_last")) -> list:
     """Time every case of `resolutions` (256 and 1024 px by default on CUDA, 256 on CPU) in `dtype` (every tensor
@@ -167,7 +186,7 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     resolutions = resolutions or ([256] if cpu else [256, 1024])
     batch = batch or (2 if cpu else 8)
     deadline = time.perf_counter() + budget_s
-    fused_ops.load_all(device.type)  # build both ops at once if not cached (part of the budget)
+    dispatch.load_all(device.type)  # build both ops at once if not cached (part of the budget)
     f = setup_filter([1, 3, 3, 1], device=device).to(dtype)
     # A 12-tap 1-D filter standing for ADA's (its taps do not change the time; this script imports only ops).
     f12 = setup_filter(torch.hann_window(14, periodic=False)[1:-1], device=device).to(dtype)
@@ -175,7 +194,7 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
     if rep_budget is None:  # seconds per timing loop: 0.25 on CPU, 0.1 on CUDA, less when the budget is short
         rep_budget = min(0.25 if cpu else 0.1, budget_s / (8 * max(len(todo), 1)))
     peak, peak_source = peak_bandwidth(device)
-    why_not = {op: fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+    why_not = {op: dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
                for op in ("bias_act", "upfirdn2d")}
     rows = []
     for _, (label, shape, fn, nbias, fmt) in todo:
@@ -195,21 +214,14 @@ def run_bench(device, dtype=torch.float32, resolutions=None, batch=None, budget_
         if time.perf_counter() > deadline:
             row["skipped"] = f"time budget of {budget_s:g} s spent"
             continue
-        try:
-            row.update(bench_case(op, fn, shape, nbias, device, dtype, rep_budget, fmt))
-        except torch.cuda.OutOfMemoryError as e:
-            row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
-            torch.cuda.empty_cache()
+        fields, why = measure(lambda: bench_case(op, fn, shape, nbias, device, dtype, rep_budget, fmt), peak)
+        if why is not None:
+            kind, message = why
+            row["skipped"] = f"{kind}: {message}" if kind == "out of memory" else message
             continue
-        except (RuntimeError, _build.BuildError) as e:  # the fall-back refused, or a kernel error
-            row["skipped"] = str(e).splitlines()[0]
-            continue
+        row.update(fields)
         for mode in ("fwd", "fwd_bwd"):
-            row[f"ratio_{mode}"] = row[f"ms_ref_{mode}"] / row[f"ms_fused_{mode}"]
-            row[f"gbps_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_fused_{mode}"] / 1e6
             row[f"gbps_ref_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_ref_{mode}"] / 1e6
-            if peak is not None:
-                row[f"pct_peak_{mode}"] = 100 * row[f"gbps_{mode}"] * 1e9 / peak
     for row in rows:  # ok: timed; False: the fused op could not be timed; None: out of time or memory
         row["ok"] = True if row["skipped"] is None else (False if is_failure(row) else None)
     return rows

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 import torch
 
 import bench_ops
-from ops import _build, dispatch, fused_ops
+from ops import _build, dispatch
 from ops.bias_act import activation_funcs, bias_act
+from ops.dispatch import kernel_calls
 from ops.filters import SYM6
-from ops.fused_ops import kernel_calls
 from ops.tolerance import FLOOR, K_REF, REF_DTYPE, ULPS, compare, ulp_error  # noqa: F401 - the one rule
 from ops.upfirdn2d import setup_filter, upfirdn2d
 
@@ -185,7 +185,7 @@ def run_parity(device, dtypes=None, budget_s: float = 600.0, ops=None, layouts=L
     dtypes = dtypes or DEFAULT_DTYPES.get(device.type, [torch.float32])
     dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]  # names accepted too
     deadline = time.perf_counter() + budget_s
-    fused_ops.load_all(device.type)  # build both ops at once (in parallel) if not cached; failures show in the rows
+    dispatch.load_all(device.type)  # build both ops at once (in parallel) if not cached; failures show in the rows
     rows = []
     cases = [c for c in parity_cases() if ops is None or c.op in ops]
     threads = torch.get_num_threads()
@@ -204,10 +204,10 @@ def run_parity(device, dtypes=None, budget_s: float = 600.0, ops=None, layouts=L
 def _parity_dtype(device, dtype, cases, layouts, deadline, budget_s):
     rows, usable = [], {}
     for op in dict.fromkeys(c.op for c in cases):
-        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+        why = dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         usable[op] = why is None
         if why is not None:  # unsupported dtype: skipped; supported but not built: a failure
-            supported = dtype in fused_ops.SUPPORTED_DTYPES.get(device.type, ())
+            supported = dtype in dispatch.SUPPORTED_DTYPES.get(device.type, ())
             rows.append(_row(device, op, "(all)", dtype, "(all)", "(all)", ok=False if supported else None,
                              skipped=None if supported else why, detail=why))
     for ci, case in enumerate(cases):
@@ -282,7 +282,7 @@ def check_large_tensor(device, budget_s: float = 300.0, force: bool = False) -> 
     if why:
         return rows
     deadline = time.perf_counter() + budget_s
-    fused_ops.load_all(device.type)
+    dispatch.load_all(device.type)
     try:
         with dispatch.self_checks(False):
             _large_checks(device, dtype, rows, deadline, budget_s)
@@ -408,7 +408,7 @@ def main(argv=None):
     built = {}  # build (both ops of a device in parallel)
     for dev in devices + ([] if torch.cuda.is_available() or not args.cuda_build else [torch.device("cuda")]):
         t0 = time.time()
-        for op, result in fused_ops.load_all(dev.type).items():  # the ops of a device build in parallel
+        for op, result in dispatch.load_all(dev.type).items():  # the ops of a device build in parallel
             built[op, dev.type] = not isinstance(result, Exception)
             if built[op, dev.type]:
                 print(f"[build] {op:9s} {dev.type:4s}: built/loaded ({time.time() - t0:.1f} s for all ops)")

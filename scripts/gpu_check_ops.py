@@ -8,7 +8,7 @@ import time
 import torch
 
 import bench_ops
-from ops import _build, dispatch, fused_ops
+from ops import _build, dispatch
 from ops.upfirdn2d import setup_filter
 
 try:  # parity and the large tensors need check_ops; where it cannot be imported, they say why and the rest runs
@@ -49,7 +49,7 @@ def check_env(device: torch.device) -> dict:
                    driver=_command_version(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     t0 = time.time()
     env["op_builds"] = {op: "built" if not isinstance(r, Exception) else f"NOT BUILT: {r}"
-                        for op, r in fused_ops.load_all(device.type).items()}
+                        for op, r in dispatch.load_all(device.type).items()}
     env["op_build_s"] = round(time.time() - t0, 1)
     env["ok"] = all(v == "built" for v in env["op_builds"].values())
     env["status"] = "complete" if env["ok"] else "error: " + "; ".join(
@@ -143,34 +143,27 @@ def op_speed(device: torch.device, budget_s: float, small: bool) -> list:
         row = {"group": title, "case": label.split(" ", 1)[1], "op": op, "dtype": str(dtype)[6:], "layout": layout,
                "shape": list(shape), "peak_gbps": None if peak is None else peak / 1e9, "peak_source": peak_source}
         rows.append(row)
-        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+        why = dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         if why:
             row["status"] = f"skipped: fused {op} unavailable: {why}"
             continue
         if time.perf_counter() > deadline:
             row["status"] = f"budget: {budget_s:.0f} s for op speed spent"
             continue
-        try:
-            row.update(time_case(op, fn, shape, nbias, device, dtype, layout, rep_budget))
-        except torch.cuda.OutOfMemoryError as e:
-            row["status"] = f"out of memory: {str(e).splitlines()[0][:200]}"
-            torch.cuda.empty_cache()
+        fields, why = bench_ops.measure(lambda: time_case(op, fn, shape, nbias, device, dtype, layout, rep_budget),
+                                        peak)
+        if why is not None:
+            kind, message = why
+            row["status"] = f"{kind}: {message[:200 if kind == 'out of memory' else 300]}"
             continue
-        except (RuntimeError, _build.BuildError) as e:
-            row["status"] = f"error: {(str(e).splitlines() or [''])[0][:300]}"
-            continue
-        row["status"] = "complete"
-        for mode in ("fwd", "fwd_bwd"):
-            row[f"ratio_{mode}"] = row[f"ms_ref_{mode}"] / row[f"ms_fused_{mode}"]
-            row[f"gbps_{mode}"] = row[f"bytes_{mode}"] / row[f"ms_fused_{mode}"] / 1e6
-            row[f"pct_peak_{mode}"] = None if peak is None else 100 * row[f"gbps_{mode}"] * 1e9 / peak
+        row.update(fields, status="complete")
     return rows
 
 
 def fused_unavailable(device: torch.device, dtype: torch.dtype):
     """Why some fused op cannot run on `dtype` tensors of `device` ('op: reason'), or None when every one can."""
-    for op in fused_ops.OPS:
-        why = fused_ops.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
+    for op in dispatch.OPS:
+        why = dispatch.unavailable_reason(op, torch.empty(0, device=device, dtype=dtype))
         if why:
             return f"{op}: {why}"
     return None

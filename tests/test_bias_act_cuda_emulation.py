@@ -3,7 +3,7 @@ visited once, values and fused bias gradients against the reference, vector widt
 import pytest
 import torch
 
-from ops import bias_act as bias_act_module
+from ops import dispatch
 from ops.bias_act import ACT_IDS, bias_act_ref
 
 _FWD, _GRAD_X = 0, 1
@@ -11,7 +11,7 @@ _FWD, _GRAD_X = 0, 1
 
 @pytest.fixture(scope="module")
 def ext():
-    return bias_act_module.load("cpu")
+    return dispatch.load("bias_act", "cpu")
 
 
 # (x, dim, expected walk 'rows'/'cols', expected vec for float32) cases: NCHW with a row length that is and is not a

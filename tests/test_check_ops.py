@@ -11,7 +11,7 @@ import bench_ops  # noqa: E402
 import check_ops  # noqa: E402
 import ops.bias_act as bias_act_module  # noqa: E402
 import ops.upfirdn2d as upfirdn2d_module  # noqa: E402
-from ops import dispatch, fused_ops  # noqa: E402
+from ops import dispatch  # noqa: E402
 from ops.bias_act import bias_act_ref  # noqa: E402
 
 FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
@@ -22,7 +22,7 @@ FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
 def exts():
     saved = os.environ.pop(FORCE, None)
     dispatch.reset()
-    for op, m in fused_ops.load_all("cpu").items():
+    for op, m in dispatch.load_all("cpu").items():
         assert not isinstance(m, Exception), f"building the CPU {op} extension failed: {m}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -83,12 +83,8 @@ def test_run_parity_cpu_half_skipped():
 
 # A fused bias_act that is 0.1 % off is reported as not ok in every order.
 def test_run_parity_flags_wrong_fused(monkeypatch):
-    real = bias_act_module.load_fused
-
-    def broken(x):
-        fn = real(x)
-        return lambda *a, **k: fn(*a, **k) * 1.001
-    monkeypatch.setattr(bias_act_module, "load_fused", broken)
+    real = bias_act_module.bias_act_fused
+    monkeypatch.setattr(bias_act_module, "bias_act_fused", lambda ext, *a, **k: real(ext, *a, **k) * 1.001)
     rows = check_ops.run_parity(torch.device("cpu"), [torch.float32], ops=["bias_act"], layouts=("contiguous",))
     assert rows and all(r["ok"] is False for r in rows), [r for r in rows if r["ok"]][:3]
 
@@ -96,12 +92,11 @@ def test_run_parity_flags_wrong_fused(monkeypatch):
 # upfirdn2d with the filter flipped the wrong way is caught for the asymmetric filters only (the symmetric
 # [1,3,3,1] gives the same result either way).
 def test_run_parity_flags_flipped_filter(monkeypatch):
-    real = upfirdn2d_module.load_fused
+    real = upfirdn2d_module.upfirdn2d_fused
 
-    def flipped(x):
-        fn = real(x)
-        return lambda x, f, up, down, padding, flip, gain: fn(x, f, up, down, padding, not flip, gain)
-    monkeypatch.setattr(upfirdn2d_module, "load_fused", flipped)
+    def flipped(ext, x, f, up, down, padding, flip, gain):
+        return real(ext, x, f, up, down, padding, not flip, gain)
+    monkeypatch.setattr(upfirdn2d_module, "upfirdn2d_fused", flipped)
     rows = check_ops.run_parity(torch.device("cpu"), [torch.float32], ops=["upfirdn2d"], layouts=("contiguous",))
     for r in rows:
         assert r["ok"] is ("[1,3,3,1]" in r["case"]), r
@@ -109,7 +104,7 @@ def test_run_parity_flags_flipped_filter(monkeypatch):
 
 # A 'fused' path that silently runs the reference is not ok either: no kernel ran.
 def test_run_parity_flags_silent_fallback(monkeypatch):
-    monkeypatch.setattr(bias_act_module, "load_fused", lambda x: bias_act_ref)
+    monkeypatch.setattr(bias_act_module, "bias_act_fused", lambda ext, *a, **k: bias_act_ref(*a, **k))
     rows = check_ops.run_parity(torch.device("cpu"), [torch.float32], ops=["bias_act"], layouts=("contiguous",))
     assert rows and all(r["ok"] is False and "fell back" in r["detail"] for r in rows)
 
@@ -156,7 +151,7 @@ def test_run_bench_float16_cpu_unavailable(monkeypatch):
 
 # A 'fused' bias_act that dispatches to the reference is refused, not timed; upfirdn2d rows still run.
 def test_run_bench_refuses_fallback(monkeypatch):
-    monkeypatch.setattr(bias_act_module, "load_fused", lambda x: bias_act_ref)
+    monkeypatch.setattr(bias_act_module, "bias_act_fused", lambda ext, *a, **k: bias_act_ref(*a, **k))
     rows = bench_ops.run_bench(torch.device("cpu"), torch.float32, [16], 1, budget_s=30, min_res=16,
                                rep_budget=0.002)
     for r in rows:

@@ -14,7 +14,7 @@ import networks.generator as generator_module
 import networks.layers as layers_module
 import ops.bias_act as bias_act_module
 import ops.upfirdn2d as upfirdn2d_module
-from ops import dispatch, fused_ops
+from ops import dispatch
 from ops.bias_act import bias_act
 from ops.upfirdn2d import setup_filter, upfirdn2d
 from test_step import four_phases, tiny_nets
@@ -34,20 +34,21 @@ def _fresh():
     dispatch.reset()
 
 
-# A loader whose fused function is off by a relative 2^-16 (~500 float32 eps: "off by a little").
+# A fused function (ext first, then the reference's arguments) off by a relative 2^-16 (~500 float32 eps: "off by
+# a little").
 def _off_by_a_little(real):
-    def load(x):
-        fn = real(x)
-        return lambda *a, **k: fn(*a, **k) * (1 + 2.0 ** -16)
-    return load
+    return lambda ext, *a, **k: real(ext, *a, **k) * (1 + 2.0 ** -16)
 
 
-# A loader whose fused function returns NaN everywhere.
+# A fused function that returns NaN everywhere.
 def _nan(real):
-    def load(x):
-        fn = real(x)
-        return lambda *a, **k: fn(*a, **k) * float("nan")
-    return load
+    return lambda ext, *a, **k: real(ext, *a, **k) * float("nan")
+
+
+# Replace op module `module`'s fused function (ops.dispatch.kernel checks and runs it) by plant(the real one).
+def _plant(monkeypatch, module, plant):
+    name = module.__name__.split(".")[-1] + "_fused"
+    monkeypatch.setattr(module, name, plant(getattr(module, name)))
 
 
 # bias_act and upfirdn2d calls with gradients, on fixed inputs: (outputs, gradients of a fixed weighting); impls
@@ -70,7 +71,7 @@ def test_wrong_kernel_is_replaced_by_reference(monkeypatch, module, plant):
     gives exactly the reference's values and gradients (the other op keeps its kernel); the decision names the
     reason."""
     ref = _calls("ref", "fused") if module is bias_act_module else _calls("fused", "ref")
-    monkeypatch.setattr(module, "load_fused", plant(module.load_fused))
+    _plant(monkeypatch, module, plant)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [_calls("auto") for _ in range(2)]
@@ -88,10 +89,24 @@ def test_wrong_kernel_is_replaced_by_reference(monkeypatch, module, plant):
 
 def test_forced_fused_raises_on_a_mismatch(monkeypatch):
     """impl='fused' runs the same check and raises (on every call) instead of falling back."""
-    monkeypatch.setattr(bias_act_module, "load_fused", _off_by_a_little(bias_act_module.load_fused))
+    _plant(monkeypatch, bias_act_module, _off_by_a_little)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="disagrees with the reference.*impl='fused'"):
             bias_act(torch.randn(2, 3), torch.randn(3), act="tanh", impl="fused")
+
+
+def test_arguments_the_kernel_does_not_take_make_no_decision():
+    """A call the kernel does not take (a bias of another length) goes to the reference, which raises its own error,
+    and records no decision: a later valid call of the same key under impl='fused' self-checks and runs the kernel."""
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="bias of shape \\(3,\\) does not match dim 1"):
+        bias_act(x, torch.randn(3), act="lrelu", impl="fused")
+    assert dispatch.decisions() == []
+    with dispatch.kernel_calls("bias_act", "cpu") as calls:
+        y = bias_act(x, torch.randn(4), act="lrelu", impl="fused")
+    assert calls[0] > 0 and y.shape == x.shape
+    d = dispatch.decisions()
+    assert len(d) == 1 and d[0]["impl"] == "fused" and d[0]["variant"] == "lrelu"
 
 
 def test_decision_is_made_once_per_key(monkeypatch):
@@ -105,7 +120,7 @@ def test_decision_is_made_once_per_key(monkeypatch):
     monkeypatch.setattr(dispatch, "_decide", counted)
     x = torch.randn(2, 4, 6, 6)
     b = torch.randn(4)
-    with fused_ops.kernel_calls("bias_act", "cpu") as calls:
+    with dispatch.kernel_calls("bias_act", "cpu") as calls:
         bias_act(x, b, act="lrelu")
         first = calls[0]
         for _ in range(3):
@@ -127,8 +142,8 @@ def test_training_step_with_wrong_kernels_equals_reference(monkeypatch):
     the 'ref' run's losses and gradients, and every decision is 'ref'."""
     dispatch.set_default_impl("ref")
     ref_stats, ref_grads = four_phases()
-    monkeypatch.setattr(bias_act_module, "load_fused", _off_by_a_little(bias_act_module.load_fused))
-    monkeypatch.setattr(upfirdn2d_module, "load_fused", _nan(upfirdn2d_module.load_fused))
+    _plant(monkeypatch, bias_act_module, _off_by_a_little)
+    _plant(monkeypatch, upfirdn2d_module, _nan)
     dispatch.set_default_impl("auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
 import gpu_check_ops  # noqa: E402
 import gpu_check_report  # noqa: E402
-from ops import dispatch, fused_ops  # noqa: E402
+from ops import dispatch  # noqa: E402
 
 # The stages of the plan, in the order the device runs them.
 STAGES = ["op builds", "op parity", "op speed", "train paper256@256 fused num_fp16_res=4",
@@ -28,7 +28,7 @@ REASONS = ("budget:", "skipped:", "dropped:", "not run:", "error:", "FAIL", "out
 # Run the check in a subprocess on CPU (ops built beforehand in this process, so that a cold build on the shared
 # machine does not take the budget); returns (exit status, JSON report, markdown report, output).
 def run_check(tmp_path, args, pythonpath=(), **env):
-    fused_ops.load_all("cpu")
+    dispatch.load_all("cpu")
     out = tmp_path / "report"
     path = os.pathsep.join([*map(str, pythonpath), str(ROOT)])
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--device", "cpu", "--out", str(out),
@@ -148,7 +148,7 @@ def test_gpu_check_cpu_rehearsal(tmp_path):
     assert train["stylegan2", "fused", "num_fp16_res=4"]["run_resolution"] == 64
     assert train["stylegan2", "ref", "num_fp16_res=4"]["status"].startswith("dropped:")
     bf16 = train["paper256", "fused", "mixed_precision=bf16"]
-    if torch.bfloat16 in fused_ops.SUPPORTED_DTYPES["cpu"]:
+    if torch.bfloat16 in dispatch.SUPPORTED_DTYPES["cpu"]:
         assert bf16["status"] == "complete", bf16
     else:
         assert bf16["status"].startswith("skipped:") and "bfloat16" in bf16["status"]

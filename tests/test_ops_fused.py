@@ -10,7 +10,7 @@ import torch
 from torch.utils import cpp_extension
 
 import ops.upfirdn2d as upfirdn2d_module
-from ops import _build, dispatch, fused_ops
+from ops import _build, dispatch
 from ops.bias_act import activation_funcs, bias_act
 from ops.modulated_conv import modulated_conv2d
 from ops.upfirdn2d import setup_filter, upfirdn2d
@@ -26,7 +26,7 @@ FORCE = "GANFORGE_OPS_FORCE_BUILD_FAILURE"
 def exts():
     saved = os.environ.pop(FORCE, None)
     dispatch.reset()
-    modules = fused_ops.load_all("cpu")
+    modules = dispatch.load_all("cpu")
     for op, m in modules.items():
         assert not isinstance(m, Exception), f"building the CPU {op} extension failed: {m}"
     yield modules
@@ -396,7 +396,7 @@ def test_cuda_sources_compile_and_import(exts, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", home if os.path.isfile(os.path.join(home, "bin", "nvcc")) else "/usr/local/cuda")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     monkeypatch.setenv("MAX_JOBS", "1")
-    for op, module in fused_ops.load_all("cuda").items():
+    for op, module in dispatch.load_all("cuda").items():
         assert not isinstance(module, Exception), f"building the CUDA {op} extension failed: {module}"
         assert module.has_cuda()
         assert os.path.basename(module.__file__).startswith(f"gf_{op}_cuda_")

@@ -33,7 +33,7 @@ EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 
 @pytest.fixture(scope="module")
 def ext():
     dispatch.reset()
-    return upfirdn2d_module.load("cpu")
+    return dispatch.load("upfirdn2d", "cpu")
 
 
 
