@@ -220,7 +220,7 @@ def kernel_calls(op: str, device_type: str):
 # (the truth): forward, and where the call needs gradients the plain backward and, with create_graph, the first
 # and second derivatives (as R1 and path-length regularization need); compares them by ops.tolerance's rule (the
 # one check_ops uses). On CUDA it also times both (forward, plus backward where needed) and keeps the fused kernel
-# only when it is faster; on CPU agreement alone decides (see README, "Troubleshooting: custom ops").
+# only when it is faster; on CPU agreement alone decides (docs/gpu.md, "Troubleshooting: custom ops").
 def _decide(name, dkey, fused, ref, args, kwargs, grad, scaling):
     _, _, device, dtype, layout, variant, _ = dkey
     record = {"op": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "layout": layout,
