@@ -10,8 +10,8 @@ from ops import dispatch
 from training import dist
 from training.config import Config
 from training.io import checkpoint as ckpt
-from training.io.images import save_image_grid
 from training.data.sampler import sample_labels
+from training.io.images import save_image_grid
 from training.phases import optimizer_step, update_ema
 from training.preempt import NonFiniteError, ParentWatch, StopRequest, all_finite
 from training.report.health import DIVERSITY_FAKE, DIVERSITY_REAL, WARNINGS_KEY, diversity

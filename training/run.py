@@ -21,18 +21,18 @@ from training.data.loader import default_num_workers, local_process_count, make_
 from training.data.sampler import InfiniteSampler
 from training.eval import inception
 from training.eval.metrics import parse_metric
-from training.report.health import HealthMonitor, diversity
 from training.io import checkpoint as ckpt
 from training.io.images import make_grid, save_png
 from training.io.records import read_stats
 from training.loss import StyleGAN2Loss
 from training.phases import freeze_summary, make_phases
+from training.report.health import HealthMonitor, diversity
 from training.report.page import ReportPage
+from training.report.trackers import open_trackers
 from training.resume import (dataset_files_sha256, load_weights, read_weights, resolve_freeze_d, resolve_resume_all,
                              truncate_stats, with_dataset_hash, write_config_files)
 from training.schedule import make_schedule
 from training.state import TrainState
-from training.report.trackers import open_trackers
 
 
 # A minibatch's shape: the total batch, the per-process batch and the accumulation rounds (total = per process x
