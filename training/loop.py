@@ -9,8 +9,8 @@ import torch
 from ops import dispatch
 from training import dist
 from training.config import Config
-from training.io import checkpoint as ckpt
 from training.data.sampler import sample_labels
+from training.io import checkpoint as ckpt
 from training.io.images import save_image_grid
 from training.phases import optimizer_step, update_ema
 from training.preempt import NonFiniteError, ParentWatch, StopRequest, all_finite
