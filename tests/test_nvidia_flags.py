@@ -1,4 +1,5 @@
 """NVIDIA's train.py options answered with ganforge overrides, and the 'auto' model for user datasets."""
+import argparse
 import os
 import runpy
 import subprocess
@@ -160,6 +161,30 @@ def test_readme_table_comes_from_the_one_table(train):
     if "Coming from NVIDIA's StyleGAN2-ADA / StyleGAN3" not in readme:
         pytest.skip("README.md has no NVIDIA section yet")
     assert table in readme
+
+
+# One boolean parser for every script: each spelling of click's BOOL and of the true/false words (any case, spaces
+# around) is accepted; anything else is refused with a message naming the value and the spellings, by argparse (not
+# its generic "invalid value") and in the NVIDIA option message alike.
+def test_boolean_spellings_and_refusal(train, capsys):
+    from training.config import parse_bool
+    for word in ("1", "true", "True", "t", "YES", "y", "on", " On "):
+        assert parse_bool(word) is True, word
+    for word in ("0", "false", "FALSE", "f", "no", "N", "off"):
+        assert parse_bool(word) is False, word
+    expected = "expects a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"
+    with pytest.raises(ValueError) as e:
+        parse_bool("maybe")
+    assert str(e.value) == expected
+    parser = argparse.ArgumentParser(prog="calc_metrics.py")
+    parser.add_argument("--mirror", type=parse_bool)
+    assert parser.parse_args(["--mirror", "y"]).mirror is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mirror", "maybe"])
+    assert capsys.readouterr().err.splitlines()[-1] == f"calc_metrics.py: error: argument --mirror: {expected}"
+    lines = train["nvidia_message"]("train.py", train["split_nvidia_options"](["--mirror=maybe", "--cond", "n"]))
+    assert f"  --mirror=maybe  ->  invalid: --mirror {expected}" in lines.splitlines()
+    assert "  --cond=n        ->  data.use_labels=false" in lines.splitlines()
 
 
 # apply_auto fills only the derived keys left null (conf/model/auto.yaml), keeps values given, returns a new config;
