@@ -12,6 +12,7 @@ from PIL import Image
 from training import dist
 from training.errors import RunTimeFailure
 from training.eval import inception_weights
+from training.io.files import load_dict
 from training.io.weights import (DownloadError, cache_root, download as _download, file_sha256,  # noqa: F401
                               is_torchscript as _is_torchscript, offline_env)
 
@@ -409,12 +410,8 @@ def load_detector_file(path: str, device=None) -> Detector:
             warnings.simplefilter("ignore", FutureWarning)
             net = torch.jit.load(path, map_location="cpu")
         return Detector(net, "torchscript", name, sha, device)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: neither a TorchScript archive nor a loadable state dict ({e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensor names), got {type(state).__name__}")
+    state = load_dict(path, "neither a TorchScript archive nor a loadable state dict",
+                      "a state dict (mapping of tensor names)")
     net = FIDInceptionV3()
     try:
         net.load_state_dict(state, strict=True)

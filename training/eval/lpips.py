@@ -8,6 +8,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from training import dist
 from training.errors import RunTimeFailure
+from training.io.files import load_dict
 from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
 
 # The weight files users have, and where they are published.
@@ -208,15 +209,9 @@ def resolve_weights(vgg16=None, lpips_lin=None, cache_dir=None, allow_download=N
     return ("state_dict", vgg, lin)
 
 
-# Load a state dict file without executing code.
+# The state dict file of the `what` weights, loaded without executing code.
 def _load_state(path: str, what: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot load the {what} as a state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict for the {what}, got {type(state).__name__}")
-    return state
+    return load_dict(path, f"cannot load the {what} as a state dict", f"a state dict for the {what}")
 
 
 def load_files(kind: str, vgg_path: str, lin_path=None, device="cpu") -> Perceptual:

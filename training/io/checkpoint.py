@@ -1,7 +1,6 @@
 """Snapshots (G, D, G_ema as safetensors + JSON) and full training state, written atomically, loaded without code."""
 import hashlib
 import json
-import pickle
 import random
 import re
 import sys
@@ -19,7 +18,7 @@ from networks.generator import Generator
 from training.errors import RunTimeFailure, UserError
 from training.io import official, weights
 # atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
-from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
+from training.io.files import FileWriteError, atomic_write, load_dict, load_strict, temp_pattern
 
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d{6})\.safetensors$")
 STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
@@ -212,17 +211,8 @@ def read_state_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training state not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
-                              f"which could run code ({first})") from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt training state "
-                              f"({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+    state = load_dict(path, "unreadable, truncated or corrupt training state", "a dict of training state",
+                      CheckpointError, refuse_code=True)
     if "sha256" not in state:
         warnings.warn(f"{path}: no checksum inside (written by an older ganforge); loading it unverified")
     elif state_digest(state) != state["sha256"]:
