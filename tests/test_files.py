@@ -1,4 +1,4 @@
-"""Tests for training/io/files.py (atomic writes, strict state-dict loads) and dist.rank0_decides."""
+"""Tests for training/io/files.py (atomic writes, loads without code, strict loads) and dist.rank0_decides."""
 import json
 import os
 import socket
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import official_builder as ob
 from training import dist
 from training.eval import metrics
 from training.io import checkpoint as ckpt
@@ -154,15 +155,6 @@ def test_load_strict():
         load_strict(many, {}, "net")
 
 
-# A pickle whose unpickling would run `touch <marker>`.
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 # load_dict gives back a saved dict of tensors and plain data; a file torch cannot load, a pickle carrying code
 # (without running it) and a non-dict are each the caller's error type with the caller's words and the file.
 def test_load_dict(tmp_path):
@@ -177,7 +169,7 @@ def test_load_dict(tmp_path):
     with pytest.raises(ValueError, match=r"junk\.pt: cannot load the weights \(UnpicklingError: "):
         load_dict(tmp_path / "junk.pt", "cannot load the weights", "a dict")
     marker = tmp_path / "pwned"
-    torch.save({"w": _Evil(marker)}, tmp_path / "evil.pt")
+    torch.save({"w": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, tmp_path / "evil.pt")  # unpickled: runs `touch`
     with pytest.raises(ValueError, match=r"evil\.pt: cannot load the weights \(UnpicklingError: "):
         load_dict(tmp_path / "evil.pt", "cannot load the weights", "a dict")
     with pytest.raises(ValueError, match=r"evil\.pt: refused to load: it holds objects other than tensors and "

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_same
 from networks.factory import build_networks
 from training.config import AugConfig, ModelConfig, TrainConfig
 from training.data.augment import make_adaptive_p, make_augment_pipe
@@ -38,21 +39,6 @@ def make_state(config: dict, seed: int) -> TrainState:
     pipe = make_augment_pipe(aug)
     ada = make_adaptive_p(aug, pipe, batch_size=train.batch_size)
     return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=config)
-
-
-# Every tensor and value of two nested structures, compared exactly; returns how many tensors were compared.
-def assert_same(a, b, path="state") -> int:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-        return 1
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
-        return sum(assert_same(a[k], b[k], f"{path}.{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        return sum(assert_same(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-    return 0
 
 
 # The legacy state's config, for building a matching TrainState.

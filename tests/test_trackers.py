@@ -11,11 +11,10 @@ import PIL.Image
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.test_training import ROOT, TINY
+from helpers import PY, ROOT, TINY
 from training.config import LogConfig
 from training.trackers import WANDB_ID_FILE, open_trackers, resolve
 
-PY = sys.executable
 TRACKED = TINY + ["log.trackers=[tensorboard,wandb]"]
 
 
