@@ -169,7 +169,8 @@ def test_load_dict(tmp_path):
     with pytest.raises(ValueError, match=r"junk\.pt: cannot load the weights \(UnpicklingError: "):
         load_dict(tmp_path / "junk.pt", "cannot load the weights", "a dict")
     marker = tmp_path / "pwned"
-    torch.save({"w": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, tmp_path / "evil.pt")  # unpickled: runs `touch`
+    # Unpickling it would run `touch <marker>`.
+    torch.save({"w": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"evil\.pt: cannot load the weights \(UnpicklingError: "):
         load_dict(tmp_path / "evil.pt", "cannot load the weights", "a dict")
     with pytest.raises(ValueError, match=r"evil\.pt: refused to load: it holds objects other than tensors and "
