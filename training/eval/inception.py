@@ -14,7 +14,7 @@ from training.errors import RunTimeFailure
 from training.eval import inception_weights
 from training.io.files import load_dict
 from training.io.weights import (DownloadError, cache_root, download as _download, file_sha256,  # noqa: F401
-                              is_torchscript as _is_torchscript, offline_env)
+                              is_torchscript as _is_torchscript, not_found_text, offline_env)
 
 # The two weight files users have, and where they are published.
 NVIDIA_FILE = "inception-2015-12-05.pt"
@@ -332,8 +332,7 @@ class Detector:
 
 # The message of DetectorNotFound: the command that fetches the weights, the other files, the settings.
 def _not_found_message(reason: str, searched, cache_dir=None) -> str:
-    where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
-    return (f"Inception detector not found: {reason}\nLooked in:\n{where}\n"
+    return (not_found_text("Inception detector", reason, searched) +
             f"Get the weights with one command: {inception_weights.how_to_get(cache_dir)}.\n"
             f"Or get one of these files and point ganforge at it:\n"
             f"  {NVIDIA_FILE} (NVIDIA TorchScript): {NVIDIA_URL}\n"

@@ -9,7 +9,8 @@ from torchvision.models.vgg import cfgs, make_layers
 from training import dist
 from training.errors import RunTimeFailure
 from training.io.files import load_dict
-from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
+from training.io.weights import (cache_root, download as _download, is_torchscript, not_found_text,  # noqa: F401
+                                 offline_env)
 
 # The weight files users have, and where they are published.
 NVIDIA_FILE = "vgg16.pt"
@@ -137,8 +138,7 @@ class Perceptual:
 
 # The message of PerceptualWeightsNotFound: the reason, where we looked, the files, URLs and settings.
 def _not_found_message(reason: str, searched) -> str:
-    where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
-    return (f"LPIPS weights not found: {reason}\nLooked in:\n{where}\n"
+    return (not_found_text("LPIPS weights", reason, searched) +
             f"Provide either\n"
             f"  (a) {NVIDIA_FILE} (NVIDIA TorchScript VGG16+LPIPS): {NVIDIA_URL}\n"
             f"      with --vgg16 <path> or GANFORGE_VGG16=<path>, or\n"

@@ -41,9 +41,9 @@ CheckpointWriteError = FileWriteError
 
 
 def cpu_state_dict(module, copy: bool = False) -> dict:
-    """A module's state dict, detached, on the CPU (tensors already there are the module's own, not copies).
-    copy=True: each tensor a contiguous copy of its own, as safetensors needs (it refuses shared or strided
-    storage)."""
+    """A module's state dict, detached, on the CPU (a tensor already on the CPU shares the module's storage, as
+    torch.save takes it). copy=True: each tensor a contiguous copy of its own, as safetensors needs (it refuses
+    shared or strided storage)."""
     if copy:
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
