@@ -19,7 +19,7 @@ from training.phases import make_phases
 from training.state import Counters, ResumeError, TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
-# A training state written by ganforge at commit d85b71e (before TrainState existed), with the overrides below.
+# A training state written by ganforge at commit d85b71e, with the overrides below.
 LEGACY = ROOT / "tests/data/training-state-d85b71e.pt"
 LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolution=16", "data.num_images=64",
                "model.channel_base=64", "model.channel_max=8", "model.z_dim=8", "model.w_dim=8", "model.map_layers=1",
@@ -95,7 +95,7 @@ def test_train_state_refuses_mismatches(legacy):
         make_state(config, seed=1).load_state_dict(tampered, "x.pt")
 
 
-# A training state written by ganforge before TrainState (commit d85b71e) loads field by field, and saving it
+# A training state written by ganforge at commit d85b71e loads field by field, and saving it
 # again gives back every field it had.
 def test_loads_a_state_written_by_an_earlier_version(legacy):
     state = make_state(json.loads(legacy["config"]), seed=3)

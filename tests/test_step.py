@@ -43,9 +43,9 @@ def test_host_sync_counter_counts_reads_and_copies():
     assert (c.reads, c.copies) == (0, 0)
 
 
-# The target, counted over one whole minibatch of the real loop (its step boundary included) with Gmain,
-# Greg, Dmain and Dreg due and ADA at p = 0.5: at most 2 host reads (there is 1: the step boundary's) and no
-# host-to-tensor copy. Main had 40 reads and 276 copies.
+# The target, counted over one whole minibatch of the real loop (its step boundary included) with Gmain, Greg,
+# Dmain and Dreg due and ADA at p = 0.5: at most 2 host reads (there is 1: the step boundary's) and no host-to-tensor
+# copy.
 def test_training_minibatch_host_syncs_one_process(ref_ops_one_thread):
     bench = _bench_sync()
     for p, aug in ((0.5, "ada"), (0.0, "noaug")):

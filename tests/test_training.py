@@ -176,7 +176,7 @@ def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):
     assert state["ada"]["p"] == pytest.approx(ps[-1])
 
 
-# Issue 5: a training tick with the fused C++ kernels gives the losses of the reference ops. The tick averages 4
+# A training tick with the fused C++ kernels gives the losses of the reference ops. The tick averages 4
 # minibatches, 3 of them after Adam steps; Adam's early steps are about lr * sign(g), so gradient elements near
 # zero, whose sign is decided by float32 rounding, move by +-lr whichever way they round, and the two runs drift
 # apart chaotically: measured 3.7e-4 relative (R1) with AVX2/AVX-512 ATen kernels, 2e-7 with
