@@ -15,6 +15,7 @@ import PIL.Image
 import pytest
 import torch
 
+from tests import official_builder as ob
 from training.io import checkpoint as ckpt
 from training.resume import check_config, config_changes
 from training.state import ResumeError
@@ -297,19 +298,10 @@ def test_checksum_detects_a_flipped_byte_and_the_previous_state_is_used(tmp_path
         ckpt.newest_intact_state(tmp_path, log=messages.append)
 
 
-# A pickle whose unpickling would run `touch <marker>`.
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_state_with_code_is_refused_and_code_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "training-state-000002.pt"
-    torch.save({"G": {"w": torch.zeros(2)}, "counters": _Evil(marker)}, bad)
+    torch.save({"G": {"w": torch.zeros(2)}, "counters": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, bad)
     with pytest.raises(ckpt.CheckpointError, match=r"training-state-000002\.pt: refused to load.*could run code"):
         ckpt.read_state_file(bad)
     assert not marker.exists()

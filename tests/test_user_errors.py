@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
+from tests import official_builder as ob
 from training.config import ModelConfig, compose_config
 from training.errors import EXIT_BAD_INPUT, UserError, run_cli
 from training.loop import training_loop
@@ -24,18 +25,13 @@ TINY = ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max
         "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
 
 
-class _Payload:
-    """Unpickles as a call of os.system (what a code-carrying .pkl does)."""
-    def __reduce__(self):
-        return os.system, ("true",)
-
-
 def png(path, size=(16, 16), seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)).save(path)
 
 
-# Every broken input the issue lists, made once in a folder of its own (`work`): name -> its path.
+# Every kind of broken input the scripts must refuse (empty, mixed-size, truncated and fake images, a bad dataset.json,
+# a pickle carrying code, ...), made once in a folder of its own: name -> path.
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
@@ -52,7 +48,7 @@ def inputs(tmp_path_factory):
     png(d / "badjson/a.png")
     (d / "badjson/dataset.json").write_text("{labels: oops")
     (d / "notes.txt").write_text("hello")
-    (d / "evil.pkl").write_bytes(pickle.dumps(_Payload()))  # would run a command when unpickled: refused
+    (d / "evil.pkl").write_bytes(pickle.dumps(ob.GlobalRefCall(os.system, ("true",))))  # code: refused
     m = ModelConfig(z_dim=16, w_dim=16, map_layers=1, channel_base=64, channel_max=16, mbstd_group=2)
     from networks.factory import build_networks
     from training.io.checkpoint import save_snapshot
