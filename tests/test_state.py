@@ -1,16 +1,12 @@
 """TrainState: a symmetric save/load round trip with every field compared, and states written by earlier versions."""
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_same
+from helpers import ROOT, assert_same, run_train
 from networks.factory import build_networks
 from training.config import AugConfig, ModelConfig, TrainConfig
 from training.data.augment import make_adaptive_p, make_augment_pipe
@@ -18,7 +14,6 @@ from training.loss import StyleGAN2Loss
 from training.phases import make_phases
 from training.state import Counters, ResumeError, TrainState
 
-ROOT = Path(__file__).resolve().parents[1]
 # A training state written by ganforge at commit d85b71e, with the overrides below.
 LEGACY = ROOT / "tests/data/training-state-d85b71e.pt"
 LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolution=16", "data.num_images=64",
@@ -114,9 +109,7 @@ def test_training_resumes_from_an_earlier_version(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(LEGACY, run / "training-state-000000.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *LEGACY_ARGS, "train.kimg=0.032",
-                           "run_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_train([*LEGACY_ARGS, "train.kimg=0.032", "run_dir=run"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in proc.stdout
     final = torch.load(run / "training-state-000000.pt", weights_only=True)

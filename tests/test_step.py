@@ -2,13 +2,12 @@
 import importlib.util
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import PY, ROOT, four_phases, tiny_nets, tiny_nets_like
+from helpers import ROOT, four_phases, run_train, tiny_nets, tiny_nets_like
 from ops import dispatch
 from training import dist
 from training.data.augment import AugmentPipe, presets
@@ -168,9 +167,7 @@ def test_bf16_training_tick(tmp_path):
     args = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=128", "model.channel_max=16",
             "data.num_images=64", "metrics=none", "train.ops_impl=ref", "train.cpu_threads=1", "aug=ada", "aug.p=0.3",
             "train.kimg=0.032", "train.mixed_precision=bf16", "run_dir=run"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([PY, str(ROOT / "scripts/train.py")] + args, cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_train(args, tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = [json.loads(x) for x in (tmp_path / "run/stats.jsonl").read_text().splitlines()][-1]
     losses = {k: v for k, v in stats.items() if k.startswith("Loss/")}
