@@ -25,13 +25,18 @@ TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=25
         "aug=noaug", "train.cpu_threads=1"]
 
 
-# scripts/train.py in a subprocess in `cwd`, offline, with its cache in `cwd`; `check` turns a failure into an
-# AssertionError showing the end of its output.
+# The environment of a script run as a subprocess in `cwd`: unbuffered output, one OpenMP thread, offline, the
+# cache in `cwd`; `extra` adds or replaces variables.
+def script_env(cwd, **extra) -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
+                GANFORGE_CACHE=str(Path(cwd) / "cache"), **extra)
+
+
+# scripts/train.py in a subprocess in `cwd` (script_env); `check` turns a failure into an AssertionError showing the
+# end of its output.
 def run_train(args, cwd, check=True, launcher=None, timeout=600):
     cmd = (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=script_env(cwd), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

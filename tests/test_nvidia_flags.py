@@ -10,6 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from helpers import script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts/train.py")
 # Every option of NVIDIA's train.py: stylegan2-ada-pytorch, then what stylegan3 adds.
@@ -22,9 +24,7 @@ FAST = ["train.kimg=0", "metrics=none", "log.progress=false", "train.cpu_threads
 
 
 def run(args, cwd, timeout=120):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"))
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=script_env(cwd), capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 

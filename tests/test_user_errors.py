@@ -12,15 +12,14 @@ import PIL.Image
 import pytest
 import torch
 
+from helpers import PY, ROOT, script_env
 from tests import official_builder as ob
 from training.config import ModelConfig, compose_config
 from training.errors import EXIT_BAD_INPUT, UserError, run_cli
 from training.loop import training_loop
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import dataset_tool  # noqa: E402
-PY = sys.executable
 TINY = ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "metrics=none",
         "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
 
@@ -64,8 +63,7 @@ def inputs(tmp_path_factory):
 
 def launch(argv, cwd):
     """Start a script as a user would (its own process, cwd `cwd`, no tracebacks asked for)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"), PYTHONPATH=str(ROOT))
+    env = script_env(cwd, PYTHONPATH=str(ROOT))
     env.pop("GANFORGE_DEBUG", None)
     return subprocess.Popen([PY] + argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
