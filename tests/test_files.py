@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from training import dist
 from training.eval import metrics
 from training.io import checkpoint as ckpt
 from training.io import files, weights
-from training.io.files import FileWriteError, atomic_open, atomic_write, load_dict, load_strict
+from training.io.files import FileWriteError, atomic_open, atomic_write, load_dict, load_strict, load_torchscript
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +178,22 @@ def test_load_dict(tmp_path):
                                          r"plain data, which could run code \(Weights only load failed"):
         load_dict(tmp_path / "evil.pt", "cannot load the weights", "a dict", refuse_code=True)
     assert not marker.exists()
+
+
+# load_torchscript gives back a saved TorchScript module on the CPU (the same outputs), and no warning escapes it
+# (torch's deprecation of TorchScript is not shown).
+def test_load_torchscript(tmp_path):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(lin), str(tmp_path / "lin.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = load_torchscript(tmp_path / "lin.pt")
+    x = torch.randn(4, 3)
+    assert isinstance(net, torch.jit.ScriptModule) and net.weight.device.type == "cpu"
+    assert torch.equal(net(x), lin(x))
 
 
 # One process (no process group): rank0_decides is fn(): its value, or its exception as it is.

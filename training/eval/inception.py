@@ -1,7 +1,6 @@
 """The FID Inception-v3 feature detector: our own network, its input conventions, and where the weights come from."""
 import contextlib
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -12,7 +11,7 @@ from PIL import Image
 from training import dist
 from training.errors import RunTimeFailure
 from training.eval import inception_weights
-from training.io.files import load_dict
+from training.io.files import load_dict, load_torchscript
 from training.io.weights import (DownloadError, cache_root, download as _download, file_sha256,  # noqa: F401
                               is_torchscript as _is_torchscript, not_found_text, offline_env)
 
@@ -405,10 +404,7 @@ def load_detector_file(path: str, device=None) -> Detector:
         net = FIDInceptionV3().load_nvidia(inception_weights.load_nvidia_weights(path))
         return Detector(net, "nvidia_state_dict", name, sha, device)
     if _is_torchscript(path):
-        with warnings.catch_warnings():  # TorchScript is deprecated, but NVIDIA's file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(path, map_location="cpu")
-        return Detector(net, "torchscript", name, sha, device)
+        return Detector(load_torchscript(path), "torchscript", name, sha, device)
     state = load_dict(path, "neither a TorchScript archive nor a loadable state dict",
                       "a state dict (mapping of tensor names)")
     net = FIDInceptionV3()

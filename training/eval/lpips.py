@@ -1,6 +1,5 @@
 """LPIPS (Zhang et al. 2018) on VGG16: our own module or NVIDIA's TorchScript vgg16.pt, and where the weights come from."""
 import os
-import warnings
 
 import torch
 import torch.nn as nn
@@ -8,7 +7,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from training import dist
 from training.errors import RunTimeFailure
-from training.io.files import load_dict
+from training.io.files import load_dict, load_torchscript
 from training.io.weights import (cache_root, download as _download, is_torchscript, not_found_text,  # noqa: F401
                                  offline_env)
 
@@ -217,10 +216,7 @@ def _load_state(path: str, what: str) -> dict:
 def load_files(kind: str, vgg_path: str, lin_path=None, device="cpu") -> Perceptual:
     """Build the Perceptual from resolved files."""
     if kind == "torchscript":
-        with warnings.catch_warnings():  # TorchScript is deprecated, but NVIDIA's file is TorchScript
-            warnings.simplefilter("ignore")
-            net = torch.jit.load(vgg_path, map_location="cpu")
-        return Perceptual(net, "torchscript", vgg_path, device)
+        return Perceptual(load_torchscript(vgg_path), "torchscript", vgg_path, device)
     net = VGG16LPIPS().load_weights(_load_state(vgg_path, "torchvision VGG16"),
                                     _load_state(lin_path, "LPIPS linear layers"), vgg_path, lin_path)
     return Perceptual(net, "state_dict", f"{vgg_path} + {lin_path}", device)

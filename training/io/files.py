@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,6 +151,14 @@ def load_dict(path, unreadable: str, expected: str, error=ValueError, refuse_cod
     if not isinstance(state, dict):
         raise error(f"{path}: expected {expected}, got {type(state).__name__}")
     return state
+
+
+def load_torchscript(path):
+    """A TorchScript archive loaded on the CPU. torch deprecates TorchScript (a FutureWarning on every load), but
+    NVIDIA's detector and LPIPS files and the Inception wheel's file are TorchScript: that warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path, map_location="cpu")
 
 
 # Up to LIST_KEYS keys for a message, and how many more there are.
