@@ -137,7 +137,7 @@ class DiscriminatorEpilogue(nn.Module):
 
 class Discriminator(nn.Module):
     """The discriminator D(img, c) -> logits [N, 1]; `init_kwargs` records the constructor arguments for snapshots (`sn`
-    and `attention` only when set, so that default networks record exactly the Foundation's arguments). `sn`: spectral
+    and `attention` only when set, so that default networks record the plain StyleGAN2 arguments). `sn`: spectral
     normalization of every layer, label mapping included (Miyato et al. 2018); `attention`: the block resolutions with
     SAGAN self-attention (Zhang et al. 2018); `grow`: fromRGB layers at every resolution, for the progressive schedule
     (set_stage: see forward)."""

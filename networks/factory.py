@@ -6,11 +6,11 @@ from networks.generator import Generator
 from networks.sn import SN_CHOICES
 
 
-# G and D for a dataset of `resolution` px, `channels` channels and `c_dim` label dimensions. The issue-8 options
-# (model.sn: spectral normalization, Miyato et al. 2018; model.attention_g/_d: SAGAN self-attention resolutions)
-# enter the constructors' kwargs, hence `init_kwargs` and snapshots, only when set: with them off the networks
-# and their recorded arguments are exactly the Foundation's. `grow` (the progressive schedule): the extra ToRGB /
-# fromRGB layers that let the networks run at every stage resolution.
+# G and D for a dataset of `resolution` px, `channels` channels and `c_dim` label dimensions. The options beyond
+# StyleGAN2 (model.sn: spectral normalization, Miyato et al. 2018; model.attention_g/_d: SAGAN self-attention
+# resolutions) enter the constructors' kwargs, hence `init_kwargs` and snapshots, only when set: with them off the
+# networks and their recorded arguments are the plain StyleGAN2 ones (same keys, same random draws). `grow` (the
+# progressive schedule): the extra ToRGB / fromRGB layers that let the networks run at every stage resolution.
 def build_networks(model, resolution: int, channels: int, c_dim: int, grow: bool = False):
     """G, D and G_ema (a deep copy of G in eval mode) for `model` (a ModelConfig) and the dataset's shape."""
     if model.sn not in SN_CHOICES:

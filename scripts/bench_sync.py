@@ -19,7 +19,7 @@ from probes import CountMinibatch, run_with_probe
 # index; index 2 is past the first (state-initializing) steps and not at a tick.
 BATCH_IDX = 2
 
-# The target per minibatch (ADA on, every phase due).
+# The target per minibatch (ADA on, every phase due): at most 2 host reads, no host-to-tensor copy.
 TARGET_READS, TARGET_COPIES = 2, 0
 
 

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from training import dist
-from training.config import CONF_DIR, Config, ConfigError, apply_auto, compose_config, config_dict, register_configs
+from training.config import (CONF_DIR, Config, ConfigError, apply_auto, compose_config, config_dict, parse_bool,
+                             register_configs)
 from training.data.dataset import open_dataset
 from training.errors import EXIT_BAD_INPUT, RunTimeFailure, UserError, report
 from training.eval.metrics import parse_metric
@@ -48,19 +49,10 @@ class Translation:
     unsupported: str = ""
 
 
-def _bool(value: str) -> bool:
-    """click's BOOL: 1/0, true/false, t/f, yes/no, y/n, on/off."""
-    v = value.strip().lower()
-    if v in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise ValueError(f"expects a boolean (1/0, true/false, yes/no), got {value!r}")
-
-
+# Whether the token after a BOOL option is its value (else the option stands alone and means true).
 def _is_bool(text: str) -> bool:
     try:
-        _bool(text)
+        parse_bool(text)
         return True
     except ValueError:
         return False
@@ -82,7 +74,7 @@ def _key(key: str, cast=str, path: bool = False) -> Callable[[str], Translation]
 
 
 def _flag(key: str) -> Callable[[str], Translation]:
-    return lambda value: Translation([f"{key}={'true' if _bool(value) else 'false'}"])
+    return lambda value: Translation([f"{key}={'true' if parse_bool(value) else 'false'}"])
 
 
 def _choice(key: str, choices) -> Callable[[str], Translation]:
@@ -145,18 +137,18 @@ def _snap(value):
 
 
 def _fp32(value):
-    if not _bool(value):
+    if not parse_bool(value):
         return Translation(note="the default: nothing to change")
     return Translation(["model.num_fp16_res=0", "model.conv_clamp=null"])
 
 
 def _nhwc(value):
-    _bool(value)
+    parse_bool(value)
     return Translation(note="nothing to change: ganforge's float16 layers are always channels-last (NHWC)")
 
 
 def _nobench(value):
-    if not _bool(value):
+    if not parse_bool(value):
         return Translation(note="the default: nothing to change")
     return Translation(["train.deterministic=true"], note="the closest: ganforge turns cuDNN benchmarking off "
                                                           "together with deterministic algorithms (slower)")

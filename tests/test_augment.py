@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ops import upfirdn2d  # noqa: E402
-from ops.grid_sample_gradfix import grid_sample  # noqa: E402
-from training import augment_ops  # noqa: E402
-from training.config import AugConfig  # noqa: E402
-from training.augment import (AdaptiveP, AugmentPipe, make_adaptive_p, make_augment_pipe,  # noqa: E402
+from ops import upfirdn2d
+from ops.grid_sample_gradfix import grid_sample
+from training import augment_ops
+from training.augment import (AdaptiveP, AugmentPipe, make_adaptive_p, make_augment_pipe,
                               presets)
+from training.config import AugConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # A pipe with the given multipliers and p.

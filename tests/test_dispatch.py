@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY, four_phases, run_train, tiny_nets
 import networks.generator as generator_module
 import networks.layers as layers_module
 import ops.bias_act as bias_act_module
@@ -17,7 +18,6 @@ import ops.upfirdn2d as upfirdn2d_module
 from ops import dispatch
 from ops.bias_act import bias_act
 from ops.upfirdn2d import setup_filter, upfirdn2d
-from test_step import four_phases, tiny_nets
 
 HERE = Path(__file__).resolve().parent
 
@@ -202,7 +202,6 @@ def test_two_processes_agree(tmp_path):
 def test_training_run_logs_decisions_once(tmp_path):
     """A short 'auto' run prints each decision once and writes them to stats.jsonl ('Ops/decisions') once: every
     op that ran is there, on CPU kept fused (the kernels agree)."""
-    from test_training import TINY, run_train
     args = [a for a in TINY if not a.startswith("train.ops_impl=")] + ["train.kimg=0.032", "train.ops_impl=auto",
                                                                        "run_dir=run"]
     env_backup = {k: os.environ.pop(k) for k in ("GANFORGE_OPS_IMPL", "GANFORGE_OPS_FORCE_BUILD_FAILURE")

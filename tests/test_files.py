@@ -1,20 +1,22 @@
-"""Tests for training/io/files.py (atomic writes, strict state-dict loads) and dist.rank0_decides."""
+"""Tests for training/io/files.py (atomic writes, loads without code, strict loads) and dist.rank0_decides."""
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from tests import official_builder as ob
 from training import dist
 from training.eval import metrics
 from training.io import checkpoint as ckpt
 from training.io import files, weights
-from training.io.files import FileWriteError, atomic_open, atomic_write, load_strict
+from training.io.files import FileWriteError, atomic_open, atomic_write, load_dict, load_strict, load_torchscript
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,6 +154,46 @@ def test_load_strict():
     many = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(10)])
     with pytest.raises(ValueError, match=r"missing keys \[0\.weight, .*3\.bias\] \(\+12 more\)"):
         load_strict(many, {}, "net")
+
+
+# load_dict gives back a saved dict of tensors and plain data; a file torch cannot load, a pickle carrying code
+# (without running it) and a non-dict are each the caller's error type with the caller's words and the file.
+def test_load_dict(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(3.0), "n": 2, "names": ["a"]}, good)
+    state = load_dict(good, "unreadable", "a dict")
+    assert torch.equal(state["w"], torch.arange(3.0)) and (state["n"], state["names"]) == (2, ["a"])
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(KeyError, match=r"list\.pt: expected a dict of weights, got list"):
+        load_dict(tmp_path / "list.pt", "unreadable", "a dict of weights", KeyError)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"junk\.pt: cannot load the weights \(UnpicklingError: "):
+        load_dict(tmp_path / "junk.pt", "cannot load the weights", "a dict")
+    marker = tmp_path / "pwned"
+    # Unpickling it would run `touch <marker>`.
+    torch.save({"w": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt: cannot load the weights \(UnpicklingError: "):
+        load_dict(tmp_path / "evil.pt", "cannot load the weights", "a dict")
+    with pytest.raises(ValueError, match=r"evil\.pt: refused to load: it holds objects other than tensors and "
+                                         r"plain data, which could run code \(Weights only load failed"):
+        load_dict(tmp_path / "evil.pt", "cannot load the weights", "a dict", refuse_code=True)
+    assert not marker.exists()
+
+
+# load_torchscript gives back a saved TorchScript module on the CPU (the same outputs), and no warning escapes it
+# (torch's deprecation of TorchScript is not shown).
+def test_load_torchscript(tmp_path):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(lin), str(tmp_path / "lin.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = load_torchscript(tmp_path / "lin.pt")
+    x = torch.randn(4, 3)
+    assert isinstance(net, torch.jit.ScriptModule) and net.weight.device.type == "cpu"
+    assert torch.equal(net(x), lin(x))
 
 
 # One process (no process group): rank0_decides is fn(): its value, or its exception as it is.

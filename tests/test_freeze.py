@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY, assert_same, run_train, tiny_nets, tiny_nets_like
 from networks.discriminator import Discriminator
 from networks.factory import build_networks
 from tests import official_builder as ob
-from tests.test_state import assert_same
-from tests.test_step import tiny_nets, tiny_nets_like
-from tests.test_training import TINY, run_train
 from training import run as run_setup
 from training.config import ModelConfig, TrainConfig, compose_config
 from training.io import official

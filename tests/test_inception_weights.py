@@ -15,13 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from training.data.synthetic import render
+from training.eval import inception, inception_weights as iw
+from training.io import weights
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-from training.data.synthetic import render  # noqa: E402
-from training.eval import inception, inception_weights as iw  # noqa: E402
-from training.io import weights  # noqa: E402
 
 # Where the real files are (the developer's or CI's cache), read before any test isolates GANFORGE_CACHE.
 REAL_WEIGHTS, REAL_TORCHSCRIPT = iw.weights_path(), iw.torchscript_path()

@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-# The straightforward renderer that render() replaced: supersample every pixel (4x4, 2x2 above 256 px), average
-# (the scene's random draws are the dataset's own; what changed is how the pixels are computed).
+# A straightforward reference renderer: supersample every pixel (4x4, 2x2 above 256 px), average (the scene's random
+# draws are the dataset's own; only how the pixels are computed differs from render()).
 def reference_render(index, resolution, num_classes=4, seed=0):
     shape, fg, top, bottom, half, cx, cy = scene(index, num_classes, seed)
     r = resolution

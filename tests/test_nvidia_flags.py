@@ -1,4 +1,5 @@
 """NVIDIA's train.py options answered with ganforge overrides, and the 'auto' model for user datasets."""
+import argparse
 import os
 import runpy
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+
+from helpers import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts/train.py")
@@ -21,9 +24,7 @@ FAST = ["train.kimg=0", "metrics=none", "log.progress=false", "train.cpu_threads
 
 
 def run(args, cwd, timeout=120):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"))
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=script_env(cwd), capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -157,6 +158,30 @@ def test_docs_table_comes_from_the_one_table(train):
     assert len(table.splitlines()) == 2 + len(train["NVIDIA_OPTIONS"])
     assert all(line.count(" | ") == 2 for line in table.splitlines()[2:])  # Pipes inside cells are escaped.
     assert table in (ROOT / "docs/nvidia-flags.md").read_text()
+
+
+# One boolean parser for every script: each spelling of click's BOOL and of the true/false words (any case, spaces
+# around) is accepted; anything else is refused with a message naming the value and the spellings, by argparse (not
+# its generic "invalid value") and in the NVIDIA option message alike.
+def test_boolean_spellings_and_refusal(train, capsys):
+    from training.config import parse_bool
+    for word in ("1", "true", "True", "t", "YES", "y", "on", " On "):
+        assert parse_bool(word) is True, word
+    for word in ("0", "false", "FALSE", "f", "no", "N", "off"):
+        assert parse_bool(word) is False, word
+    expected = "expects a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"
+    with pytest.raises(ValueError) as e:
+        parse_bool("maybe")
+    assert str(e.value) == expected
+    parser = argparse.ArgumentParser(prog="calc_metrics.py")
+    parser.add_argument("--mirror", type=parse_bool)
+    assert parser.parse_args(["--mirror", "y"]).mirror is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mirror", "maybe"])
+    assert capsys.readouterr().err.splitlines()[-1] == f"calc_metrics.py: error: argument --mirror: {expected}"
+    lines = train["nvidia_message"]("train.py", train["split_nvidia_options"](["--mirror=maybe", "--cond", "n"]))
+    assert f"  --mirror=maybe  ->  invalid: --mirror {expected}" in lines.splitlines()
+    assert "  --cond=n        ->  data.use_labels=false" in lines.splitlines()
 
 
 # apply_auto fills only the derived keys left null (conf/model/auto.yaml), keeps values given, returns a new config;

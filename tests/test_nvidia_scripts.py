@@ -1,7 +1,6 @@
 """Tests for NVIDIA's conventions: mirrored reals in FID/KID, calc_metrics.py defaults, project.py options and video."""
 import json
 import os
-import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -9,51 +8,31 @@ import PIL.Image
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+import _metrics_dist_worker as W
+from helpers import counted_detector, save_tiny_detector
+from networks.generator import Generator
+from scripts import calc_metrics, project as proj_script
+from training import dist
+from training.data.synthetic import SyntheticDataset
+from training.eval import metrics
+from training.io.checkpoint import save_snapshot
 
-import _metrics_dist_worker as W  # noqa: E402
-from test_metrics import _count_calls  # noqa: E402
-from networks.generator import Generator  # noqa: E402
-from scripts import calc_metrics, project as proj_script  # noqa: E402
-from training import dist  # noqa: E402
-from training.data.synthetic import SyntheticDataset  # noqa: E402
-from training.eval import metrics  # noqa: E402
-from training.eval.inception import load_detector  # noqa: E402
-from training.io.checkpoint import save_snapshot  # noqa: E402
-
-# The test detector is TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
+# The test detector is TorchScript (NVIDIA's file format), whose API warns that it is deprecated; no test may
+# download or see a developer's cache (conftest.no_downloads).
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
-              pytest.mark.usefixtures("ref_ops_one_thread")]
+              pytest.mark.usefixtures("no_downloads", "ref_ops_one_thread")]
 
 
-# Never touch the network or a developer's cache.
+# OMP_NUM_THREADS=1 for every process a test starts (the machine's cores are shared).
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    for k, v in dict(GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1").items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("GANFORGE_INCEPTION", raising=False)
-
-
-# A TinyDetector (tests/_metrics_dist_worker.py) saved as TorchScript; returns its path.
-def _detector_file(tmp_path, dim=16):
-    path = str(tmp_path / "tiny-detector.pt")
-    torch.jit.save(torch.jit.script(W.TinyDetector(dim=dim)), path)
-    return path
-
-
-# The detector with a counter of the images it sees.
-def _counted(path):
-    det = load_detector(path, device="cpu")
-    return det, _count_calls(det)
+def _one_omp_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 # --- mirrored reals in calc_metric ---------------------------------------------------------------------------
 
 def test_mirrored_reals_use_2n_images_and_equal_manual_stats(tmp_path):
-    det, counter = _counted(_detector_file(tmp_path))
+    det, counter = counted_detector(tmp_path)
     torch.manual_seed(0)
     G = W.TinyG()
     images = W.make_images(6)
@@ -82,7 +61,7 @@ def test_mirrored_reals_use_2n_images_and_equal_manual_stats(tmp_path):
 # mirror=None follows the dataset's xflip (the training loop's dataset is opened with data.xflip): its own mirrored
 # half is not used, the same 2N images are; mirror=False overrides it.
 def test_mirror_follows_dataset_xflip(tmp_path):
-    det, counter = _counted(_detector_file(tmp_path))
+    det, counter = counted_detector(tmp_path)
     torch.manual_seed(0)
     G = W.TinyG()
     flipped = SyntheticDataset(resolution=16, num_images=5, xflip=True)
@@ -96,7 +75,7 @@ def test_mirror_follows_dataset_xflip(tmp_path):
 
 
 def test_mirror_is_part_of_the_cache_key_and_best_tracking(tmp_path):
-    det, counter = _counted(_detector_file(tmp_path))
+    det, counter = counted_detector(tmp_path)
     torch.manual_seed(0)
     G = W.TinyG()
     data = W.ArrayDataset(W.make_images(5))
@@ -141,7 +120,7 @@ def _run_calc(monkeypatch, capsys, det, snap, *extra):
 
 
 def test_calc_metrics_takes_data_and_mirror_from_the_snapshot(tmp_path, monkeypatch, capsys):
-    det = _detector_file(tmp_path)
+    det = save_tiny_detector(tmp_path, dim=16)
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, img in enumerate(W.make_images(7, res=8, seed=4)):

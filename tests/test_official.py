@@ -20,7 +20,7 @@ from training.io.official import OfficialFormatError, UnsafePickleError, Unsuppo
 DATA = Path(__file__).resolve().parents[2] / 'shared/testdata/official-stylegan2-ada'
 PKL = DATA / 'network-snapshot-000000.pkl'
 needs_data = pytest.mark.skipif(not PKL.is_file(), reason=f'official test data not found at {DATA}')
-# Parity tolerance from issue 10 (float32, reference ops).
+# Largest absolute difference allowed against the official code's recorded outputs (float32, reference ops).
 TOL = 1e-4
 
 
@@ -56,16 +56,7 @@ def _globals_used(data):
     return seen
 
 
-# A payload object whose unpickling calls `fn(*args)`.
-class _Payload:
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
-# Malicious reductions that would each create `marker` if run.
+# Malicious reductions that would each create `marker` if run: (fn, args) for ob.GlobalRefCall.
 def _payloads(marker):
     return {'os.system': (os.system, (f'touch {marker}',)),
             'builtins.exec': (builtins.exec, (f'open({str(marker)!r}, "w").close()',)),
@@ -119,7 +110,7 @@ def test_module_src_is_never_executed(tmp_path):
 # The payloads are real: plain pickle would run them (so the refusal test below cannot pass vacuously).
 def test_malicious_payload_runs_under_plain_pickle(tmp_path):
     marker = tmp_path / 'plain'
-    pickle.loads(pickle.dumps(_Payload(*_payloads(marker)['os.system'])))
+    pickle.loads(pickle.dumps(ob.GlobalRefCall(*_payloads(marker)['os.system'])))
     assert marker.exists()
 
 
@@ -129,10 +120,10 @@ def test_malicious_payload_runs_under_plain_pickle(tmp_path):
 def test_code_running_pickle_is_refused_and_not_run(tmp_path, kind, protocol):
     marker = tmp_path / 'pwned'
     G, D, _, _ = _tiny_networks()
-    G.init_kwargs['synthesis_kwargs']['evil'] = _Payload(*_payloads(marker)[kind])
+    G.init_kwargs['synthesis_kwargs']['evil'] = ob.GlobalRefCall(*_payloads(marker)[kind])
     path = tmp_path / 'evil.pkl'
     path.write_bytes(ob.dumps({'G': G, 'D': D}) if protocol == 4 else pickle.dumps(
-        {'G': _Payload(*_payloads(marker)[kind])}, protocol=0, fix_imports=False))
+        {'G': ob.GlobalRefCall(*_payloads(marker)[kind])}, protocol=0, fix_imports=False))
     with pytest.raises(UnsafePickleError) as err:
         official.load_official_pkl(path)
     fn = _payloads(marker)[kind][0]
@@ -143,7 +134,7 @@ def test_code_running_pickle_is_refused_and_not_run(tmp_path, kind, protocol):
 # A tensor storage whose inner torch.save payload carries code is refused by torch's weights_only loader.
 def test_malicious_storage_payload_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
-    inner = pickle.dumps(_Payload(*_payloads(marker)['os.system']), protocol=2)
+    inner = pickle.dumps(ob.GlobalRefCall(*_payloads(marker)['os.system']), protocol=2)
     path = tmp_path / 'storage.pkl'
     path.write_bytes(ob.dumps({'G': ob.GlobalRefCall(ob.GlobalRef('torch.storage', '_load_from_bytes'),
                                                      (inner,))}))
@@ -155,7 +146,7 @@ def test_malicious_storage_payload_is_refused(tmp_path):
 # Object-dtype numpy arrays (whose elements could be anything) are refused before their elements load.
 def test_numpy_object_array_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
-    arr = np.array([_Payload(*_payloads(marker)['os.system'])], dtype=object)
+    arr = np.array([ob.GlobalRefCall(*_payloads(marker)['os.system'])], dtype=object)
     with pytest.raises(UnsafePickleError, match='numpy dtype'):
         official.safe_loads(ob.dumps({'G': arr}), 'mem.pkl')
     assert not marker.exists()
@@ -293,7 +284,7 @@ def test_convert_script_roundtrip(tmp_path, capsys):
     assert np.abs(img.numpy() - ref['img']).max() <= TOL and np.abs(logits.numpy() - ref['d_logits']).max() <= TOL
     assert snap['config']['renamed'] == {} and snap['G'] is not None
     evil, bad_out = tmp_path / 'evil.pkl', tmp_path / 'bad.safetensors'
-    evil.write_bytes(pickle.dumps(_Payload(*_payloads(tmp_path / 'pwned')['os.system'])))
+    evil.write_bytes(pickle.dumps(ob.GlobalRefCall(*_payloads(tmp_path / 'pwned')['os.system'])))
     assert main([str(evil), str(bad_out)]) == 2
     assert 'posix.system' in capsys.readouterr().err and not bad_out.exists()
     assert not (tmp_path / 'pwned').exists()

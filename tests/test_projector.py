@@ -13,17 +13,16 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from networks.discriminator import Discriminator  # noqa: E402
-from networks.generator import Generator  # noqa: E402
-from scripts import generate, project as proj_script  # noqa: E402
-from training.eval import lpips as L  # noqa: E402
-from training.eval.projector import (FALLBACK_LABEL, compute_w_stats, latent_noise_scale, learning_rate,  # noqa: E402
+from networks.discriminator import Discriminator
+from networks.generator import Generator
+from scripts import generate, project as proj_script
+from training.eval import lpips as L
+from training.eval.projector import (FALLBACK_LABEL, compute_w_stats, latent_noise_scale, learning_rate,
                                      lpips_input, noise_regularization, project, psnr, ssim)
-from training.io.checkpoint import save_snapshot  # noqa: E402
-from training.io.images import to_uint8  # noqa: E402
+from training.io.checkpoint import save_snapshot
+from training.io.images import to_uint8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 Z = 32
 

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -15,13 +14,13 @@ import PIL.Image
 import pytest
 import torch
 
+from helpers import PY, ROOT, script_env
+from tests import official_builder as ob
 from training.io import checkpoint as ckpt
 from training.resume import check_config, config_changes
 from faults import train_script
 from training.errors import ResumeError
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
         "data.num_images=256", "metrics=none", "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
 # Ticks of 16 images (2 minibatches of 8), a checkpoint at every tick.
@@ -35,17 +34,12 @@ LAUNCH2 = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_
            "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def env_for(cwd, **extra):
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-                GANFORGE_CACHE=str(Path(cwd) / "cache"), **extra)
-
-
 def train_cmd(args, launcher=None, env=None):
     return (launcher or [PY]) + [train_script(ROOT, env or {})] + args
 
 
 def run_train(args, cwd, check=True, launcher=None, timeout=600, **env):
-    proc = subprocess.run(train_cmd(args, launcher, env), cwd=cwd, env=env_for(cwd, **env), capture_output=True,
+    proc = subprocess.run(train_cmd(args, launcher, env), cwd=cwd, env=script_env(cwd, **env), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -55,7 +49,7 @@ def run_train(args, cwd, check=True, launcher=None, timeout=600, **env):
 # Start a run in the background, wait until `ready()` is true, then send `sig`; returns (returncode, out, err).
 def interrupt_when(args, cwd, ready, sig, timeout=600):
     with open(Path(cwd) / "out.txt", "w") as out, open(Path(cwd) / "err.txt", "w") as err:
-        proc = subprocess.Popen(train_cmd(args), cwd=cwd, env=env_for(cwd), stdout=out, stderr=err)
+        proc = subprocess.Popen(train_cmd(args), cwd=cwd, env=script_env(cwd), stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -214,7 +208,7 @@ def test_disk_full_keeps_previous_checkpoint_and_stops(tmp_path):
     """))
     # Ticks of one minibatch: checkpoints at 8 and 16 images.
     proc = subprocess.run([PY, str(wrapper)] + TINY + ["train.tick_kimg=0.008", "train.kimg=0.016", "run_dir=run"],
-                          cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=script_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     state_file = tmp_path / "run/training-state-000000.pt"
     assert "run/training-state-000000.pt: disk full" in proc.stderr and "intact" in proc.stderr
@@ -298,19 +292,10 @@ def test_checksum_detects_a_flipped_byte_and_the_previous_state_is_used(tmp_path
         ckpt.newest_intact_state(tmp_path, log=messages.append)
 
 
-# A pickle whose unpickling would run `touch <marker>`.
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_state_with_code_is_refused_and_code_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "training-state-000002.pt"
-    torch.save({"G": {"w": torch.zeros(2)}, "counters": _Evil(marker)}, bad)
+    torch.save({"G": {"w": torch.zeros(2)}, "counters": ob.GlobalRefCall(os.system, (f"touch {marker}",))}, bad)
     with pytest.raises(ckpt.CheckpointError, match=r"training-state-000002\.pt: refused to load.*could run code"):
         ckpt.read_state_file(bad)
     assert not marker.exists()
@@ -445,7 +430,7 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     try:
         with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
             proc = subprocess.Popen(train_cmd(SMALL + ["train.kimg=1000", "run_dir=run"], launcher), cwd=tmp_path,
-                                    env=env_for(tmp_path), stdout=out, stderr=err)
+                                    env=script_env(tmp_path), stdout=out, stderr=err)
             deadline = time.monotonic() + 300
             while not state_file.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -1,13 +1,11 @@
 """Run directories as real processes meet them: one owner per run, finished runs, failed starts, checked snapshots,
 the recorded dataset, the report page after calc_metrics and the timing of a resumed tick."""
 import json
-import os
 import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,23 +17,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import _metrics_dist_worker as W
+from helpers import PY, ROOT, script_env
 from training.io import checkpoint as ckpt
 from training.report.page import format_value
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _metrics_dist_worker as W  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 # A tiny CPU run: ticks of 16 images (2 minibatches of 8), a checkpoint at every tick.
 TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
         "data.num_images=256", "metrics=none", "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1",
         "train.tick_kimg=0.016", "outdir=out"]
 
 
+# Scripts run with the reference ops and the repository on the import path.
 def env_for(cwd):
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_OPS_IMPL="ref",
-                GANFORGE_CACHE=str(Path(cwd) / "cache"), PYTHONPATH=str(ROOT))
+    return script_env(cwd, GANFORGE_OPS_IMPL="ref", PYTHONPATH=str(ROOT))
 
 
 def script(name, args, cwd, timeout=300):

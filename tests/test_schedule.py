@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY, run_train
 from networks.discriminator import Discriminator
 from networks.generator import Generator
 from ops.upfirdn2d import downsample2d, setup_filter, upsample2d
@@ -186,8 +187,6 @@ def test_stage_learning_rates_with_lazy_ratio():
 
 
 # ---- End-to-end: the schedule in the training loop (subprocess runs of scripts/train.py, as tests/test_training.py).
-
-from tests.test_training import TINY, run_train  # noqa: E402
 
 # Stages 8 -> 16 -> 32 px starting at 0.032 and 0.056 kimg (multiples of the batch), a 16-image fade, a batch of 16
 # at 8 px and 8 above; ticks every 40 images, so the stage starts are ticks only because a new stage ends a tick.

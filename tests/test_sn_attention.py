@@ -53,19 +53,19 @@ def keys_digest(net):
     return hashlib.sha1("\n".join(f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items()).encode()).hexdigest()
 
 
-# The Foundation networks (commit 16b598a, before SN/attention existed), seed 0, reference ops: state-dict key
-# digests and outputs recorded from that code. With the options off, keys, initialization (random draws in the
-# same order) and outputs must be the same.
-FOUNDATION_G_KEYS = (54, "fb333eae073b176aaa7fc31bcb80d62b1d94f372")
-FOUNDATION_D_KEYS = (46, "7cb572cc952989cd81f5ca27ad0de467b83e1f44")
-FOUNDATION_G_PIXELS = [-0.23224135, -0.54838854, -0.26344618, -0.34741053, 0.90003932, 1.1547468, 1.1119734,
+# The plain StyleGAN2 networks as built at commit 16b598a (no SN or attention options), seed 0, reference ops:
+# state-dict key digests and outputs recorded from that code. With the options off, keys, initialization (random
+# draws in the same order) and outputs must be the same.
+PLAIN_G_KEYS = (54, "fb333eae073b176aaa7fc31bcb80d62b1d94f372")
+PLAIN_D_KEYS = (46, "7cb572cc952989cd81f5ca27ad0de467b83e1f44")
+PLAIN_G_PIXELS = [-0.23224135, -0.54838854, -0.26344618, -0.34741053, 0.90003932, 1.1547468, 1.1119734,
                        1.2609661, 0.10548481, 0.28921151, 0.22298554, 0.35372448]
-FOUNDATION_G_SUM = 188.88475420617033
-FOUNDATION_D_LOGITS = [0.22581768035888672, 0.049793146550655365]
+PLAIN_G_SUM = 188.88475420617033
+PLAIN_D_LOGITS = [0.22581768035888672, 0.049793146550655365]
 
 
-def test_options_off_match_the_foundation_networks():
-    """With SN and attention off, the factory and the constructors build the Foundation networks (see above)."""
+def test_options_off_match_the_plain_networks():
+    """With SN and attention off, the factory and the constructors build the plain StyleGAN2 networks (see above)."""
     model = ModelConfig(z_dim=16, w_dim=16, map_layers=2, map_lr_mult=0.01, channel_base=256, channel_max=16,
                         g_arch="resnet", d_arch="resnet", mbstd_group=2, mbstd_channels=1, conv_clamp=None,
                         num_fp16_res=0, sn="none", attention_g=[], attention_d=[])
@@ -75,17 +75,17 @@ def test_options_off_match_the_foundation_networks():
     torch.manual_seed(0)
     G, D, _ = build_networks(model, resolution=16, channels=3, c_dim=3)
     for G, D in ((G, D), tiny_nets(seed=0)):
-        assert (len(G.state_dict()), keys_digest(G)) == FOUNDATION_G_KEYS
-        assert (len(D.state_dict()), keys_digest(D)) == FOUNDATION_D_KEYS
+        assert (len(G.state_dict()), keys_digest(G)) == PLAIN_G_KEYS
+        assert (len(D.state_dict()), keys_digest(D)) == PLAIN_D_KEYS
         assert not any("sn_" in k or "attn" in k for k in list(G.state_dict()) + list(D.state_dict()))
         assert "sn" not in D.init_kwargs and "attention" not in D.init_kwargs
         assert "sn" not in G.init_kwargs["synthesis_kwargs"] and "sn" not in G.init_kwargs["mapping_kwargs"]
         with torch.no_grad():
             img = G(z, c, noise_mode="const")
             logits = D(x, c)
-        assert torch.allclose(img[0, :, :2, :2].flatten(), torch.tensor(FOUNDATION_G_PIXELS), rtol=0, atol=1e-5)
-        assert abs(img.double().sum().item() - FOUNDATION_G_SUM) < 1e-3
-        assert torch.allclose(logits.flatten(), torch.tensor(FOUNDATION_D_LOGITS), rtol=0, atol=1e-5)
+        assert torch.allclose(img[0, :, :2, :2].flatten(), torch.tensor(PLAIN_G_PIXELS), rtol=0, atol=1e-5)
+        assert abs(img.double().sum().item() - PLAIN_G_SUM) < 1e-3
+        assert torch.allclose(logits.flatten(), torch.tensor(PLAIN_D_LOGITS), rtol=0, atol=1e-5)
 
 
 def test_power_iteration_converges_and_layers_use_w_over_sigma():

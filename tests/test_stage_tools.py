@@ -2,7 +2,6 @@
 import importlib
 import json
 import os
-import sys
 
 import numpy as np
 import PIL.Image
@@ -11,28 +10,26 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+import _metrics_dist_worker as W
+from helpers import counted_detector, save_tiny_detector
+from networks.generator import Generator
+from scripts import project as proj_script
+from training import dist
+from training.config import MetricsConfig
+from training.eval import metrics
+from training.eval.inception import load_detector
+from training.eval.projector import project
+from training.io.checkpoint import save_snapshot
+from training.io.images import to_uint8
+from training.report.metrics import evaluate_metrics
+from training.schedule import stage_meta
 
-import _metrics_dist_worker as W  # noqa: E402
-from test_metrics import _count_calls, _isolated, _save_tiny_detector  # noqa: E402,F401 (_isolated: autouse)
-from networks.generator import Generator  # noqa: E402
-from scripts import project as proj_script  # noqa: E402
-from training import dist  # noqa: E402
-from training.config import MetricsConfig  # noqa: E402
-from training.eval import metrics  # noqa: E402
-from training.eval.inception import load_detector  # noqa: E402
-from training.eval.projector import project  # noqa: E402
-from training.io.checkpoint import save_snapshot  # noqa: E402
-from training.io.images import to_uint8  # noqa: E402
-from training.report.metrics import evaluate_metrics  # noqa: E402
-from training.schedule import stage_meta  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated.
+# The test detectors are TorchScript (NVIDIA's file format), whose API warns that it is deprecated; no test may
+# download or see a developer's cache (conftest.no_downloads).
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
-              pytest.mark.usefixtures("ref_ops_one_thread")]
+              pytest.mark.usefixtures("no_downloads", "ref_ops_one_thread")]
 
 
 # A tiny 16 px skip generator (it has a ToRGB at every resolution, so any stage works), in eval mode.
@@ -67,7 +64,7 @@ def fid_by_hand(fr: np.ndarray, fg: np.ndarray) -> float:
 # FID/KID of a G at stage 8 px of a 16 px dataset: the detector sees only 8x8 images, and the values equal the
 # ones computed by hand from the box-downsampled reals and G's 8x8 images; the record names the stage.
 def test_fid_and_kid_at_stage_equal_hand_computation(tmp_path):
-    det = load_detector(_save_tiny_detector(tmp_path, dim=16), device="cpu")
+    det = load_detector(save_tiny_detector(tmp_path, dim=16), device="cpu")
     inner = det.features
     sizes = []
     det.features = lambda img: (sizes.append(tuple(img.shape[2:])), inner(img))[1]
@@ -104,8 +101,7 @@ def test_fid_and_kid_at_stage_equal_hand_computation(tmp_path):
 # StageView items equal the hand downsampling; its stats are cached under a key per resolution (three resolutions,
 # three files, and a repeat is a hit); a stage that does not divide the dataset's resolution is refused.
 def test_stage_view_items_and_cache_key_per_resolution(tmp_path):
-    det = load_detector(_save_tiny_detector(tmp_path, dim=8), device="cpu")
-    counter = _count_calls(det)
+    det, counter = counted_detector(tmp_path, dim=8)
     images = W.make_images(6, res=16, seed=4)
     dataset = W.ArrayDataset(images)
     view = metrics.StageView(dataset, 4)
@@ -148,7 +144,7 @@ def test_update_best_resolution_rules(tmp_path):
 # evaluate_metrics (the training loop's call) labels a stage metric with its resolution in the printout and the
 # wandb key, and keeps the plain key at full resolution.
 def test_evaluate_metrics_labels_stage(tmp_path, monkeypatch, capsys):
-    det = load_detector(_save_tiny_detector(tmp_path, dim=8), device="cpu")
+    det = load_detector(save_tiny_detector(tmp_path, dim=8), device="cpu")
     dataset = W.ArrayDataset(W.make_images(12, res=16))
     logged = []
 
@@ -218,7 +214,7 @@ def test_calc_metrics_script_on_stage_snapshot(tmp_path, monkeypatch, capsys):
     calc_metrics = importlib.import_module("calc_metrics")
     monkeypatch.setattr(dist, "init", lambda **kw: None)  # no Accelerator in the test process
     _, snap = stage_snapshot(tmp_path, 8, 1.0)
-    det = _save_tiny_detector(tmp_path, dim=8)
+    det = save_tiny_detector(tmp_path, dim=8)
     assert calc_metrics.main(["--network", str(snap), "--data", "synthetic:16", "--cpu", "--metrics", "fid10",
                               "--detector", det, "--no-cache", "--num-workers", "0", "--batch-size", "5"]) == 0
     text = capsys.readouterr().out

@@ -1,15 +1,12 @@
 """TrainState: a symmetric save/load round trip with every field compared, and states written by earlier versions."""
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ROOT, assert_same, run_train
 from networks.factory import build_networks
 from training.config import AugConfig, ModelConfig, ScheduleConfig, TrainConfig
 from training.augment import make_adaptive_p, make_augment_pipe
@@ -19,8 +16,7 @@ from training.schedule import make_schedule
 from training.errors import ResumeError
 from training.state import Counters, TrainState
 
-ROOT = Path(__file__).resolve().parents[1]
-# A training state written by ganforge at commit d85b71e (before TrainState existed), with the overrides below.
+# A training state written by ganforge at commit d85b71e, with the overrides below.
 LEGACY = ROOT / "tests/data/training-state-d85b71e.pt"
 LEGACY_ARGS = ["model=tiny", "train=test", "log.progress=false", "data.resolution=16", "data.num_images=64",
                "model.channel_base=64", "model.channel_max=8", "model.z_dim=8", "model.w_dim=8", "model.map_layers=1",
@@ -43,20 +39,6 @@ def make_state(config: dict, seed: int, schedule=None, resolution: int = 16, req
     return TrainState(G, D, G_ema, phases, loss, pipe, ada, None, config=config, requested=requested or config,
                       schedule=make_schedule(schedule, resolution, train) if schedule is not None else None)
 
-
-# Every tensor and value of two nested structures, compared exactly; returns how many tensors were compared.
-def assert_same(a, b, path="state") -> int:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-        return 1
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
-        return sum(assert_same(a[k], b[k], f"{path}.{k}") for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        return sum(assert_same(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-    return 0
 
 # A training state written by main at commit 92f0dc8 (the training core before training/run.py, ADA in
 # training/data/, the stage held by TrainState), half-way through the fade-in of 16 px with ADA's p at 0.016.
@@ -132,7 +114,7 @@ def test_train_state_refuses_mismatches(legacy):
         make_state(config, seed=1).load_state_dict(tampered, "x.pt")
 
 
-# A training state written by ganforge before TrainState (commit d85b71e) loads field by field, and saving it
+# A training state written by ganforge at commit d85b71e loads field by field, and saving it
 # again gives back every field it had.
 def test_loads_a_state_written_by_an_earlier_version(legacy):
     state = make_state(json.loads(legacy["config"]), seed=3)
@@ -151,9 +133,7 @@ def test_training_resumes_from_an_earlier_version(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(LEGACY, run / "training-state-000000.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *LEGACY_ARGS, "train.kimg=0.032",
-                           "run_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_train([*LEGACY_ARGS, "train.kimg=0.032", "run_dir=run"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in proc.stdout
     final = torch.load(run / "training-state-000000.pt", weights_only=True)
@@ -183,9 +163,7 @@ def test_training_continues_a_state_of_the_previous_layout(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(PREVIOUS, run / "training-state-000000.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *PREVIOUS_ARGS, "train.kimg=0.08",
-                           "run_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_train([*PREVIOUS_ARGS, "train.kimg=0.08", "run_dir=run"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from run/training-state-000000.pt at 0.048 kimg" in proc.stdout
     assert "Stage 2: 32 px from 0.064 kimg" in proc.stdout

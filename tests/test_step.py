@@ -2,24 +2,19 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from networks.discriminator import Discriminator
-from networks.generator import Generator
+from helpers import ROOT, four_phases, run_train, tiny_nets, tiny_nets_like
 from ops import dispatch
 from training import dist
 from training.augment import AugmentPipe, presets
-from training.phases import optimizer_step, update_ema
 from training.loss import StyleGAN2Loss
+from training.phases import optimizer_step, update_ema
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 sys.path.insert(0, str(ROOT / "scripts"))
 from hostsync import HostSyncCounter  # noqa: E402 (scripts/: a tool of the benchmarks and tests)
 
@@ -30,40 +25,6 @@ def _bench_sync():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# A 32-px G and D small enough for one CPU thread (the tiny preset's shape), in training mode.
-def tiny_nets(seed=0):
-    torch.manual_seed(seed)
-    G = Generator(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3, mapping_kwargs=dict(num_layers=2),
-                  synthesis_kwargs=dict(channel_base=512, channel_max=32, conv_clamp=256))
-    D = Discriminator(c_dim=0, img_resolution=32, img_channels=3, channel_base=512, channel_max=32, conv_clamp=256,
-                      mbstd_group_size=4)
-    return G.train(), D.train()
-
-
-# Stats and gradients of the four phases on the same weights, inputs and random draws (ADA at p = 0.5, mixing,
-# noise), under the current ops impl and an optional CPU autocast dtype / grad scaler.
-def four_phases(autocast_dtype=None, grad_scaler=None):
-    G, D = tiny_nets()
-    pipe = AugmentPipe(**presets("bgc"))
-    pipe.set_p(0.5)
-    kw = {}
-    if autocast_dtype is not None:
-        kw["autocast"] = lambda: torch.autocast("cpu", dtype=autocast_dtype)
-    loss = StyleGAN2Loss(G, D, augment_pipe=pipe, r1_gamma=1.0, pl_weight=2.0, grad_scaler=grad_scaler, **kw)
-    torch.manual_seed(1)
-    real, z, c = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randn(8, 32), torch.zeros(8, 0)
-    stats, grads = {}, {}
-    for phase in ("Gmain", "Greg", "Dmain", "Dreg"):
-        module = G if phase.startswith("G") else D
-        module.requires_grad_(True)
-        torch.manual_seed(2)
-        stats.update({k: float(v) for k, v in loss.accumulate_gradients(phase, real, c, z, c, gain=1).items()})
-        grads[phase] = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
-        module.zero_grad(set_to_none=True)
-        module.requires_grad_(False)
-    return stats, grads
 
 
 # The counter sees every kind of host read and host-to-tensor copy, names the call site, and leaves out the
@@ -84,9 +45,9 @@ def test_host_sync_counter_counts_reads_and_copies():
     assert (c.reads, c.copies) == (0, 0)
 
 
-# The target, counted over one whole minibatch of the real loop (its step boundary included) with Gmain,
-# Greg, Dmain and Dreg due and ADA at p = 0.5: at most 2 host reads (there is 1: the step boundary's) and no
-# host-to-tensor copy. Main had 40 reads and 276 copies.
+# The target, counted over one whole minibatch of the real loop (its step boundary included) with Gmain, Greg,
+# Dmain and Dreg due and ADA at p = 0.5: at most 2 host reads (there is 1: the step boundary's) and no host-to-tensor
+# copy.
 def test_training_minibatch_host_syncs_one_process(ref_ops_one_thread):
     bench = _bench_sync()
     for p, aug in ((0.5, "ada"), (0.0, "noaug")):
@@ -209,9 +170,7 @@ def test_bf16_training_tick(tmp_path):
     args = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=128", "model.channel_max=16",
             "data.num_images=64", "metrics=none", "train.ops_impl=ref", "train.cpu_threads=1", "aug=ada", "aug.p=0.3",
             "train.kimg=0.032", "train.mixed_precision=bf16", "run_dir=run"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1", GANFORGE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([PY, str(ROOT / "scripts/train.py")] + args, cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_train(args, tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = [json.loads(x) for x in (tmp_path / "run/stats.jsonl").read_text().splitlines()][-1]
     losses = {k: v for k, v in stats.items() if k.startswith("Loss/")}
@@ -222,16 +181,6 @@ def test_bf16_training_tick(tmp_path):
     for name, net in (("G", G0), ("D", D0)):
         moved = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.equal(v, state[name][k])]
         assert len(moved) > 10, name
-
-
-# The networks of a run before its first step: the loop's seed and constructor arguments (32 px synthetic data).
-def tiny_nets_like(state):
-    from networks.factory import build_networks
-    from training.config import ModelConfig
-    cfg = json.loads(state["config"])
-    torch.manual_seed(cfg["train"]["seed"])
-    G, D, _ = build_networks(ModelConfig(**cfg["model"]), 32, 3, 0)
-    return G, D
 
 
 # G_ema follows G in one multi-tensor lerp, p_ema + (1 - beta) (p - p_ema) with beta = 0.5^(batch / ema_nimg);

@@ -1,18 +1,14 @@
 """Tests for SWD: the pyramid, descriptors and distance against explicit NumPy, zero and known-shift values, caching."""
 import os
-import sys
 
 import numpy as np
 import pytest
 import scipy.ndimage
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import _metrics_dist_worker as W  # noqa: E402
-from training.eval import metrics, swd  # noqa: E402
-from training.eval.feature_stats import FeatureStats  # noqa: E402
+import _metrics_dist_worker as W
+from training.eval import metrics, swd
+from training.eval.feature_stats import FeatureStats
 
 # The paper's 5x5 Gaussian, written out: outer product of [1, 4, 6, 4, 1] / 16.
 GAUSS = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256.0

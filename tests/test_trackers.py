@@ -1,7 +1,6 @@
 """Trackers: TensorBoard events equal to stats.jsonl and the grids across a kill and resume; wandb run ids."""
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from faults import train_script
-from tests.test_training import ROOT, TINY
+from helpers import PY, ROOT, TINY, script_env
 from training.config import LogConfig
 from training.report.trackers import WANDB_ID_FILE, open_trackers, resolve
 
-PY = sys.executable
 TRACKED = TINY + ["log.trackers=[tensorboard,wandb]"]
 
 
@@ -24,11 +22,9 @@ TRACKED = TINY + ["log.trackers=[tensorboard,wandb]"]
 def train(args, cwd, extra_env=None):
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(cwd / "cache"), WANDB_MODE="offline", WANDB_SILENT="true",
-               WANDB_DIR=str(cwd / "wandb-dir"), WANDB_CACHE_DIR=str(cwd / "wandb-cache"),
-               WANDB_CONFIG_DIR=str(cwd / "wandb-config"), WANDB_DATA_DIR=str(cwd / "wandb-data"),
-               **(extra_env or {}))
+    env = script_env(cwd, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(cwd / "wandb-dir"),
+                     WANDB_CACHE_DIR=str(cwd / "wandb-cache"), WANDB_CONFIG_DIR=str(cwd / "wandb-config"),
+                     WANDB_DATA_DIR=str(cwd / "wandb-data"), **(extra_env or {}))
     env.pop("WANDB_API_KEY", None)
     return subprocess.run([PY, train_script(ROOT, env)] + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False)

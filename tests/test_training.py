@@ -2,7 +2,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
-        "data.num_images=256", "metrics=none", "train.ops_impl=ref",
-        "aug=noaug", "train.cpu_threads=1"]
-
-
-def run_train(args, cwd, check=True, launcher=None, timeout=600):
-    cmd = (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from helpers import PY, ROOT, TINY, run_train
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +177,7 @@ def test_ada_raises_p_on_an_overfitting_discriminator(tmp_path):
     assert state["ada"]["p"] == pytest.approx(ps[-1])
 
 
-# Issue 5: a training tick with the fused C++ kernels gives the losses of the reference ops. The tick averages 4
+# A training tick with the fused C++ kernels gives the losses of the reference ops. The tick averages 4
 # minibatches, 3 of them after Adam steps; Adam's early steps are about lr * sign(g), so gradient elements near
 # zero, whose sign is decided by float32 rounding, move by +-lr whichever way they round, and the two runs drift
 # apart chaotically: measured 3.7e-4 relative (R1) with AVX2/AVX-512 ATen kernels, 2e-7 with

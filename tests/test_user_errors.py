@@ -12,22 +12,16 @@ import PIL.Image
 import pytest
 import torch
 
+from helpers import PY, ROOT, script_env
+from tests import official_builder as ob
 from training.config import ModelConfig, compose_config
 from training.errors import EXIT_BAD_INPUT, UserError, run_cli
 from training.loop import training_loop
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import dataset_tool  # noqa: E402
-PY = sys.executable
 TINY = ["model=tiny", "train=test", "model.channel_base=256", "model.channel_max=32", "metrics=none",
         "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
-
-
-class _Payload:
-    """Unpickles as a call of os.system (what a code-carrying .pkl does)."""
-    def __reduce__(self):
-        return os.system, ("true",)
 
 
 def png(path, size=(16, 16), seed=0):
@@ -35,7 +29,8 @@ def png(path, size=(16, 16), seed=0):
     PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)).save(path)
 
 
-# Every broken input the issue lists, made once in a folder of its own (`work`): name -> its path.
+# Every kind of broken input the scripts must refuse (empty, mixed-size, truncated and fake images, a bad dataset.json,
+# a pickle carrying code, ...), made once in a folder of its own: name -> path.
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
@@ -52,7 +47,7 @@ def inputs(tmp_path_factory):
     png(d / "badjson/a.png")
     (d / "badjson/dataset.json").write_text("{labels: oops")
     (d / "notes.txt").write_text("hello")
-    (d / "evil.pkl").write_bytes(pickle.dumps(_Payload()))  # would run a command when unpickled: refused
+    (d / "evil.pkl").write_bytes(pickle.dumps(ob.GlobalRefCall(os.system, ("true",))))  # code: refused
     m = ModelConfig(z_dim=16, w_dim=16, map_layers=1, channel_base=64, channel_max=16, mbstd_group=2)
     from networks.factory import build_networks
     from training.io.checkpoint import save_snapshot
@@ -68,8 +63,7 @@ def inputs(tmp_path_factory):
 
 def launch(argv, cwd):
     """Start a script as a user would (its own process, cwd `cwd`, no tracebacks asked for)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GANFORGE_OFFLINE="1",
-               GANFORGE_CACHE=str(Path(cwd) / "cache"), PYTHONPATH=str(ROOT))
+    env = script_env(cwd, PYTHONPATH=str(ROOT))
     env.pop("GANFORGE_DEBUG", None)
     return subprocess.Popen([PY] + argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -296,12 +296,22 @@ def check_batch(batch_size: int, batch_gpu, world: int, mbstd_group: int) -> tup
     return batch_gpu, batch_size // (batch_gpu * world)
 
 
-def parse_bool(text: str) -> bool:
-    """true/false, 1/0, yes/no, on/off (any case) as a bool: for command-line options written as NVIDIA's scripts
-    take them (`--mirror 1`, `--save-video true`)."""
+# The spellings parse_bool accepts (any case): click's BOOL (NVIDIA's train.py) and the usual true/false words.
+TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")
+FALSE_WORDS = ("0", "false", "f", "no", "n", "off")
+
+
+class BoolError(argparse.ArgumentTypeError, ValueError):
+    """A value given for a boolean option that is none of TRUE_WORDS / FALSE_WORDS. argparse prints its message
+    after the option's name; a caller that catches ValueError (NVIDIA option translation) gets it too."""
+
+
+def parse_bool(text) -> bool:
+    """1/0, true/false, t/f, yes/no, y/n, on/off (any case) as a bool: for options written as NVIDIA's scripts take
+    them (`--mirror 1`, `--save-video true`); anything else is a BoolError naming the value."""
     value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "on"):
+    if value in TRUE_WORDS:
         return True
-    if value in ("false", "0", "no", "off"):
+    if value in FALSE_WORDS:
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0), got {text!r}")
+    raise BoolError(f"expects a boolean (1/0, true/false, yes/no, on/off), got {text!r}")

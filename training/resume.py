@@ -53,7 +53,7 @@ def config_changes(old: dict, new: dict):
         if key.split(".")[0] in IGNORED_KEYS or key == f"data.{DATASET_KEY}" or a.get(key, None) == b.get(key, None):
             continue
         if key in SYNTHETIC_KEYS and b.get("data.path") is not None:
-            continue  # Not used by an image dataset (recorded as null since; older runs recorded the defaults).
+            continue  # Not used by an image dataset (null in its config, or the synthetic defaults in some).
         if key not in a or key not in b:
             allowed.append(f"{key}: {a.get(key, '(absent)')!r} → {b.get(key, '(absent)')!r}")
             continue
@@ -63,8 +63,8 @@ def config_changes(old: dict, new: dict):
 
 
 def absolute_data_path(path):
-    """data.path as an absolute path (~ expanded); the synthetic dataset's names and null as they are. Runs from
-    before it was stored absolute recorded it as given, relative to the folder they were started from."""
+    """data.path as an absolute path (~ expanded); the synthetic dataset's names and null as they are. A config that
+    records it relative (as given) is read relative to the current folder."""
     if not isinstance(path, str) or path == "synthetic" or path.startswith("synthetic:"):
         return path
     return os.path.abspath(os.path.expanduser(path))

@@ -1,6 +1,5 @@
 """The training state: one object that saves and loads everything a run resumes from, symmetrically."""
 import dataclasses
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -57,11 +56,7 @@ class Counters:
 
 def fingerprint(module) -> str:
     """sha256 of a module's parameters and buffers, to prove that all ranks hold the same weights."""
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return ckpt.tensors_sha256(list(module.named_parameters()) + list(module.named_buffers()))
 
 
 class TrainState:
@@ -116,7 +111,7 @@ class TrainState:
                                       lambda v: self._check_config(json.loads(v), self.requested, source),
                                       required=False),
             "world_size": Field(dist.get_world_size, lambda v: self._load_world(v, source), required=False),
-            **{name: Field(lambda net=net: {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            **{name: Field(lambda net=net: ckpt.cpu_state_dict(net),
                            lambda v, net=net, name=name: load_strict(net, v, f"{source}: {name}", ResumeError))
                for name, net in self.nets.items()},
             "opt": Field(lambda: [ph.opt.state_dict() for ph in opts], lambda v: self._load_opts(v, opts, source)),
@@ -128,7 +123,7 @@ class TrainState:
             "fingerprints": Field(self._fingerprints, lambda v: self._check_fingerprints(v, source), required=False),
             "scaler": Field(lambda: self.scaler.state_dict(), lambda v: self.scaler.load_state_dict(v),
                             self.scaler is not None),
-            "augment_pipe": Field(lambda: {k: v.detach().cpu() for k, v in self.augment_pipe.state_dict().items()},
+            "augment_pipe": Field(lambda: ckpt.cpu_state_dict(self.augment_pipe),
                                   lambda v: self.augment_pipe.load_state_dict(v), self.augment_pipe is not None),
             "ada": Field(lambda: self.ada.state_dict(), lambda v: self.ada.load_state_dict(v), self.ada is not None),
             "timing": Field(lambda: dict(self.timing), lambda v: setattr(self, "timing", dict(v)), required=False),

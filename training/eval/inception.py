@@ -1,7 +1,6 @@
 """The FID Inception-v3 feature detector: our own network, its input conventions, and where the weights come from."""
 import contextlib
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -12,8 +11,9 @@ from PIL import Image
 from training import dist
 from training.errors import RunTimeFailure
 from training.eval import inception_weights
+from training.io.files import load_dict, load_torchscript
 from training.io.weights import (DownloadError, cache_root, download as _download, file_sha256,  # noqa: F401
-                              is_torchscript as _is_torchscript, offline_env)
+                              is_torchscript as _is_torchscript, not_found_text, offline_env)
 
 # The two weight files users have, and where they are published.
 NVIDIA_FILE = "inception-2015-12-05.pt"
@@ -331,8 +331,7 @@ class Detector:
 
 # The message of DetectorNotFound: the command that fetches the weights, the other files, the settings.
 def _not_found_message(reason: str, searched, cache_dir=None) -> str:
-    where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
-    return (f"Inception detector not found: {reason}\nLooked in:\n{where}\n"
+    return (not_found_text("Inception detector", reason, searched) +
             f"Get the weights with one command: {inception_weights.how_to_get(cache_dir)}.\n"
             f"Or get one of these files and point ganforge at it:\n"
             f"  {NVIDIA_FILE} (NVIDIA TorchScript): {NVIDIA_URL}\n"
@@ -405,16 +404,9 @@ def load_detector_file(path: str, device=None) -> Detector:
         net = FIDInceptionV3().load_nvidia(inception_weights.load_nvidia_weights(path))
         return Detector(net, "nvidia_state_dict", name, sha, device)
     if _is_torchscript(path):
-        with warnings.catch_warnings():  # TorchScript is deprecated, but NVIDIA's file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(path, map_location="cpu")
-        return Detector(net, "torchscript", name, sha, device)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: neither a TorchScript archive nor a loadable state dict ({e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensor names), got {type(state).__name__}")
+        return Detector(load_torchscript(path), "torchscript", name, sha, device)
+    state = load_dict(path, "neither a TorchScript archive nor a loadable state dict",
+                      "a state dict (mapping of tensor names)")
     net = FIDInceptionV3()
     try:
         net.load_state_dict(state, strict=True)

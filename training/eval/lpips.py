@@ -1,6 +1,5 @@
 """LPIPS (Zhang et al. 2018) on VGG16: our own module or NVIDIA's TorchScript vgg16.pt, and where the weights come from."""
 import os
-import warnings
 
 import torch
 import torch.nn as nn
@@ -8,7 +7,9 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from training import dist
 from training.errors import RunTimeFailure
-from training.io.weights import cache_root, download as _download, is_torchscript, offline_env  # noqa: F401
+from training.io.files import load_dict, load_torchscript
+from training.io.weights import (cache_root, download as _download, is_torchscript, not_found_text,  # noqa: F401
+                                 offline_env)
 
 # The weight files users have, and where they are published.
 NVIDIA_FILE = "vgg16.pt"
@@ -136,8 +137,7 @@ class Perceptual:
 
 # The message of PerceptualWeightsNotFound: the reason, where we looked, the files, URLs and settings.
 def _not_found_message(reason: str, searched) -> str:
-    where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
-    return (f"LPIPS weights not found: {reason}\nLooked in:\n{where}\n"
+    return (not_found_text("LPIPS weights", reason, searched) +
             f"Provide either\n"
             f"  (a) {NVIDIA_FILE} (NVIDIA TorchScript VGG16+LPIPS): {NVIDIA_URL}\n"
             f"      with --vgg16 <path> or GANFORGE_VGG16=<path>, or\n"
@@ -208,24 +208,15 @@ def resolve_weights(vgg16=None, lpips_lin=None, cache_dir=None, allow_download=N
     return ("state_dict", vgg, lin)
 
 
-# Load a state dict file without executing code.
+# The state dict file of the `what` weights, loaded without executing code.
 def _load_state(path: str, what: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot load the {what} as a state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict for the {what}, got {type(state).__name__}")
-    return state
+    return load_dict(path, f"cannot load the {what} as a state dict", f"a state dict for the {what}")
 
 
 def load_files(kind: str, vgg_path: str, lin_path=None, device="cpu") -> Perceptual:
     """Build the Perceptual from resolved files."""
     if kind == "torchscript":
-        with warnings.catch_warnings():  # TorchScript is deprecated, but NVIDIA's file is TorchScript
-            warnings.simplefilter("ignore")
-            net = torch.jit.load(vgg_path, map_location="cpu")
-        return Perceptual(net, "torchscript", vgg_path, device)
+        return Perceptual(load_torchscript(vgg_path), "torchscript", vgg_path, device)
     net = VGG16LPIPS().load_weights(_load_state(vgg_path, "torchvision VGG16"),
                                     _load_state(lin_path, "LPIPS linear layers"), vgg_path, lin_path)
     return Perceptual(net, "state_dict", f"{vgg_path} + {lin_path}", device)

@@ -1,7 +1,6 @@
 """Snapshots (G, D, G_ema as safetensors + JSON) and full training state, written atomically, loaded without code."""
 import hashlib
 import json
-import pickle
 import random
 import re
 import sys
@@ -18,8 +17,8 @@ from networks.discriminator import Discriminator
 from networks.generator import Generator
 from training.errors import RunTimeFailure, UserError
 from training.io import official, records, weights
-# atomic_write is also reached as checkpoint.atomic_write by older callers (training/state.py, scripts/project.py).
-from training.io.files import FileWriteError, atomic_write, load_strict, temp_pattern
+# atomic_write is re-exported: training/state.py and scripts/project.py reach it as checkpoint.atomic_write.
+from training.io.files import FileWriteError, atomic_write, load_dict, load_strict, temp_pattern
 
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d{6})\.safetensors$")
 STATE_RE = re.compile(r"training-state-(\d{6})\.pt$")
@@ -41,9 +40,13 @@ class CheckpointError(RunTimeFailure, ValueError):
 CheckpointWriteError = FileWriteError
 
 
-# A network's state dict as contiguous CPU tensors (safetensors refuses shared or strided storage).
-def _cpu_state(module) -> dict:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+def cpu_state_dict(module, copy: bool = False) -> dict:
+    """A module's state dict, detached, on the CPU (a tensor already on the CPU shares the module's storage, as
+    torch.save takes it). copy=True: each tensor a contiguous copy of its own, as safetensors needs (it refuses
+    shared or strided storage)."""
+    if copy:
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optional[dict] = None) -> None:
@@ -52,7 +55,7 @@ def save_snapshot(path, G, D, G_ema, config: Optional[dict] = None, extra: Optio
     tensors = {}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
         if net is not None:
-            tensors.update({f"{name}.{k}": v for k, v in _cpu_state(net).items()})
+            tensors.update({f"{name}.{k}": v for k, v in cpu_state_dict(net, copy=True).items()})
     meta = {"format": "ganforge-snapshot", "version": "1", "config": json.dumps(config or {}),
             "sha256": json.dumps(tensor_digests(tensors))}
     for name, net in (("G", G), ("D", D), ("G_ema", G_ema)):
@@ -137,13 +140,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def hash_tensor(h, t: torch.Tensor, layout: bool = True) -> None:
+    """Feed tensor `t` into the hash `h`: with `layout`, "T<dtype><shape>:" first; then its raw bytes (a contiguous
+    CPU copy, row-major), so that the same values in another memory layout or on another device hash the same."""
+    t = t.detach().to("cpu").contiguous()
+    if layout:
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of one tensor's dtype, shape and bytes (hash_tensor): a snapshot's record of each tensor."""
+    h = hashlib.sha256()
+    hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def tensors_sha256(named) -> str:
+    """sha256 of (name, tensor) pairs in their order: each name's UTF-8 bytes, then the tensor's raw bytes (no dtype
+    or shape). The weight fingerprint that ranks compare is
+    tensors_sha256(list(m.named_parameters()) + list(m.named_buffers()))."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        hash_tensor(h, t, layout=False)
+    return h.hexdigest()
+
+
 # Feed a nested structure of tensors and plain data into a hash in a canonical order (dict keys sorted, tensors
 # by dtype, shape and raw bytes), so that the same content always gives the same digest.
 def _feed(h, obj) -> None:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, obj)
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}:".encode())
         for k in sorted(obj, key=repr):
@@ -158,13 +186,8 @@ def _feed(h, obj) -> None:
 
 
 def tensor_digests(tensors: dict) -> dict:
-    """sha256 of each tensor (its dtype, shape and bytes, as _feed hashes them), by name."""
-    out = {}
-    for name, t in tensors.items():
-        h = hashlib.sha256()
-        _feed(h, t)
-        out[name] = h.hexdigest()
-    return out
+    """sha256 of each tensor (its dtype, shape and bytes: tensor_sha256), by name."""
+    return {name: tensor_sha256(t) for name, t in tensors.items()}
 
 
 def verify_snapshot(path, tensors: dict, meta: dict) -> None:
@@ -212,17 +235,8 @@ def read_state_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training state not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
-                              f"which could run code ({first})") from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt training state "
-                              f"({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+    state = load_dict(path, "unreadable, truncated or corrupt training state", "a dict of training state",
+                      CheckpointError, refuse_code=True)
     if "sha256" not in state:
         warnings.warn(f"{path}: no checksum inside (written by an older ganforge); loading it unverified")
     elif state_digest(state) != state["sha256"]:

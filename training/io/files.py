@@ -1,9 +1,14 @@
-"""The mechanisms every file goes through: atomic writes (temporary file, fsync, rename) and strict state-dict loads."""
+"""The mechanisms every file goes through: atomic writes (temporary file, fsync, rename), loads without code and
+strict state-dict loads."""
 import errno
 import os
+import pickle
 import re
 import secrets
+import warnings
 from pathlib import Path
+
+import torch
 
 from training.errors import RunTimeFailure
 
@@ -123,6 +128,37 @@ def atomic_write(path, write_fn, mode: str = "wb") -> None:
     """
     with atomic_open(path, mode) as f:
         write_fn(f)
+
+
+def load_dict(path, unreadable: str, expected: str, error=ValueError, refuse_code: bool = False) -> dict:
+    """A dict of tensors and plain data saved with torch.save, loaded on the CPU without executing code
+    (`torch.load(weights_only=True)` refuses any pickle that carries code).
+
+    Failures raise `error` naming the file: "<path>: <unreadable> (<exception type>: <message>)" when torch cannot
+    load it, "<path>: expected <expected>, got <type>" when it holds something else than a dict. With
+    `refuse_code`, a pickle refused by the weights-only unpickler says that it could run code instead.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not refuse_code:
+            raise error(f"{path}: {unreadable} ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{path}: refused to load: it holds objects other than tensors and plain data, which could run "
+                    f"code ({first})") from e
+    except Exception as e:
+        raise error(f"{path}: {unreadable} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise error(f"{path}: expected {expected}, got {type(state).__name__}")
+    return state
+
+
+def load_torchscript(path):
+    """A TorchScript archive loaded on the CPU. torch deprecates TorchScript (a FutureWarning on every load), but
+    NVIDIA's detector and LPIPS files and the Inception wheel's file are TorchScript: that warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path, map_location="cpu")
 
 
 # Up to LIST_KEYS keys for a message, and how many more there are.

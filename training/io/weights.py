@@ -59,6 +59,12 @@ def is_torchscript(path: str) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def not_found_text(what: str, reason: str, searched) -> str:
+    """The first lines of a "weights not found" message: what is missing and why, then each place looked in."""
+    where = "\n".join(f"    {p}" for p in searched) or "    (nowhere)"
+    return f"{what} not found: {reason}\nLooked in:\n{where}\n"
+
+
 def file_sha256(path: str) -> str:
     """sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
