@@ -128,15 +128,21 @@ def test_loads_a_state_written_by_an_earlier_version(legacy):
     assert json.loads(again["config"]) == json.loads(legacy["config"])
 
 
-# ... and the training script continues that run from it.
-def test_training_resumes_from_an_earlier_version(tmp_path):
+# The training script continues a run from `state_file` (copied into run_dir=run) with `args` to `kimg`; returns the
+# output and the final training state.
+def continue_run(tmp_path, state_file, args, kimg):
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(LEGACY, run / "training-state-000000.pt")
-    proc = run_train([*LEGACY_ARGS, "train.kimg=0.032", "run_dir=run"], tmp_path, check=False)
+    shutil.copy(state_file, run / "training-state-000000.pt")
+    proc = run_train([*args, f"train.kimg={kimg}", "run_dir=run"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in proc.stdout
-    final = torch.load(run / "training-state-000000.pt", weights_only=True)
+    return proc.stdout, torch.load(run / "training-state-000000.pt", weights_only=True)
+
+
+# ... and the training script continues that run from it.
+def test_training_resumes_from_an_earlier_version(tmp_path):
+    out, final = continue_run(tmp_path, LEGACY, LEGACY_ARGS, 0.032)
+    assert "Resuming from run/training-state-000000.pt at 0.016 kimg" in out
     assert final["counters"]["cur_nimg"] == 32 and final["format"] == "ganforge-training-state"
 
 
@@ -160,13 +166,7 @@ def test_loads_a_state_of_the_previous_layout():
 
 # ... and the training script continues it to the end of the schedule's last fade.
 def test_training_continues_a_state_of_the_previous_layout(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(PREVIOUS, run / "training-state-000000.pt")
-    proc = run_train([*PREVIOUS_ARGS, "train.kimg=0.08", "run_dir=run"], tmp_path, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from run/training-state-000000.pt at 0.048 kimg" in proc.stdout
-    assert "Stage 2: 32 px from 0.064 kimg" in proc.stdout
-    final = torch.load(run / "training-state-000000.pt", weights_only=True)
+    out, final = continue_run(tmp_path, PREVIOUS, PREVIOUS_ARGS, 0.08)
+    assert "Resuming from run/training-state-000000.pt at 0.048 kimg" in out and "Stage 2: 32 px from 0.064 kimg" in out
     assert final["counters"]["cur_nimg"] == 80 and final["stage"] == {"resolution": 32, "alpha": 0.5}
     assert final["ada"]["p"] == pytest.approx(float(final["augment_pipe"]["p"]), rel=1e-6)
