@@ -291,11 +291,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> bias_act_em
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act", &bias_act, "Fused bias + activation + gain + clamp, or its gradients (ganforge)");
   m.def("bias_act_emulate_cuda", &bias_act_emulate_cuda, "bias_act's CUDA kernels emulated on the host (tests)");
-  m.def("has_cuda", [] {
-#ifdef GF_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("has_cuda", &gf_has_cuda, "Whether this build holds the CUDA kernels");
 }

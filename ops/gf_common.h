@@ -25,6 +25,15 @@
 #define GF_ALWAYS_INLINE static inline
 #endif
 
+// Whether the extension was built with its CUDA kernels (GF_WITH_CUDA): each extension's has_cuda().
+static inline bool gf_has_cuda() {
+#ifdef GF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Accumulation ("opmath") type: float for float/half/bfloat16, double for double.
 template <typename T> struct GfAcc { using type = float; };
 template <> struct GfAcc<double> { using type = double; };

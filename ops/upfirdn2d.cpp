@@ -517,11 +517,5 @@ at::Tensor upfirdn2d(at::Tensor x, at::Tensor f, int64_t upx, int64_t upy, int64
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upfirdn2d", &upfirdn2d, "Fused upsample + pad + FIR filter + downsample (ganforge)");
   m.def("tiled_variant", &gf_ufd_variant, "The tiled kernel variant a call would use (-1: the general kernel)");
-  m.def("has_cuda", [] {
-#ifdef GF_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("has_cuda", &gf_has_cuda, "Whether this build holds the CUDA kernels");
 }
