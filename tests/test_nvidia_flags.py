@@ -30,7 +30,10 @@ def run(args, cwd, timeout=120):
 
 @pytest.fixture(scope="module")
 def train():
-    return runpy.run_path(SCRIPT)  # The module's functions (its __main__ block does not run).
+    """The functions of scripts/train.py (its __main__ block does not run) and of scripts/nvidia_options.py, which
+    holds NVIDIA's option table and the translation (train.py imports it from its own folder)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    return {**runpy.run_path(str(ROOT / "scripts/nvidia_options.py")), **runpy.run_path(SCRIPT)}
 
 
 @pytest.fixture(scope="module")
