@@ -204,6 +204,7 @@ def test_disk_full_keeps_previous_checkpoint_and_stops(tmp_path):
             return real_save(*args, **kwargs)
         torch.save = save
         sys.argv = [{str(ROOT / 'scripts/train.py')!r}] + sys.argv[1:]
+        sys.path[0] = {str(ROOT / 'scripts')!r}
         runpy.run_path(sys.argv[0], run_name="__main__")
     """))
     # Ticks of one minibatch: checkpoints at 8 and 16 images.

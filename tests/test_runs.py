@@ -252,6 +252,7 @@ SLOW = textwrap.dedent("""
         return ema(G_ema, G, cur_nimg, *args, **kwargs)
     loop.update_ema = slow
     sys.argv = [{train!r}] + sys.argv[1:]
+    sys.path[0] = os.path.dirname({train!r})
     exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__"}})
 """)
 
