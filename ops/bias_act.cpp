@@ -116,8 +116,7 @@ static void bias_act_cpu(int act, int mode, const Args<scalar_t>& a) {
 #define GF_CASE(ID) \
   case ID: return bias_act_mode<scalar_t, ID>(mode, a);
   switch (act) {
-    GF_CASE(GF_LINEAR) GF_CASE(GF_RELU) GF_CASE(GF_LRELU) GF_CASE(GF_TANH) GF_CASE(GF_SIGMOID)
-    GF_CASE(GF_ELU) GF_CASE(GF_SELU) GF_CASE(GF_SOFTPLUS) GF_CASE(GF_SWISH)
+    GF_FOR_EACH_ACT(GF_CASE)
     default: TORCH_CHECK(false, "bias_act: unknown activation id ", act);
   }
 #undef GF_CASE
@@ -249,8 +248,7 @@ static void emulate(int act, int mode, const GfBiasActGeom& geom, const scalar_t
                     : emulate_rows<scalar_t, ID, 1>(geom, vp, bp, gp, op, pp, vis, mode, a, s, c);           \
     break;
   switch (act) {
-    GF_EMU(GF_LINEAR) GF_EMU(GF_RELU) GF_EMU(GF_LRELU) GF_EMU(GF_TANH) GF_EMU(GF_SIGMOID)
-    GF_EMU(GF_ELU) GF_EMU(GF_SELU) GF_EMU(GF_SOFTPLUS) GF_EMU(GF_SWISH)
+    GF_FOR_EACH_ACT(GF_EMU)
     default: TORCH_CHECK(false, "bias_act: unknown activation id ", act);
   }
 #undef GF_EMU

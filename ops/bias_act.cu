@@ -103,8 +103,7 @@ static void launch(int act, const GfBiasActGeom& geom, cudaStream_t stream, cons
       launch_vec<scalar_t, ID, 1>(geom, stream, v, b, g, out, partial, mode, alpha, gain, clamp);           \
     break;
   switch (act) {
-    GF_LAUNCH(GF_LINEAR) GF_LAUNCH(GF_RELU) GF_LAUNCH(GF_LRELU) GF_LAUNCH(GF_TANH) GF_LAUNCH(GF_SIGMOID)
-    GF_LAUNCH(GF_ELU) GF_LAUNCH(GF_SELU) GF_LAUNCH(GF_SOFTPLUS) GF_LAUNCH(GF_SWISH)
+    GF_FOR_EACH_ACT(GF_LAUNCH)
     default: TORCH_CHECK(false, "bias_act: unknown activation id ", act);
   }
 #undef GF_LAUNCH

@@ -2,8 +2,12 @@
 #pragma once
 #include "gf_common.h"
 
-// Activation ids; _fused.py passes them in this order.
+// Activation ids; bias_act.py (ACT_IDS) passes them in this order.
 enum GfAct { GF_LINEAR = 0, GF_RELU, GF_LRELU, GF_TANH, GF_SIGMOID, GF_ELU, GF_SELU, GF_SOFTPLUS, GF_SWISH };
+
+// X(id) for every activation: the one list behind each switch that picks an activation's instantiation.
+#define GF_FOR_EACH_ACT(X) \
+  X(GF_LINEAR) X(GF_RELU) X(GF_LRELU) X(GF_TANH) X(GF_SIGMOID) X(GF_ELU) X(GF_SELU) X(GF_SOFTPLUS) X(GF_SWISH)
 
 // What one call computes: the forward value, or the incoming gradient times the first (from x or from the saved
 // output y) or the second derivative with respect to x.
