@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import _metrics_dist_worker as W
+from faults import train_script
 from networks.discriminator import Discriminator
 from networks.factory import build_networks
 from networks.generator import Generator
@@ -32,11 +33,12 @@ def script_env(cwd, **extra) -> dict:
                 GANFORGE_CACHE=str(Path(cwd) / "cache"), **extra)
 
 
-# scripts/train.py in a subprocess in `cwd` (script_env); `check` turns a failure into an AssertionError showing the
-# end of its output.
-def run_train(args, cwd, check=True, launcher=None, timeout=600):
-    cmd = (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
-    proc = subprocess.run(cmd, cwd=cwd, env=script_env(cwd), capture_output=True, text=True, timeout=timeout)
+# scripts/train.py in a subprocess in `cwd` (script_env, plus the variables `env`; a GANFORGE_TEST_* fault among
+# them runs tests/train_with_faults.py instead); `check` turns a failure into an AssertionError showing the end of
+# its output.
+def run_train(args, cwd, check=True, launcher=None, timeout=600, **env):
+    cmd = (launcher or [PY]) + [train_script(ROOT, env)] + args
+    proc = subprocess.run(cmd, cwd=cwd, env=script_env(cwd, **env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -14,15 +14,12 @@ import PIL.Image
 import pytest
 import torch
 
-from helpers import PY, ROOT, script_env
+from helpers import PY, ROOT, TINY, run_train, script_env
 from tests import official_builder as ob
+from training.errors import ResumeError
 from training.io import checkpoint as ckpt
 from training.resume import check_config, config_changes
-from faults import train_script
-from training.errors import ResumeError
 
-TINY = ["model=tiny", "train=test", "log.progress=false", "model.channel_base=256", "model.channel_max=32",
-        "data.num_images=256", "metrics=none", "train.ops_impl=ref", "aug=noaug", "train.cpu_threads=1"]
 # Ticks of 16 images (2 minibatches of 8), a checkpoint at every tick.
 SMALL = TINY + ["train.tick_kimg=0.016"]
 # SMALL with ADA on, a fast p and a small dataset (so that p rises), so that p, its statistic and the
@@ -34,16 +31,9 @@ LAUNCH2 = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_
            "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def train_cmd(args, launcher=None, env=None):
-    return (launcher or [PY]) + [train_script(ROOT, env or {})] + args
-
-
-def run_train(args, cwd, check=True, launcher=None, timeout=600, **env):
-    proc = subprocess.run(train_cmd(args, launcher, env), cwd=cwd, env=script_env(cwd, **env), capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+# The command that runs scripts/train.py (for runs in the background; run_train for the others).
+def train_cmd(args, launcher=None):
+    return (launcher or [PY]) + [str(ROOT / "scripts/train.py")] + args
 
 
 # Start a run in the background, wait until `ready()` is true, then send `sig`; returns (returncode, out, err).
