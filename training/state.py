@@ -130,14 +130,14 @@ class TrainState:
             # The stage follows from cur_nimg and the schedule: load_state_dict checks it, then sets the networks to it.
             "stage": Field(lambda: self.stage, None, self.schedule is not None, required=False),
             # The best metric records when the state was written, for reference (the run directory's own
-            # metric-*-best.json files are what a resumed run reads).
-            "best_metrics": Field(lambda: json.dumps(ckpt.best_metrics(run_dir)), None, run_dir is not None,
-                                  required=False),
+            # metric-*-best.json files are what a resumed run reads); read by rank 0, the one that writes.
+            "best_metrics": Field(lambda: json.dumps(ckpt.best_metrics(run_dir)), None,
+                                  run_dir is not None and dist.is_main(), required=False),
         }
 
     def state_dict(self, counters: Optional[Counters] = None, run_dir=None) -> dict:
         """The training state as tensors and plain data (collective). `counters` replace the current ones in it
-        (a checkpoint at a tick saves the next tick's); with `run_dir`, its best metric records go in too."""
+        (a checkpoint at a tick saves the next tick's); with `run_dir`, rank 0's also holds its best metric records."""
         state = {"format": STATE_FORMAT, "version": STATE_VERSION}
         fields = self._fields(counters=counters, run_dir=run_dir)
         state.update({k: f.save() for k, f in fields.items() if f.present})
